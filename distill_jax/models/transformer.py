@@ -1,0 +1,206 @@
+"""The decoder LM: embed -> L x (attention, FFN or MoE) -> norm -> head.
+
+``model(input_ids)`` gives logits [B, T, V]. ``model.forward(...)`` gives a ``ModelOutput`` with the
+final hidden states (the fused-loss path skips the head), per-layer hidden states, MoE router
+statistics and load-balancing loss, and the updated KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from distill_jax.models import cache as cache_lib
+from distill_jax.models import moe as moe_lib
+from distill_jax.models.attention import Attention
+from distill_jax.models.cache import KVCache
+from distill_jax.models.config import ModelConfig
+from distill_jax.models.layers import RMSNorm, param
+from distill_jax.models.mlp import MLP
+from distill_jax.sharding import shard
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits [B,T,V] or None; hidden [B,T,D] (after the final norm); hidden_states: L+1 arrays
+    [B,T,D] (embeddings, then each block's output) or None; router_stats: one dict per MoE layer;
+    router_logits: one [B,T,E] per MoE layer; aux_loss: [] load-balancing loss (0 for dense)."""
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    router_stats: tuple[dict[str, jax.Array], ...] = ()
+    router_logits: tuple[jax.Array, ...] = ()
+    aux_loss: jax.Array | None = None
+    cache: KVCache | None = None
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; with sandwich norms (Gemma3) each sublayer output is normed too."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        c = config
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=c.param_dtype)
+        self.attn_norm = RMSNorm(c.hidden_size, **norm)
+        self.attn = Attention(c, layer, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.hidden_size, **norm)
+        if c.sandwich_norms:
+            self.post_attn_norm = RMSNorm(c.hidden_size, **norm)
+            self.post_mlp_norm = RMSNorm(c.hidden_size, **norm)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+        if c.is_moe(layer):
+            self.mlp = moe_lib.MoE(c, rngs=rngs)
+        else:
+            self.mlp = MLP(
+                c.hidden_size,
+                c.intermediate_size,
+                act=c.hidden_act,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
+        self.layer = layer
+
+    def __call__(self, x, positions, segment_ids, cache=None):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, self.layer)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp_norm(x)
+        stats = None
+        if isinstance(self.mlp, moe_lib.MoE):
+            h, stats = self.mlp(h, segment_ids != 0)
+        else:
+            h = self.mlp(h)
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return shard(x + h, ("batch", "length", "embed")), stats, cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM for every family in ``config.FAMILIES``.
+
+    Parameters: embed [V, D]; layers[i] (Block); final_norm [D]; lm_head [D, V] unless tied.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        c = self.config = config
+        self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=c.param_dtype
+        )
+        if c.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(
+                rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype
+            )
+
+    def head_weights(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] final hidden -> [B, T, V] float32 logits, with final softcapping if any."""
+        c = self.config
+        logits = jnp.einsum(
+            "btd,dv->btv",
+            hidden,
+            self.head_weights().astype(c.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if c.final_logit_softcapping:
+            cap = c.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        return shard(logits, ("batch", "length", "vocab"))
+
+    def _check_length(self, length: int):
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {length} exceeds the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate or split the input."
+            )
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        compute_logits: bool = True,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            input_ids: [B, T] int.
+            positions: [B, T] int, position of each token in its sequence (default 0..T-1).
+            segment_ids: [B, T] int; tokens attend within their segment only, 0 marks padding
+                (default all 1). Packed rows carry several segments with positions restarting.
+            cache: a KVCache to read and extend (decoding); the new tokens go at ``cache.index``.
+            compute_logits: False skips the head (logits=None): the fused-loss path.
+            output_hidden_states: also return the embeddings and every block's output.
+
+        Returns:
+            ModelOutput.
+        """
+        c = self.config
+        b, t = input_ids.shape
+        self._check_length(t if cache is None else cache.max_length)
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype)  # [B, T, D]
+        if c.embed_scale:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
+        x = shard(x, ("batch", "length", "embed"))
+        hidden_states = [x] if output_hidden_states else None
+        stats, router_logits = [], []
+        for block in self.layers:
+            x, layer_stats, cache = block(x, positions, segment_ids, cache)
+            if layer_stats is not None:
+                router_logits.append(layer_stats.pop("router_logits"))
+                stats.append(layer_stats)
+            if output_hidden_states:
+                hidden_states.append(x)
+        if cache is not None:
+            cache = cache.replace(
+                positions=cache_lib.write(cache.positions, positions, cache.index),
+                segment_ids=cache_lib.write(cache.segment_ids, segment_ids, cache.index),
+                index=cache.index + t,
+            )
+        hidden = self.final_norm(x)
+        aux = moe_lib.load_balancing_loss(stats, c.num_experts) if stats else jnp.zeros(())
+        return ModelOutput(
+            logits=self.logits_from_hidden(hidden) if compute_logits else None,
+            hidden=hidden,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            router_stats=tuple(stats),
+            router_logits=tuple(router_logits),
+            aux_loss=aux,
+            cache=cache,
+        )
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, return_hidden=False):
+        """Logits [B, T, V] float32, or final hidden states [B, T, D] with return_hidden=True."""
+        out = self.forward(
+            input_ids,
+            positions=positions,
+            segment_ids=segment_ids,
+            compute_logits=not return_hidden,
+        )
+        return out.hidden if return_hidden else out.logits
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,37 @@
+"""distill_jax: distil large language models in JAX/Flax, from one CPU to a TPU pod."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the versions the test suite runs with (Python 3.11, CPU).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "gguf==0.19.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "sentencepiece==0.2.3",
+    "tqdm==4.70.1",
+    "absl-py==2.5.1",
+]
+
+EXTRAS = {
+    # Reference implementation for parity tests and export checks (CPU build of torch).
+    "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+}
+
+setup(
+    name="distill_jax",
+    version="0.1.0",
+    description="Knowledge distillation for large language models in JAX/Flax.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["distill_jax", "distill_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
