@@ -30,17 +30,22 @@ class KVCache:
         return self.positions.shape[1]
 
 
+def check_length(config, length: int) -> None:
+    """Raise before compilation when ``length`` tokens do not fit the model's positions."""
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"Sequence length {length} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; use a shorter input (prompt plus new tokens)."
+        )
+
+
 def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache for ``config`` holding ``max_length`` tokens per row.
 
     Raises:
         ValueError: max_length exceeds the model's max_position_embeddings.
     """
-    if max_length > config.max_position_embeddings:
-        raise ValueError(
-            f"Cache length {max_length} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}; generate fewer tokens or use a shorter prompt."
-        )
+    check_length(config, max_length)
     dtype = dtype or config.dtype
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))

@@ -120,13 +120,6 @@ class Transformer(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return shard(logits, ("batch", "length", "vocab"))
 
-    def _check_length(self, length: int):
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence length {length} exceeds the model's max_position_embeddings="
-                f"{self.config.max_position_embeddings}; truncate or split the input."
-            )
-
     def forward(
         self,
         input_ids: jax.Array,
@@ -153,7 +146,7 @@ class Transformer(nnx.Module):
         """
         c = self.config
         b, t = input_ids.shape
-        self._check_length(t if cache is None else cache.max_length)
+        cache_lib.check_length(c, t if cache is None else cache.max_length)
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
