@@ -144,7 +144,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
 
     def one(path, var):
         axes = var.get_metadata().get("out_sharding") or (None,) * np.ndim(var.get_value())
-        name = "/".join(str(p) for p in path)
+        name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
         return var.replace(named_sharding(mesh, axes, rules, np.shape(var.get_value()), name))
 
     return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -168,9 +168,7 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Within this context, ``shard(x, axes)`` constrains activations on ``mesh`` with ``rules``."""
     token = _CONTEXT.set((mesh, tuple(rules)))
     try:
-        with (
-            jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(mesh)
-        ):
+        with jax.set_mesh(mesh):
             yield mesh
     finally:
         _CONTEXT.reset(token)
