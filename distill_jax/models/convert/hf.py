@@ -129,7 +129,8 @@ def _gemma3_fields(hf: dict[str, Any], rope: dict[str, Any] | None) -> dict[str,
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
         sliding_window=hf.get("sliding_window", 4096),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
-        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        # attn_logit_softcapping is left out: transformers' Gemma3 attention never applies it
+        # (Gemma 3 replaced it with q/k norm), so reading it would change such a config's logits.
     )
     n = hf["num_hidden_layers"]
     pattern = hf.get("sliding_window_pattern", 6)
@@ -170,6 +171,17 @@ def _moe_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:
     """A transformers config.json dict for ``c`` (v4 key names, which v5 also reads)."""
     mt = _FAMILY_TO_TYPE[c.family]
+    # Knobs that we apply and transformers' classes do not: refuse an export with other logits.
+    final_cap = None if c.family == "gemma3" else c.final_logit_softcapping
+    for name, value in (
+        ("attn_logit_softcapping", c.attn_logit_softcapping),
+        ("final_logit_softcapping", final_cap),
+    ):
+        if value:
+            raise ValueError(
+                f"transformers' {MODEL_TYPES[mt][1]} does not apply {name}, so the exported model "
+                f"would compute different logits; set {name}=None before exporting."
+            )
     hf: dict[str, Any] = dict(
         model_type=mt,
         architectures=[MODEL_TYPES[mt][1]],
@@ -208,7 +220,6 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
             query_pre_attn_scalar=c.query_pre_attn_scalar,
             rope_local_base_freq=c.local_rope_theta,
             final_logit_softcapping=c.final_logit_softcapping,
-            attn_logit_softcapping=c.attn_logit_softcapping,
         )
     if c.num_experts:
         hf.update(
@@ -340,7 +351,7 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> T
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     used: set[str] = set()
-    for path, names, (to_ours, _) in weight_map(config):
+    for path, names, (to_ours, to_hf) in weight_map(config):
         var = flat[path]
         shape, dtype = var.get_value().shape, var.get_value().dtype
         listed = names if isinstance(names, list) else [names]
@@ -362,8 +373,15 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> T
                 "the checkpoint and its config.json disagree."
             )
         value = to_ours(source, shape)
-        if value.shape != shape:
-            raise ValueError(f"{listed[0]}: shape {arrays[0].shape} does not match config {shape}.")
+        # Equal sizes can still be a different layout (a transposed matrix): mapping back to HF
+        # must give the shapes the checkpoint has.
+        back = to_hf(value)
+        for name, array, want in zip(listed, arrays, back if isinstance(names, list) else [back]):
+            if array.shape != want.shape:
+                raise ValueError(
+                    f"Checkpoint tensor {name} has shape {array.shape} where the config implies "
+                    f"{want.shape}; the checkpoint and its config.json disagree."
+                )
         flat[path] = var.replace(jax.numpy.asarray(value, dtype))
     extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if config.tie_word_embeddings:
