@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # Reference implementation for parity tests and export checks (CPU build of torch).
-    "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
 }
 
