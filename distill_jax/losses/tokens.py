@@ -1,0 +1,136 @@
+"""Per-token basics every loss builds on: tempered log-probabilities, entropy, label cross-entropy,
+and the one reducer.
+
+Conventions (METHODS.md section 0): logits of any float dtype are upcast to float32 before the
+softmax; a temperature divides the logits; padded or banned vocabulary entries are given logit
+-inf through ``vocab_mask`` and every function defines 0 * log 0 = 0 with explicit ``jnp.where``
+(both in the value and in the gradient), so masked entries never produce NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def _temperature(temperature, ndim: int) -> jax.Array:
+    """A scalar or per-token [...] temperature as float32, broadcastable against [..., V]."""
+    t = jnp.asarray(temperature, jnp.float32)
+    return t[..., None] if t.ndim else t
+
+
+def log_probs(
+    logits: jax.Array, temperature: float | jax.Array = 1.0, vocab_mask: jax.Array | None = None
+) -> jax.Array:
+    """log softmax(z / tau) over the last axis, in float32.
+
+    Args:
+        logits: [..., V] float (any dtype).
+        temperature: tau > 0, a scalar or a per-token array [...] (e.g. AdaKD's IDTS).
+        vocab_mask: [V] bool or None; False entries (padded vocabulary rows) get log-prob -inf.
+
+    Returns:
+        [..., V] float32.
+    """
+    z = logits.astype(jnp.float32) / _temperature(temperature, logits.ndim)
+    if vocab_mask is not None:
+        z = jnp.where(vocab_mask, z, NEG_INF)
+    return jax.nn.log_softmax(z, axis=-1)
+
+
+def xlogy_ratio(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """Elementwise a * (log a - log b) with 0 * log 0 = 0, from log a and log b.
+
+    +inf where a > 0 and b = 0 (the divergence really is infinite there). Safe in the gradient:
+    where a = 0 both logs are replaced before they meet, so no -inf - -inf reaches autodiff.
+    """
+    a = jnp.exp(log_a)
+    pos = a > 0
+    return jnp.where(pos, a * (jnp.where(pos, log_a, 0.0) - jnp.where(pos, log_b, 0.0)), 0.0)
+
+
+def logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
+    """log(e^a + e^b) that stays NaN-free in the gradient when both inputs are -inf."""
+    both = (a == NEG_INF) & (b == NEG_INF)
+    out = jnp.logaddexp(jnp.where(both, 0.0, a), jnp.where(both, 0.0, b))
+    return jnp.where(both, NEG_INF, out)
+
+
+def entropy_from_log_probs(logp: jax.Array) -> jax.Array:
+    """H = -sum_v p_v log p_v over the last axis; [..., V] -> [...]."""
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
+
+
+def apply_mask(per_token: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Zero the per-token values where ``mask`` is False (with where, so NaN/inf cannot leak)."""
+    if mask is None:
+        return per_token
+    return jnp.where(mask.astype(bool), per_token, 0.0)
+
+
+def entropy(
+    logits: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    vocab_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token entropy H(softmax(z / tau)) in nats.
+
+    Args:
+        logits: [..., V] float.
+        mask: [...] bool or None; masked positions give 0.
+        temperature: tau > 0, scalar or [...].
+        vocab_mask: [V] bool or None.
+
+    Returns:
+        [...] float32.
+    """
+    return apply_mask(entropy_from_log_probs(log_probs(logits, temperature, vocab_mask)), mask)
+
+
+def cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    vocab_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Per-token hard-label cross-entropy -log softmax(z)[y] (the next-token NLL).
+
+    Args:
+        logits: [..., V] float.
+        targets: [...] int token ids.
+        mask: [...] bool or None; masked positions give 0 (their targets may be anything).
+        vocab_mask: [V] bool or None.
+
+    Returns:
+        [...] float32.
+    """
+    logp = log_probs(logits, 1.0, vocab_mask)
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return apply_mask(nll, mask)
+
+
+def masked_sum_and_count(
+    per_token: jax.Array, mask: jax.Array | None, weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The only reducer: (sum_i m_i w_i l_i, sum_i m_i w_i), both float32 scalars.
+
+    Means stay exact across hosts and accumulation steps when sums and counts are added first and
+    divided once (METHODS.md section 0).
+
+    Args:
+        per_token: [...] float.
+        mask: [...] bool/float or None (all valid).
+        weights: [...] float or None (all 1); treated as data, not differentiated through.
+    """
+    m = jnp.ones(per_token.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    if weights is not None:
+        m = m * jax.lax.stop_gradient(weights.astype(jnp.float32))
+    total = jnp.sum(jnp.where(m != 0, per_token.astype(jnp.float32) * m, 0.0))
+    return total, jnp.sum(m)
