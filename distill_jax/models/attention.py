@@ -90,10 +90,11 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(self.dtype)
         return shard(y, ("batch", "length") + axes)
 
-    def __call__(self, x, positions, segment_ids, cache=None, layer=None):
-        """Args: x [B,T,D]; positions, segment_ids [B,T]; cache: KVCache or None; layer: its slot.
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None, output_qkv=False):
+        """Args: x [B,T,D]; positions, segment_ids [B,T]; cache: KVCache or None; layer: its slot;
+        output_qkv: also return this call's q, k, v (after q/k norm and RoPE, before the cache).
 
-        Returns: ([B,T,D], updated cache or None).
+        Returns: ([B,T,D], updated cache or None, {"q": [B,T,N,H], "k", "v": [B,T,K,H]} or None).
         """
         b, t, _ = x.shape
         q = self._project(x, self.q_proj, self.q_bias, ("heads", "head_dim"))  # [B, T, N, H]
@@ -103,6 +104,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope.rope_tables(positions, np.asarray(self.inv_freq, np.float32))
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        qkv = dict(q=q, k=k, v=v) if output_qkv else None
 
         k_pos, k_seg = positions, segment_ids
         if cache is not None:
@@ -128,4 +130,4 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads, -1)
         out = shard(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
-        return shard(y, ("batch", "length", "embed")), cache
+        return shard(y, ("batch", "length", "embed")), cache, qkv

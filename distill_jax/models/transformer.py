@@ -1,8 +1,9 @@
 """The decoder LM: embed -> L x (attention, FFN or MoE) -> norm -> head.
 
 ``model(input_ids)`` gives logits [B, T, V]. ``model.forward(...)`` gives a ``ModelOutput`` with the
-final hidden states (the fused-loss path skips the head), per-layer hidden states, MoE router
-statistics and load-balancing loss, and the updated KV cache.
+final hidden states (the fused-loss path skips the head), per-layer hidden states, per-layer
+attention q/k/v (for attention-relation losses), MoE router statistics and load-balancing loss, and
+the updated KV cache.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from distill_jax.sharding import shard
 class ModelOutput:
     """logits [B,T,V] or None; hidden [B,T,D] (after the final norm); hidden_states: L+1 arrays
     [B,T,D] (embeddings, then each block's output) or None; router_stats: one dict per MoE layer;
-    router_logits: one [B,T,E] per MoE layer; aux_loss: [] load-balancing loss (0 for dense)."""
+    router_logits: one [B,T,E] per MoE layer; aux_loss: [] load-balancing loss (0 for dense);
+    attention_qkv: one {"q": [B,T,N,H], "k": [B,T,K,H], "v": [B,T,K,H]} per layer (q and k after
+    q/k norm and RoPE: what the scores are computed from) or None."""
 
     logits: jax.Array | None
     hidden: jax.Array
@@ -36,6 +39,7 @@ class ModelOutput:
     router_logits: tuple[jax.Array, ...] = ()
     aux_loss: jax.Array | None = None
     cache: KVCache | None = None
+    attention_qkv: tuple[dict[str, jax.Array], ...] | None = None
 
 
 class Block(nnx.Module):
@@ -65,8 +69,10 @@ class Block(nnx.Module):
             )
         self.layer = layer
 
-    def __call__(self, x, positions, segment_ids, cache=None):
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, self.layer)
+    def __call__(self, x, positions, segment_ids, cache=None, output_qkv=False):
+        h, cache, qkv = self.attn(
+            self.attn_norm(x), positions, segment_ids, cache, self.layer, output_qkv
+        )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -78,7 +84,7 @@ class Block(nnx.Module):
             h = self.mlp(h)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return shard(x + h, ("batch", "length", "embed")), stats, cache
+        return shard(x + h, ("batch", "length", "embed")), stats, cache, qkv
 
 
 class Transformer(nnx.Module):
@@ -129,6 +135,7 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         compute_logits: bool = True,
         output_hidden_states: bool = False,
+        output_attention_qkv: bool = False,
     ) -> ModelOutput:
         """Run the model.
 
@@ -140,6 +147,9 @@ class Transformer(nnx.Module):
             cache: a KVCache to read and extend (decoding); the new tokens go at ``cache.index``.
             compute_logits: False skips the head (logits=None): the fused-loss path.
             output_hidden_states: also return the embeddings and every block's output.
+            output_attention_qkv: also return every layer's attention q, k, v (for MiniLM
+                relations and attention transfer, ``losses.features``); with a cache, k and v
+                are those of the new tokens only.
 
         Returns:
             ModelOutput.
@@ -157,9 +167,12 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
         x = shard(x, ("batch", "length", "embed"))
         hidden_states = [x] if output_hidden_states else None
-        stats, router_logits = [], []
+        stats, router_logits, qkvs = [], [], []
         for block in self.layers:
-            x, layer_stats, cache = block(x, positions, segment_ids, cache)
+            x, layer_stats, cache, qkv = block(
+                x, positions, segment_ids, cache, output_attention_qkv
+            )
+            qkvs.append(qkv)
             if layer_stats is not None:
                 router_logits.append(layer_stats.pop("router_logits"))
                 stats.append(layer_stats)
@@ -181,6 +194,7 @@ class Transformer(nnx.Module):
             router_logits=tuple(router_logits),
             aux_loss=aux,
             cache=cache,
+            attention_qkv=tuple(qkvs) if output_attention_qkv else None,
         )
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, return_hidden=False):

@@ -1,0 +1,605 @@
+r"""Chunked head + loss: distillation losses from hidden states without a [B, T, V] array.
+
+The student's logits z_s = h_s W_s (and the teacher's, z_t = h_t W_t, or a sparse top-k teacher)
+are formed for ``chunk_size`` positions at a time inside a ``lax.scan``; each chunk is reduced to
+per-token loss values before the next one is formed, so the largest live array is
+[B, chunk_size, V] in the forward *and* the backward pass (METHODS.md 1.14). Two gradients:
+
+* ``implementation="custom_vjp"`` (default): the gradient is computed inside the forward scan
+  (dL/dz per chunk by autodiff of the chunk's loss, then dh = dz W^T and dW += h^T dz), as
+  Liger-Kernel's fused linear cross-entropy does; backward only scales it by the cotangent.
+  Same FLOPs as the unfused loss, no recomputation. The teacher side gets no gradient.
+* ``implementation="remat"``: the scan body runs under ``jax.checkpoint`` and autodiff does
+  the rest (EasyDeL's ``chunked_distillation_loss``); the backward recomputes each chunk's
+  logits. Gradients reach every input.
+
+Both give the value and gradient of the unfused computation. The same per-position cores as the
+unfused path are used (``divergences.CORES``, ``topk.support_log_probs``), so any divergence works.
+``sinkhorn`` couples all tokens and is computed over vocabulary blocks instead (Gram matrices
+q_i . p_j accumulated block by block; live arrays [B, T, vocab_block] and [N, N]).
+
+Sharding: nothing here names a mesh axis. With the head's vocabulary dimension sharded over
+``tensor`` (``sharding.DEFAULT_RULES``), each chunk's logits stay vocabulary-sharded and the
+softmax reductions become all-reduces inserted by the compiler; the batch stays data-sharded
+because chunks are taken along T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax.losses import divergences, topk
+from distill_jax.losses.tokens import cross_entropy, log_probs
+from distill_jax.sharding import shard
+
+IMPLEMENTATIONS = ("custom_vjp", "remat")
+_RESERVED = ("divergence", "weight", "temperature", "semantics")
+
+
+# ------------------------------------------------------------------------------ term specs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Term:
+    """Static part of one loss term (hashable; the traced part lives in ``_dynamic``)."""
+
+    label: str  # metric name: loss/<label>
+    kind: str  # a divergences.CORES name, "ce" or "sinkhorn"
+    semantics: str  # for a sparse teacher
+    static_knobs: tuple[tuple[str, Any], ...]
+    per_token_temperature: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    terms: tuple[_Term, ...]
+    chunk_size: int
+    student_softcap: float | None
+    teacher_softcap: float | None
+    sparse: bool
+    vocab_block: int
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray) or isinstance(x, jax.core.Tracer)
+
+
+def _parse_terms(terms: Mapping[str, Mapping], semantics: str, batch_shape) -> tuple:
+    """{label: {divergence?, weight, temperature, semantics?, **knobs}} -> (_Term..., dynamic)."""
+    static, dynamic = [], {}
+    for label, spec in terms.items():
+        spec = dict(spec)
+        kind = spec.pop("divergence", label)
+        if kind not in divergences.CORES and kind not in ("ce", "sinkhorn"):
+            raise ValueError(
+                f"Loss term {label!r}: unknown divergence {kind!r}; choose 'ce', 'sinkhorn' or "
+                f"one of {sorted(divergences.CORES)} (or set 'divergence' for a custom label)."
+            )
+        weight = spec.pop("weight", 1.0)
+        temperature = spec.pop("temperature", 1.0)
+        term_semantics = spec.pop("semantics", semantics)
+        per_token = _is_array(temperature) and np.ndim(temperature) > 0
+        if per_token and tuple(np.shape(temperature)) != tuple(batch_shape):
+            raise ValueError(
+                f"Loss term {label!r}: a per-token temperature must have shape {batch_shape} "
+                f"([B, T]), got {np.shape(temperature)}."
+            )
+        knobs_static = tuple(sorted((k, v) for k, v in spec.items() if not _is_array(v)))
+        knobs_dynamic = {k: v for k, v in spec.items() if _is_array(v)}
+        static.append(_Term(label, kind, term_semantics, knobs_static, per_token))
+        dynamic[label] = dict(weight=weight, temperature=temperature, knobs=knobs_dynamic)
+    return tuple(static), dynamic
+
+
+def _knobs(term: _Term, dyn: dict) -> dict:
+    return {**dict(term.static_knobs), **dyn["knobs"]}
+
+
+# ----------------------------------------------------------------------------- chunk maths
+
+
+def _matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+    """[B, C, D] x [D, V] -> [B, C, V] float32 (matmul in h's dtype, float32 accumulation)."""
+    z = jnp.einsum("bcd,dv->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return shard(z, ("batch", "length", "vocab"))
+
+
+def _softcap(z: jax.Array, cap: float | None) -> jax.Array:
+    return jnp.tanh(z / cap) * cap if cap else z
+
+
+def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict:
+    """Per-token values [B, C] of every token-local term for one chunk (not masked)."""
+    out = {}
+    for term in static.terms:
+        if term.kind == "sinkhorn":
+            continue
+        dyn = dynamic[term.label]
+        if term.per_token_temperature:  # padded positions carry tau = 0: keep them finite
+            tau = jnp.where(tok["valid"], tok[f"tau/{term.label}"], 1.0)
+        else:
+            tau = dyn["temperature"]
+        if term.kind == "ce":
+            out[term.label] = cross_entropy(zs, tok["targets"], vocab_mask=vocab_mask)
+        elif static.sparse:
+            out[term.label] = topk.topk_divergence(
+                term.kind,
+                zs,
+                teacher,
+                semantics=term.semantics,
+                temperature=tau,
+                vocab_mask=vocab_mask,
+                **_knobs(term, dyn),
+            )
+        else:
+            logq = log_probs(zs, tau, vocab_mask)
+            logp = jax.lax.stop_gradient(log_probs(teacher, tau, vocab_mask))
+            out[term.label] = divergences.get_core(term.kind)(logq, logp, **_knobs(term, dyn))
+    return out
+
+
+def _zero_sums(static: _Static) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The scan carry: (loss sum, metric sums) at zero; its keys follow ``_chunk_sums``."""
+    keys = [f"loss/{t.label}" for t in static.terms if t.kind != "sinkhorn"] + ["agreement"]
+    keys += ["topk/teacher_mass"] if static.sparse else []
+    zero = jnp.zeros((), jnp.float32)
+    return zero, {k: zero for k in keys}
+
+
+def _chunk_sums(static: _Static, zs, teacher, tok, dynamic, vocab_mask):
+    """(weighted loss sum, {metric: sum}) of one chunk; mask x weights is ``tok["weight"]``."""
+    m = tok["weight"]  # [B, C] float32
+    total, sums = _zero_sums(static)
+    for label, v in _term_values(static, zs, teacher, tok, dynamic, vocab_mask).items():
+        s = jnp.sum(jnp.where(m != 0, v * m, 0.0))
+        sums[f"loss/{label}"] = s
+        total = total + dynamic[label]["weight"] * s
+    valid = tok["valid"]
+    top_s = jnp.argmax(zs, axis=-1)
+    top_t = teacher.ids[..., 0] if static.sparse else jnp.argmax(teacher, axis=-1)
+    sums["agreement"] = jnp.sum(jnp.where(valid, (top_s == top_t).astype(jnp.float32), 0.0))
+    if static.sparse:
+        mass = jnp.exp(jax.nn.logsumexp(teacher.logprobs, -1))
+        sums["topk/teacher_mass"] = jnp.sum(jnp.where(valid, mass, 0.0))
+    return total, sums
+
+
+# ---------------------------------------------------------------------------- chunk plumbing
+
+
+def _to_chunks(x: jax.Array, c: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, c, ...], zero-padded along T to a multiple of c."""
+    b, t = x.shape[:2]
+    n = -(-t // c)
+    x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x: jax.Array, t: int) -> jax.Array:
+    """[n, B, c, ...] -> [B, t, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :t]
+
+
+def _chunked_inputs(static: _Static, student_hidden, teacher, tok):
+    """Scan inputs: hidden, teacher (hidden or the sparse arrays) and token arrays, chunked."""
+    if static.sparse:
+        teacher = (teacher.ids, teacher.logprobs, teacher.log_normalizer, teacher.log_tail)
+    return jax.tree.map(lambda x: _to_chunks(x, static.chunk_size), (student_hidden, teacher, tok))
+
+
+def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature):
+    """Teacher side of one chunk: logits [B, C, W] or a SparseTeacher [B, C, K], constant."""
+    if static.sparse:
+        return jax.lax.stop_gradient(topk.SparseTeacher(*t_chunk, sparse_temperature))
+    z = _softcap(_matmul(t_chunk, teacher_head), static.teacher_softcap)
+    return jax.lax.stop_gradient(z)
+
+
+def _remat_sums(static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vm):
+    """(loss sum, metric sums) by a checkpointed scan; autodiff gives every gradient."""
+
+    @jax.checkpoint
+    def body(carry, x):
+        h, t, tk = x
+        zs = _softcap(_matmul(h, student_head), static.student_softcap)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        return jax.tree.map(jnp.add, carry, _chunk_sums(static, zs, zt, tk, dynamic, vm)), None
+
+    return jax.lax.scan(body, _zero_sums(static), inputs)[0]
+
+
+def _sums_and_grads(static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vm):
+    """One scan: (loss sum, metric sums), dL/dh [n, B, C, D] and dL/dW [D, V] float32."""
+
+    def body(carry, x):
+        sums, dw = carry
+        h, t, tk = x
+        z = _matmul(h, student_head)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        loss = lambda z: _chunk_sums(
+            static, _softcap(z, static.student_softcap), zt, tk, dynamic, vm
+        )
+        (total, chunk_sums), dz = jax.value_and_grad(loss, has_aux=True)(z)
+        dz = dz.astype(h.dtype)  # [B, C, V]
+        w = student_head.astype(h.dtype)
+        dh = jnp.einsum("bcv,dv->bcd", dz, w, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bcd,bcv->dv", h, dz, preferred_element_type=jnp.float32)
+        sums = jax.tree.map(jnp.add, sums, (total, chunk_sums))
+        return (sums, dw), dh.astype(h.dtype)
+
+    init = (_zero_sums(static), jnp.zeros(student_head.shape, jnp.float32))
+    (sums, dw), dh = jax.lax.scan(body, init, inputs)
+    return sums, dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sums(static, student_hidden, student_head, teacher, teacher_head, tok, dynamic, vm):
+    sparse_temperature = teacher.temperature if static.sparse else None
+    inputs = _chunked_inputs(static, student_hidden, teacher, tok)
+    return _remat_sums(static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vm)
+
+
+def _fused_sums_fwd(static, student_hidden, student_head, teacher, teacher_head, tok, dynamic, vm):
+    sparse_temperature = teacher.temperature if static.sparse else None
+    inputs = _chunked_inputs(static, student_hidden, teacher, tok)
+    sums, dh, dw = _sums_and_grads(
+        static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vm
+    )
+    dh = _from_chunks(dh, student_hidden.shape[1])
+    return sums, (dh, dw.astype(student_head.dtype))
+
+
+def _fused_sums_bwd(static, residuals, cotangents):
+    dh, dw = residuals
+    g = cotangents[0]  # only the loss sum is differentiated; metric sums carry no gradient
+    return ((g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None, None, None, None)
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
+
+
+def _per_token_scan(static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vm):
+    """Per-token values of every token-local term, [n, B, C] each (checkpointed scan)."""
+
+    @jax.checkpoint
+    def body(_, x):
+        h, t, tk = x
+        zs = _softcap(_matmul(h, student_head), static.student_softcap)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        values = _term_values(static, zs, zt, tk, dynamic, vm)
+        return None, {k: jnp.where(tk["valid"], v, 0.0) for k, v in values.items()}
+
+    return jax.lax.scan(body, None, inputs)[1]
+
+
+# --------------------------------------------------------------------------------- Sinkhorn
+
+
+def _sinkhorn_values(
+    static, term, dyn, student_hidden, student_head, teacher_hidden, teacher_head, valid, vm
+):
+    """Per-token Sinkhorn values [B, T] over vocabulary blocks (no [B, T, V] array).
+
+    Pass 1 takes each side's log-normaliser per token (token chunks); pass 2 accumulates
+    ||q_i||^2, ||p_j||^2 and q_i . p_j one vocabulary block at a time.
+    """
+    knobs = _knobs(term, dyn)
+    scope = knobs.get("scope", "batch")
+    if scope not in ("batch", "sequence"):
+        raise ValueError(f"sinkhorn: scope={scope!r} must be 'batch' or 'sequence'.")
+    tau = dyn["temperature"]
+    tau = jnp.asarray(tau, jnp.float32)
+    tau_v = tau[..., None] if tau.ndim else tau
+    b, t = valid.shape
+    v = student_head.shape[-1]
+    vb = min(static.vocab_block, v)
+    nb = -(-v // vb)
+    vmask = jnp.ones((v,), bool) if vm is None else vm
+    vmask = jnp.pad(vmask, (0, nb * vb - v))
+    pad_head = lambda w: jnp.moveaxis(
+        jnp.pad(w, ((0, 0), (0, nb * vb - v))).reshape(-1, nb, vb), 1, 0
+    )
+
+    def scaled(h, w, cap, mask_b):
+        z = (
+            _softcap(
+                jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32),
+                cap,
+            )
+            / tau_v
+        )
+        return jnp.where(mask_b, z, -jnp.inf)
+
+    blocks = (pad_head(student_head), pad_head(teacher_head), vmask.reshape(nb, vb))
+
+    @jax.checkpoint
+    def lse_body(carry, x):
+        ws, wt, mb = x
+        ls = jax.nn.logsumexp(scaled(student_hidden, ws, static.student_softcap, mb), -1)
+        lt = jax.nn.logsumexp(scaled(teacher_hidden, wt, static.teacher_softcap, mb), -1)
+        return (jnp.logaddexp(carry[0], ls), jnp.logaddexp(carry[1], lt)), None
+
+    neg = jnp.full((b, t), -jnp.inf, jnp.float32)
+    (lse_s, lse_t), _ = jax.lax.scan(lse_body, (neg, neg), blocks)
+    lse_t = jax.lax.stop_gradient(lse_t)
+    group = b * t if scope == "batch" else t
+
+    @jax.checkpoint
+    def gram_body(carry, x):
+        ws, wt, mb = x
+        q = jnp.exp(scaled(student_hidden, ws, static.student_softcap, mb) - lse_s[..., None])
+        p = jnp.exp(scaled(teacher_hidden, wt, static.teacher_softcap, mb) - lse_t[..., None])
+        p = jax.lax.stop_gradient(p)
+        q, p = q.reshape(-1, group, vb), p.reshape(-1, group, vb)
+        qq, pp, qp = carry
+        return (
+            qq + jnp.sum(q * q, -1),
+            pp + jnp.sum(p * p, -1),
+            qp + jnp.einsum("gnv,gmv->gnm", q, p),
+        ), None
+
+    g = b * t // group
+    init = (jnp.zeros((g, group)), jnp.zeros((g, group)), jnp.zeros((g, group, group)))
+    (qq, pp, qp), _ = jax.lax.scan(gram_body, init, blocks)
+    values = divergences.sinkhorn_from_gram(
+        qq,
+        pp,
+        qp,
+        valid.reshape(g, group),
+        epsilon=knobs.get("epsilon", 0.1),
+        num_iters=knobs.get("num_iters", 20),
+    )
+    return values.reshape(b, t)
+
+
+# ----------------------------------------------------------------------------------- public
+
+
+def _prepare(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    sparse_teacher,
+    mask,
+    weights,
+    targets,
+    terms,
+    divergence,
+    temperature,
+    semantics,
+    chunk_size,
+    student_softcap,
+    teacher_softcap,
+    vocab_block,
+    implementation,
+):
+    """Check inputs (before anything compiles) and build the static spec and scan inputs."""
+    if student_hidden.ndim != 3 or student_head.ndim != 2:
+        raise ValueError(
+            f"student_hidden must be [B, T, D] and student_head [D, V]; got "
+            f"{student_hidden.shape} and {student_head.shape}."
+        )
+    b, t, d = student_hidden.shape
+    if student_head.shape[0] != d:
+        raise ValueError(
+            f"student_head {student_head.shape} does not match hidden width D={d}; pass the "
+            "[D, V] output projection (model.head_weights())."
+        )
+    v = student_head.shape[1]
+    sparse = sparse_teacher is not None
+    if sparse == (teacher_hidden is not None):
+        raise ValueError(
+            "Pass exactly one teacher: teacher_hidden with teacher_head, or sparse_teacher."
+        )
+    if not sparse:
+        if teacher_head is None or teacher_hidden.shape[:2] != (b, t):
+            raise ValueError(
+                f"teacher_hidden must be [B, T, D_t] = [{b}, {t}, ...] with a teacher_head; got "
+                f"{teacher_hidden.shape} and {getattr(teacher_head, 'shape', None)}."
+            )
+        if teacher_head.shape != (teacher_hidden.shape[2], v):
+            raise ValueError(
+                f"teacher_head {teacher_head.shape} must be [D_t, V] with the student's V={v}; "
+                "teachers with another vocabulary need a bridge (distill_jax.bridges)."
+            )
+    elif sparse_teacher.ids.shape[:2] != (b, t):
+        raise ValueError(
+            f"sparse_teacher ids {sparse_teacher.ids.shape} must be [B, T, K] = [{b}, {t}, K]."
+        )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}.")
+    if chunk_size < 1 or vocab_block < 1:
+        raise ValueError(f"chunk_size={chunk_size} and vocab_block={vocab_block} must be >= 1.")
+    if terms is None:
+        terms = {divergence: {"temperature": temperature}}
+    static_terms, dynamic = _parse_terms(terms, semantics, (b, t))
+    kinds = {term.kind for term in static_terms}
+    if "ce" in kinds and targets is None:
+        raise ValueError("A 'ce' loss term needs targets [B, T] (the next-token ids).")
+    if "sinkhorn" in kinds and sparse:
+        raise ValueError("sinkhorn needs the teacher's full distribution, not a sparse teacher.")
+    static = _Static(
+        terms=static_terms,
+        chunk_size=min(int(chunk_size), t),
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        sparse=sparse,
+        vocab_block=int(vocab_block),
+    )
+    valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+    m = valid.astype(jnp.float32)
+    if weights is not None:
+        m = m * jax.lax.stop_gradient(weights.astype(jnp.float32))
+    tok = {
+        "valid": valid,
+        "weight": m,
+        "targets": jnp.zeros((b, t), jnp.int32) if targets is None else targets.astype(jnp.int32),
+    }
+    for term in static_terms:
+        if term.per_token_temperature:
+            tok[f"tau/{term.label}"] = jnp.asarray(dynamic[term.label]["temperature"], jnp.float32)
+            dynamic[term.label]["temperature"] = None
+    teacher = sparse_teacher if sparse else teacher_hidden
+    return static, teacher, tok, dynamic
+
+
+def fused_distill_loss(
+    student_hidden: jax.Array,
+    student_head: jax.Array,
+    *,
+    teacher_hidden: jax.Array | None = None,
+    teacher_head: jax.Array | None = None,
+    sparse_teacher: topk.SparseTeacher | None = None,
+    mask: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    targets: jax.Array | None = None,
+    terms: Mapping[str, Mapping[str, Any]] | None = None,
+    divergence: str = "forward_kl",
+    temperature: float | jax.Array = 1.0,
+    semantics: str = "renorm_both",
+    vocab_mask: jax.Array | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int = 256,
+    vocab_block: int = 8192,
+    implementation: str = "custom_vjp",
+) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
+    r"""Distillation loss sum from hidden states and head weights, chunked over tokens.
+
+    loss_sum = sum_terms weight_term * sum_i m_i w_i l_term(i), where l_term(i) is the term's
+    per-token value (``divergences``/``topk`` semantics, or ``ce``: -log q(y_i) at tau = 1).
+    Divide by the *global* token count (all micro-batches and data shards) to get the mean.
+
+    Args:
+        student_hidden: [B, T, D] final hidden states (``model.forward(..., compute_logits=False)
+            .hidden``).
+        student_head: [D, V] output projection (``model.head_weights()``).
+        teacher_hidden, teacher_head: [B, T, D_t] and [D_t, V]; or
+        sparse_teacher: a ``topk.SparseTeacher`` [B, T, K] (then ``semantics`` applies).
+        mask: [B, T] bool, valid tokens (default all).
+        weights: [B, T] float token weights (selection rules), not differentiated.
+        targets: [B, T] int next-token ids, needed by a ``ce`` term.
+        terms: ``{label: {"divergence": name (default: label), "weight": 1.0,
+            "temperature": 1.0 (scalar or [B, T]), "semantics": ..., **knobs}}``; default one
+            term ``{divergence: {"temperature": temperature}}``.
+        vocab_mask: [V] bool, False for padded vocabulary rows.
+        student_softcap, teacher_softcap: final-logit soft-capping of each model (Gemma-2 style).
+        chunk_size: positions per chunk C; live logits are [B, C, V].
+        vocab_block: vocabulary block for ``sinkhorn``'s Gram pass.
+        implementation: "custom_vjp" (gradient computed in the forward scan) or "remat".
+
+    Returns:
+        (loss_sum [], token_count [] = sum_i m_i w_i, metrics) with metrics as (sum, count)
+        pairs: ``loss/<label>`` per term (unweighted), ``agreement`` (student top-1 equals the
+        teacher's), and ``topk/teacher_mass`` with a sparse teacher.
+    """
+    static, teacher, tok, dynamic = _prepare(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        sparse_teacher,
+        mask,
+        weights,
+        targets,
+        terms,
+        divergence,
+        temperature,
+        semantics,
+        chunk_size,
+        student_softcap,
+        teacher_softcap,
+        vocab_block,
+        implementation,
+    )
+    if implementation == "custom_vjp":
+        total, sums = _fused_sums(
+            static, student_hidden, student_head, teacher, teacher_head, tok, dynamic, vocab_mask
+        )
+    else:
+        sparse_temperature = teacher.temperature if static.sparse else None
+        inputs = _chunked_inputs(static, student_hidden, teacher, tok)
+        total, sums = _remat_sums(
+            static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vocab_mask
+        )
+    count = jnp.sum(tok["weight"])
+    for term in static.terms:
+        if term.kind == "sinkhorn":
+            values = _sinkhorn_values(
+                static,
+                term,
+                dynamic[term.label],
+                student_hidden,
+                student_head,
+                jax.lax.stop_gradient(teacher),
+                teacher_head,
+                tok["valid"],
+                vocab_mask,
+            )
+            s = jnp.sum(jnp.where(tok["weight"] != 0, values * tok["weight"], 0.0))
+            sums = {**sums, f"loss/{term.label}": s}
+            total = total + dynamic[term.label]["weight"] * s
+    n_valid = jnp.sum(tok["valid"].astype(jnp.float32))
+    metrics = {k: (s, count if k.startswith("loss/") else n_valid) for k, s in sums.items()}
+    return total, count, metrics
+
+
+def fused_per_token(
+    student_hidden: jax.Array,
+    student_head: jax.Array,
+    *,
+    teacher_hidden: jax.Array | None = None,
+    teacher_head: jax.Array | None = None,
+    sparse_teacher: topk.SparseTeacher | None = None,
+    mask: jax.Array | None = None,
+    targets: jax.Array | None = None,
+    terms: Mapping[str, Mapping[str, Any]] | None = None,
+    divergence: str = "forward_kl",
+    temperature: float | jax.Array = 1.0,
+    semantics: str = "renorm_both",
+    vocab_mask: jax.Array | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int = 256,
+) -> dict[str, jax.Array]:
+    """Per-token values [B, T] of each token-local term, chunked like ``fused_distill_loss``.
+
+    For selection rules (AdaKD difficulty, TIP entropies, Rho-1 excess loss) that need per-token
+    statistics of the full distributions before weights are chosen. Arguments as in
+    ``fused_distill_loss``; differentiable (autodiff through a checkpointed scan); invalid
+    positions give 0. Sinkhorn terms couple tokens and are left out.
+    """
+    static, teacher, tok, dynamic = _prepare(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        sparse_teacher,
+        mask,
+        None,
+        targets,
+        terms,
+        divergence,
+        temperature,
+        semantics,
+        chunk_size,
+        student_softcap,
+        teacher_softcap,
+        8192,
+        "remat",
+    )
+    sparse_temperature = teacher.temperature if static.sparse else None
+    inputs = _chunked_inputs(static, student_hidden, teacher, tok)
+    values = _per_token_scan(
+        static, inputs, student_head, teacher_head, sparse_temperature, dynamic, vocab_mask
+    )
+    return {k: _from_chunks(v, student_hidden.shape[1]) for k, v in values.items()}

@@ -1,0 +1,219 @@
+r"""Sequence-level and ranking objectives: token and sequence log-probs, DPO with the teacher as
+reference, REDI, TSD-KD's ListMLE, and DistiLLM-2's two-sided skew KL (METHODS.md 2.4, 4.6-4.8).
+
+Per-token functions return [B, T] float32 (zero where ``mask`` is False); per-sequence ones
+return [B] float32. Nothing is reduced over the batch. Teacher inputs are constants.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.losses.divergences import skew_kl, skew_reverse_kl
+from distill_jax.losses.tokens import apply_mask, log_probs
+
+
+def token_logprobs(
+    logits: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    vocab_mask: jax.Array | None = None,
+) -> jax.Array:
+    r"""log softmax(z)[y] per token, in float32 (the negative of ``tokens.cross_entropy``).
+
+    Args:
+        logits: [B, T, V] float, the prediction for each target.
+        targets: [B, T] int token ids (already shifted: ``targets[:, t]`` follows position t).
+        mask: [B, T] bool or None; masked positions give 0 (their targets may be anything).
+        vocab_mask: [V] bool or None.
+
+    Returns:
+        [B, T] float32 <= 0.
+    """
+    logp = log_probs(logits, 1.0, vocab_mask)
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    return apply_mask(jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0], mask)
+
+
+def sequence_logprobs(token_logprobs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    r"""log pi(y | x) = sum_t m_t log pi(y_t | x, y_<t); [B, T] -> [B] float32."""
+    return jnp.sum(apply_mask(token_logprobs.astype(jnp.float32), mask), axis=-1)
+
+
+def dpo_margin(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    teacher_chosen: jax.Array,
+    teacher_rejected: jax.Array,
+) -> jax.Array:
+    r"""[log pi(y_w) - log pi_T(y_w)] - [log pi(y_l) - log pi_T(y_l)]; [B] x 4 -> [B] float32.
+
+    The teacher log-probs are constants. Source: LLaVA-MoD (ICLR 2025); METHODS.md 4.7.
+    """
+    f32 = lambda x: x.astype(jnp.float32)
+    tc, tr = (jax.lax.stop_gradient(f32(x)) for x in (teacher_chosen, teacher_rejected))
+    return (f32(policy_chosen) - tc) - (f32(policy_rejected) - tr)
+
+
+def dpo_with_teacher_reference(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    teacher_chosen: jax.Array,
+    teacher_rejected: jax.Array,
+    *,
+    beta: float = 0.1,
+) -> jax.Array:
+    r"""DPO with the frozen teacher as the reference model: -log sigmoid(beta * margin).
+
+    margin = [log pi(y_w|x) - log pi_T(y_w|x)] - [log pi(y_l|x) - log pi_T(y_l|x)] (``dpo_margin``),
+    with sequence log-probs summed over completion tokens (``sequence_logprobs``) and pi_T the
+    teacher (same tokenizer). pi = pi_T gives log 2.
+
+    Source: "LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation" (ICLR 2025), stage 2
+    preference distillation (shufangxun/LLaVA-MoD); DPO: Rafailov et al., 2023, arXiv:2305.18290.
+    METHODS.md 4.7; the LLaVA-MoD beta is `[unverified]`, 0.1 is DPO's default.
+
+    Args:
+        policy_chosen, policy_rejected: [B] student sequence log-probs of y_w, y_l.
+        teacher_chosen, teacher_rejected: [B] teacher sequence log-probs, constants.
+        beta: inverse temperature > 0.
+
+    Returns:
+        [B] float32 > 0.
+    """
+    margin = dpo_margin(policy_chosen, policy_rejected, teacher_chosen, teacher_rejected)
+    return -jax.nn.log_sigmoid(beta * margin)
+
+
+def redi_loss(
+    chosen_logp_sum: jax.Array,
+    chosen_len: jax.Array,
+    rejected_logp_sum: jax.Array,
+    rejected_len: jax.Array,
+    *,
+    c_pos: float = 1.0,
+    c_neg: float = 0.8,
+) -> jax.Array:
+    r"""REDI stage-2 loss -c_pos log pi(y+|x) / |y+| + c_neg log pi(y-|x) / |y-|.
+
+    Length-normalised log-likelihoods of a positive and a negative teacher trace, no reference
+    model; dL/dlog pi(y+) = -c_pos / |y+| and dL/dlog pi(y-) = +c_neg / |y-|. Unbounded below
+    (the negative trace's log-prob can go to -inf): REDI uses c_neg < c_pos and a small lr.
+
+    Source: "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM
+    Reasoning"; Tim-Siu/reinforcement-distillation ``dpo2_trainer.py`` (loss_type "reinforce");
+    METHODS.md 4.6.
+
+    Args:
+        chosen_logp_sum, rejected_logp_sum: [B] sequence log-probs (``sequence_logprobs``).
+        chosen_len, rejected_len: [B] completion lengths in tokens (int or float; floored at 1).
+        c_pos, c_neg: weights of the positive and negative terms.
+
+    Returns:
+        [B] float32.
+    """
+    n_pos = jnp.maximum(jnp.asarray(chosen_len, jnp.float32), 1.0)
+    n_neg = jnp.maximum(jnp.asarray(rejected_len, jnp.float32), 1.0)
+    pos = chosen_logp_sum.astype(jnp.float32) / n_pos
+    neg = rejected_logp_sum.astype(jnp.float32) / n_neg
+    return -c_pos * pos + c_neg * neg
+
+
+def listmle(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    k: int = 10,
+) -> jax.Array:
+    r"""TSD-KD ListMLE on the student's top-K tokens ranked by the teacher.
+
+    Take the student's K highest-logit tokens, order them by teacher logit (descending; ties keep
+    the student's order), s_(1..K) the student logits in that order;
+    l = -sum_{k=1..K} [s_(k) - logsumexp_{j >= k} s_(j)] (Plackett-Luce likelihood of the
+    teacher's ranking, suffix normalisation as in the paper's formula). The public code
+    normalises over the prefix instead (logcumsumexp of the higher-ranked items,
+    -sum_k [s_(k) - logsumexp_{j <= k} s_(j)]) `[unverified which the paper intends]`. Invariant
+    to adding a constant to the student logits; -> 0 when the student already orders the K
+    tokens as the teacher does, by large margins. The top-K selection carries no gradient.
+
+    Source: "Explain in Your Own Words: Token-Selective Dual Knowledge Distillation" (ICLR 2026),
+    kmswin1/TSD-KD ``DistillTrainer.py``; ListMLE: Xia et al., ICML 2008. METHODS.md 2.4.
+
+    Args:
+        student_logits: [B, T, V] float.
+        teacher_logits: [B, T, V] float, constant.
+        mask: [B, T] bool or None.
+        k: list length K (capped at V).
+
+    Returns:
+        [B, T] float32 >= 0.
+    """
+    s = student_logits.astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    k = min(k, s.shape[-1])
+    _, ids = jax.lax.top_k(jax.lax.stop_gradient(s), k)  # [B, T, K]
+    order = jnp.argsort(-jnp.take_along_axis(t, ids, axis=-1), axis=-1, stable=True)
+    ranked = jnp.take_along_axis(jnp.take_along_axis(s, ids, axis=-1), order, axis=-1)
+    # -inf logits (masked vocabulary rows among the top-K) leave the list instead of giving NaN.
+    live = ranked > -jnp.inf
+    ranked = jnp.where(live, ranked, -1e30)
+    suffix = jax.lax.cumlogsumexp(
+        ranked, axis=ranked.ndim - 1, reverse=True
+    )  # logsumexp_{j >= k} s_(j)
+    return apply_mask(jnp.sum(jnp.where(live, suffix - ranked, 0.0), axis=-1), mask)
+
+
+def distillm2(
+    student_logits_on_teacher: jax.Array,
+    teacher_logits_on_teacher: jax.Array,
+    teacher_response_mask: jax.Array | None,
+    student_logits_on_student: jax.Array,
+    teacher_logits_on_student: jax.Array,
+    student_response_mask: jax.Array | None,
+    *,
+    alpha: float | jax.Array = 0.1,
+    b: float | jax.Array = 1.0,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    r"""DistiLLM-2's two per-token terms: (2 - b) SKL_a on teacher responses, b SRKL_a on student
+    responses.
+
+    SKL_a = KL(p || a p + (1 - a) q) (``skew_kl``) raises the student's likelihood of teacher
+    responses; SRKL_a = KL(q || a q + (1 - a) p) (``skew_reverse_kl``) lowers it where the
+    student's own responses are unlike the teacher's. b = 1 weights both equally; the paper's
+    curriculum raises b from 1 to 1.5. Each term is reduced with its own mask and count; the
+    per-sample a from the probability gap is left to the caller (a [B, 1, 1] array works).
+
+    Source: "DistiLLM-2: A Contrastive Approach Boosts the Distillation of LLMs" (Ko et al., ICML
+    2025), lyx0727/distillm-2 ``src/distillm_trainer.py``; METHODS.md 4.8.
+
+    Args:
+        student_logits_on_teacher, teacher_logits_on_teacher: [B, T, V] on teacher responses.
+        teacher_response_mask: [B, T] bool or None.
+        student_logits_on_student, teacher_logits_on_student: [B, T', V] on student responses.
+        student_response_mask: [B, T'] bool or None.
+        alpha: skew a in (0, 1]; scalar or broadcastable to [B, T, V].
+        b: curriculum weight in [0, 2].
+        temperature: softmax temperature.
+
+    Returns:
+        ([B, T] (2 - b) SKL_a, [B, T'] b SRKL_a), float32.
+    """
+    on_teacher = skew_kl(
+        student_logits_on_teacher,
+        teacher_logits_on_teacher,
+        teacher_response_mask,
+        temperature=temperature,
+        alpha=alpha,
+    )
+    on_student = skew_reverse_kl(
+        student_logits_on_student,
+        teacher_logits_on_student,
+        student_response_mask,
+        temperature=temperature,
+        alpha=alpha,
+    )
+    return (2.0 - b) * on_teacher, b * on_student
