@@ -37,6 +37,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/fused_loss.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

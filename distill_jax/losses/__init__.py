@@ -1,5 +1,6 @@
 """Loss library: pure per-token functions, reductions explicit (see METHODS.md sections 1-5)."""
 
+from distill_jax.losses.compose import LossInputs, LossSpec, loss_fn, normalize, schedule_value
 from distill_jax.losses.divergences import (
     CORES,
     DIVERGENCES,
@@ -35,6 +36,7 @@ from distill_jax.losses.features import (
     transition_matching_kl,
     value_relation_kl,
 )
+from distill_jax.losses.fused import auto_chunk_size, fused_distill_loss, fused_per_token
 from distill_jax.losses.preference import (
     distillm2,
     dpo_margin,
@@ -69,3 +71,4 @@ from distill_jax.losses.selection import (
     tsd_entropy_penalty_mask,
 )
 from distill_jax.losses.tokens import cross_entropy, entropy, log_probs, masked_sum_and_count
+from distill_jax.losses.topk import SparseTeacher, sparse_teacher, topk_divergence

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.losses import divergences, topk
-from distill_jax.losses.tokens import cross_entropy, log_probs
+from distill_jax.losses.tokens import cross_entropy, entropy_from_log_probs, log_probs
 from distill_jax.sharding import shard
 
 IMPLEMENTATIONS = ("custom_vjp", "remat")
-_RESERVED = ("divergence", "weight", "temperature", "semantics")
+# Term kinds besides the per-position divergences: hard-label CE and the two entropies (per-token
+# statistics for selection rules), and Sinkhorn, which couples tokens.
+EXTRA_KINDS = ("ce", "student_entropy", "teacher_entropy", "sinkhorn")
 
 
 # ------------------------------------------------------------------------------ term specs
@@ -55,6 +58,8 @@ class _Term:
     semantics: str  # for a sparse teacher
     static_knobs: tuple[tuple[str, Any], ...]
     per_token_temperature: bool
+    temperature_squared: bool  # multiply the per-token value by tau^2 (tau_i^2 per token)
+    clipped: bool  # min(l_i, clip) before the tau^2 factor (divergence clipping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +77,23 @@ def _is_array(x) -> bool:
 
 
 def _parse_terms(terms: Mapping[str, Mapping], semantics: str, batch_shape) -> tuple:
-    """{label: {divergence?, weight, temperature, semantics?, **knobs}} -> (_Term..., dynamic)."""
+    """{label: {divergence?, weight, temperature, semantics?, temperature_squared?, clip?,
+    **knobs}} -> (_Term..., dynamic)."""
     static, dynamic = [], {}
     for label, spec in terms.items():
         spec = dict(spec)
         kind = spec.pop("divergence", label)
-        if kind not in divergences.CORES and kind not in ("ce", "sinkhorn"):
+        if kind not in divergences.CORES and kind not in EXTRA_KINDS:
             raise ValueError(
-                f"Loss term {label!r}: unknown divergence {kind!r}; choose 'ce', 'sinkhorn' or "
-                f"one of {sorted(divergences.CORES)} (or set 'divergence' for a custom label)."
+                f"Loss term {label!r}: unknown divergence {kind!r}; choose one of "
+                f"{list(EXTRA_KINDS)} or {sorted(divergences.CORES)} (or set 'divergence' for a "
+                "custom label)."
             )
         weight = spec.pop("weight", 1.0)
         temperature = spec.pop("temperature", 1.0)
         term_semantics = spec.pop("semantics", semantics)
+        squared = bool(spec.pop("temperature_squared", False))
+        clip = spec.pop("clip", None)
         per_token = _is_array(temperature) and np.ndim(temperature) > 0
         if per_token and tuple(np.shape(temperature)) != tuple(batch_shape):
             raise ValueError(
@@ -93,8 +102,12 @@ def _parse_terms(terms: Mapping[str, Mapping], semantics: str, batch_shape) -> t
             )
         knobs_static = tuple(sorted((k, v) for k, v in spec.items() if not _is_array(v)))
         knobs_dynamic = {k: v for k, v in spec.items() if _is_array(v)}
-        static.append(_Term(label, kind, term_semantics, knobs_static, per_token))
-        dynamic[label] = dict(weight=weight, temperature=temperature, knobs=knobs_dynamic)
+        static.append(
+            _Term(label, kind, term_semantics, knobs_static, per_token, squared, clip is not None)
+        )
+        dynamic[label] = dict(
+            weight=weight, temperature=temperature, clip=clip, knobs=knobs_dynamic
+        )
     return tuple(static), dynamic
 
 
@@ -116,7 +129,8 @@ def _softcap(z: jax.Array, cap: float | None) -> jax.Array:
 
 
 def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict:
-    """Per-token values [B, C] of every token-local term for one chunk (not masked)."""
+    """{label: (value [B, C], tau^2 factor)} of every token-local term for one chunk (not
+    masked; values clipped where asked, without the factor)."""
     out = {}
     for term in static.terms:
         if term.kind == "sinkhorn":
@@ -127,9 +141,17 @@ def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict
         else:
             tau = dyn["temperature"]
         if term.kind == "ce":
-            out[term.label] = cross_entropy(zs, tok["targets"], vocab_mask=vocab_mask)
+            value = cross_entropy(zs, tok["targets"], vocab_mask=vocab_mask)
+        elif term.kind == "student_entropy":
+            value = entropy_from_log_probs(log_probs(zs, tau, vocab_mask))
+        elif term.kind == "teacher_entropy":
+            if static.sparse:
+                raise ValueError("teacher_entropy needs the teacher's full distribution.")
+            value = entropy_from_log_probs(
+                jax.lax.stop_gradient(log_probs(teacher, tau, vocab_mask))
+            )
         elif static.sparse:
-            out[term.label] = topk.topk_divergence(
+            value = topk.topk_divergence(
                 term.kind,
                 zs,
                 teacher,
@@ -141,8 +163,21 @@ def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict
         else:
             logq = log_probs(zs, tau, vocab_mask)
             logp = jax.lax.stop_gradient(log_probs(teacher, tau, vocab_mask))
-            out[term.label] = divergences.get_core(term.kind)(logq, logp, **_knobs(term, dyn))
+            value = divergences.get_core(term.kind)(logq, logp, **_knobs(term, dyn))
+        out[term.label] = (_clip(term, dyn, value), _tau_factor(term, tau))
     return out
+
+
+def _clip(term: _Term, dyn: dict, value: jax.Array) -> jax.Array:
+    """min(l, c) per token; a clipped token has zero gradient (divergence clipping)."""
+    if not term.clipped:
+        return value
+    return jnp.where(value > dyn["clip"], jax.lax.stop_gradient(dyn["clip"]), value)
+
+
+def _tau_factor(term: _Term, tau):
+    """tau^2 (scalar or per token) for terms with ``temperature_squared``, else 1."""
+    return jnp.square(jnp.asarray(tau, jnp.float32)) if term.temperature_squared else 1.0
 
 
 def _zero_sums(static: _Static) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -157,10 +192,10 @@ def _chunk_sums(static: _Static, zs, teacher, tok, dynamic, vocab_mask):
     """(weighted loss sum, {metric: sum}) of one chunk; mask x weights is ``tok["weight"]``."""
     m = tok["weight"]  # [B, C] float32
     total, sums = _zero_sums(static)
-    for label, v in _term_values(static, zs, teacher, tok, dynamic, vocab_mask).items():
-        s = jnp.sum(jnp.where(m != 0, v * m, 0.0))
-        sums[f"loss/{label}"] = s
-        total = total + dynamic[label]["weight"] * s
+    for label, (v, factor) in _term_values(static, zs, teacher, tok, dynamic, vocab_mask).items():
+        sums[f"loss/{label}"] = jnp.sum(jnp.where(m != 0, v * m, 0.0))  # metric: no tau^2
+        scaled = jnp.sum(jnp.where(m != 0, v * factor * m, 0.0))
+        total = total + dynamic[label]["weight"] * scaled
     valid = tok["valid"]
     top_s = jnp.argmax(zs, axis=-1)
     top_t = teacher.ids[..., 0] if static.sparse else jnp.argmax(teacher, axis=-1)
@@ -275,7 +310,7 @@ def _per_token_scan(static, inputs, student_head, teacher_head, sparse_temperatu
         zs = _softcap(_matmul(h, student_head), static.student_softcap)
         zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
         values = _term_values(static, zs, zt, tk, dynamic, vm)
-        return None, {k: jnp.where(tk["valid"], v, 0.0) for k, v in values.items()}
+        return None, {k: jnp.where(tk["valid"], v, 0.0) for k, (v, _) in values.items()}
 
     return jax.lax.scan(body, None, inputs)[1]
 
@@ -363,6 +398,17 @@ def _sinkhorn_values(
 # ----------------------------------------------------------------------------------- public
 
 
+def auto_chunk_size(batch: int, vocab: int, target_logits: int = 2**24) -> int:
+    """The power of two C in [16, 1024] nearest below target / (B V): [B, C, V] stays ~64 MiB.
+
+    Small enough that the chunk's logits and their float32 temporaries are a fraction of the
+    unfused [B, T, V] arrays, large enough that each chunk's matmul keeps the machine busy
+    (benchmarks/fused_loss.py measures the trade-off).
+    """
+    c = max(1, target_logits // max(batch * vocab, 1))
+    return int(min(1024, max(16, 2 ** int(math.floor(math.log2(c))))))
+
+
 def _prepare(
     student_hidden,
     student_head,
@@ -417,6 +463,8 @@ def _prepare(
         )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}.")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(b, v)
     if chunk_size < 1 or vocab_block < 1:
         raise ValueError(f"chunk_size={chunk_size} and vocab_block={vocab_block} must be >= 1.")
     if terms is None:
@@ -445,6 +493,8 @@ def _prepare(
         "targets": jnp.zeros((b, t), jnp.int32) if targets is None else targets.astype(jnp.int32),
     }
     for term in static_terms:
+        if term.per_token_temperature and term.kind == "sinkhorn":
+            raise ValueError(f"Loss term {term.label!r}: sinkhorn takes a scalar temperature.")
         if term.per_token_temperature:
             tok[f"tau/{term.label}"] = jnp.asarray(dynamic[term.label]["temperature"], jnp.float32)
             dynamic[term.label]["temperature"] = None
@@ -469,7 +519,7 @@ def fused_distill_loss(
     vocab_mask: jax.Array | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     vocab_block: int = 8192,
     implementation: str = "custom_vjp",
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
@@ -489,18 +539,21 @@ def fused_distill_loss(
         weights: [B, T] float token weights (selection rules), not differentiated.
         targets: [B, T] int next-token ids, needed by a ``ce`` term.
         terms: ``{label: {"divergence": name (default: label), "weight": 1.0,
-            "temperature": 1.0 (scalar or [B, T]), "semantics": ..., **knobs}}``; default one
-            term ``{divergence: {"temperature": temperature}}``.
+            "temperature": 1.0 (scalar or [B, T]), "semantics": ..., "temperature_squared":
+            False (multiply by tau^2, per token for a [B, T] tau), "clip": None (cap c: min(l, c),
+            zero gradient above it), **knobs}}``; a name is a ``divergences.CORES`` key or one of
+            ``EXTRA_KINDS``. Default: one term ``{divergence: {"temperature": temperature}}``.
         vocab_mask: [V] bool, False for padded vocabulary rows.
         student_softcap, teacher_softcap: final-logit soft-capping of each model (Gemma-2 style).
-        chunk_size: positions per chunk C; live logits are [B, C, V].
+        chunk_size: positions per chunk C; live logits are [B, C, V]. None: ``auto_chunk_size``
+            (about 2^24 logits per chunk, 64 MiB in float32).
         vocab_block: vocabulary block for ``sinkhorn``'s Gram pass.
         implementation: "custom_vjp" (gradient computed in the forward scan) or "remat".
 
     Returns:
         (loss_sum [], token_count [] = sum_i m_i w_i, metrics) with metrics as (sum, count)
-        pairs: ``loss/<label>`` per term (unweighted), ``agreement`` (student top-1 equals the
-        teacher's), and ``topk/teacher_mass`` with a sparse teacher.
+        pairs: ``loss/<label>`` per term (unweighted, no tau^2), ``agreement`` (student top-1
+        equals the teacher's), and ``topk/teacher_mass`` with a sparse teacher.
     """
     static, teacher, tok, dynamic = _prepare(
         student_hidden,
@@ -545,9 +598,11 @@ def fused_distill_loss(
                 tok["valid"],
                 vocab_mask,
             )
+            dyn = dynamic[term.label]
+            values = _clip(term, dyn, values)
             s = jnp.sum(jnp.where(tok["weight"] != 0, values * tok["weight"], 0.0))
             sums = {**sums, f"loss/{term.label}": s}
-            total = total + dynamic[term.label]["weight"] * s
+            total = total + dyn["weight"] * _tau_factor(term, dyn["temperature"]) * s
     n_valid = jnp.sum(tok["valid"].astype(jnp.float32))
     metrics = {k: (s, count if k.startswith("loss/") else n_valid) for k, s in sums.items()}
     return total, count, metrics
@@ -569,7 +624,7 @@ def fused_per_token(
     vocab_mask: jax.Array | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> dict[str, jax.Array]:
     """Per-token values [B, T] of each token-local term, chunked like ``fused_distill_loss``.
 

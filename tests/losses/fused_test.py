@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distill_jax import sharding
 from distill_jax.losses import divergences as dv
 from distill_jax.losses import fused, topk
-from distill_jax.losses.tokens import cross_entropy
+from distill_jax.losses.tokens import cross_entropy, entropy
 
 B, T, D, DT, V = 2, 11, 8, 6, 29
 
@@ -189,6 +189,51 @@ def test_two_micro_batches_with_global_count_equal_one_batch():
     _assert_close((s1 + s2) / (c1 + c2), s / c)
     assert float(c1) != float(c2)  # a per-micro-batch mean would differ (TRL #4719)
     assert abs(float(s1 / c1 + s2 / c2) / 2 - float(s / c)) > 1e-4
+
+
+def test_temperature_squared_clip_and_entropies():
+    hs, ws, ht, wt, mask, _ = _inputs(8)
+    tau_tok = jnp.asarray(1 + np.random.default_rng(1).random((B, T)), jnp.float32)
+    cap = 0.2
+    terms = {
+        "kd": {"divergence": "forward_kl", "temperature": tau_tok, "temperature_squared": True},
+        "clipped": {"divergence": "reverse_kl", "clip": jnp.asarray(cap)},
+        "hs": {"divergence": "student_entropy", "temperature": 2.0, "weight": 0.1},
+    }
+    got = jax.jit(
+        jax.value_and_grad(
+            lambda hs, ws: fused.fused_distill_loss(
+                hs, ws, teacher_hidden=ht, teacher_head=wt, mask=mask, terms=terms, chunk_size=4
+            )[0],
+            argnums=(0, 1),
+        )
+    )(hs, ws)
+
+    def dense(hs, ws):
+        zs, zt = hs @ ws, ht @ wt
+        rkl = dv.reverse_kl(zs, zt)
+        per = (
+            tau_tok**2 * dv.forward_kl(zs, zt, temperature=tau_tok)
+            + jnp.where(rkl > cap, jax.lax.stop_gradient(cap), rkl)
+            + 0.1 * entropy(zs, temperature=2.0)
+        )
+        return jnp.sum(per * mask)
+
+    ref = jax.value_and_grad(dense, argnums=(0, 1))(hs, ws)
+    _assert_close(got[0], ref[0])
+    for g, r in zip(got[1], ref[1]):
+        _assert_close(g, r)
+    values = fused.fused_per_token(
+        hs,
+        ws,
+        teacher_hidden=ht,
+        teacher_head=wt,
+        mask=mask,
+        terms={"teacher_entropy": {}, "clipped": {"divergence": "reverse_kl", "clip": cap}},
+    )
+    _assert_close(values["teacher_entropy"], entropy(ht @ wt, mask))
+    clipped = np.asarray(values["clipped"])
+    assert clipped.max() <= cap + 1e-7 and (clipped == np.float32(cap)).any()
 
 
 def test_per_token_values_equal_unfused():
