@@ -1,6 +1,6 @@
 r"""Peak memory and time of the fused distillation loss against the naive one, forward + backward.
 
-    python benchmarks/fused_loss.py [--sizes 49152x512,262144x2048 --chunk_size 128 --repeats 3]
+    python benchmarks/fused_loss.py [--sizes 49152x512,262144x2048 --chunk_size 0 --repeats 3]
     python benchmarks/fused_loss.py --quick  # V=49152, T=512, one repeat: a smoke run
 
 Forward KL at tau = 2 between a student and a teacher of width D = 640 (batch 1, float32, random
@@ -10,7 +10,8 @@ the student's hidden states and head. Rows per (V, T):
 * ``naive``: logits h_s W_s and h_t W_t materialised ([B, T, V] each), then
   ``divergences.forward_kl`` summed;
 * ``fused (custom_vjp)`` and ``fused (remat)``: ``fused.fused_distill_loss`` with that
-  ``implementation`` and ``--chunk_size`` positions per chunk.
+  ``implementation`` and ``--chunk_size`` positions per chunk (0, the default: the library's
+  ``auto_chunk_size``, 2^24 logits per chunk: C = 64 at V = 262144, 256 at V = 49152).
 
 Each row runs in its own process, one at a time, so that its peak memory belongs to it alone. Two
 memory figures: XLA's compiled memory (temp + output bytes, what the computation allocates beyond
@@ -71,7 +72,7 @@ def _loss(impl: str, chunk_size: int):
             teacher_hidden=h_t,
             teacher_head=w_t,
             temperature=TEMPERATURE,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size or None,
             implementation=impl,
         )[0]
 
@@ -154,7 +155,7 @@ def _print_table(rows: dict, args):
     print(
         f"\nFused vs naive distillation loss, forward + backward (grads w.r.t. student hidden and "
         f"head); device: {first['platform']} ({first['device']})\nforward KL, tau={TEMPERATURE}, "
-        f"D={D} (student and teacher), batch 1, float32, chunk_size={args.chunk_size}, "
+        f"D={D} (student and teacher), batch 1, float32, chunk_size={args.chunk_size or 'auto'}, "
         f"median of {args.repeats} after one warm-up call\n"
     )
     print(
@@ -190,7 +191,7 @@ def _print_table(rows: dict, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=SIZES, help="comma-separated VxT, e.g. 49152x512")
-    p.add_argument("--chunk_size", type=int, default=128)
+    p.add_argument("--chunk_size", type=int, default=0, help="0: fused.auto_chunk_size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--quick", action="store_true", help="V=49152, T=512, one repeat")
