@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from _measure import peak_rss
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -99,22 +100,12 @@ def run_torch(args):
     return dict(first_s=first, step_s=step, device_peak=peak, device=name)
 
 
-def _peak_rss() -> int:
-    """This process's resident-set high-water mark in bytes (VmHWM; unlike ru_maxrss it is not
-    inherited across exec from the parent)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(args):
     if args.impl == "transformers":
         result = run_torch(args)
     else:
         result = run_ours(args, hidden_only=args.impl == "ours_hidden")
-    result["peak_rss"] = _peak_rss()
+    result["peak_rss"] = peak_rss()
     print("RESULT " + json.dumps(result))
 
 

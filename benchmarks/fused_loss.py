@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from _measure import peak_rss
 
 IMPLS = ("naive", "custom_vjp", "remat")
 LABELS = {"naive": "naive", "custom_vjp": "fused (custom_vjp)", "remat": "fused (remat)"}
@@ -79,16 +80,6 @@ def _loss(impl: str, chunk_size: int):
     return loss
 
 
-def _peak_rss() -> int:
-    """This process's resident-set high-water mark in bytes (VmHWM; unlike ru_maxrss it is not
-    inherited across exec from the parent)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(args):
     import jax
     import jax.numpy as jnp
@@ -112,7 +103,7 @@ def child(args):
         first_s=first,
         step_s=statistics.median(times),
         xla_bytes=mem.temp_size_in_bytes + mem.output_size_in_bytes,
-        peak_rss=_peak_rss(),
+        peak_rss=peak_rss(),
         loss=float(loss),
         grad_norm=float(grad_norm),
         platform=jax.devices()[0].platform,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.divergences import skew_kl, skew_reverse_kl
-from distill_jax.losses.tokens import apply_mask, log_probs
+from distill_jax.losses.tokens import apply_mask, cross_entropy
 
 
 def token_logprobs(
@@ -32,9 +32,7 @@ def token_logprobs(
     Returns:
         [B, T] float32 <= 0.
     """
-    logp = log_probs(logits, 1.0, vocab_mask)
-    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
-    return apply_mask(jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0], mask)
+    return -cross_entropy(logits, targets, mask, vocab_mask=vocab_mask)
 
 
 def sequence_logprobs(token_logprobs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
