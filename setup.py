@@ -23,7 +23,16 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Reference implementation for parity tests and export checks (CPU build of torch).
     "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+    # seqio Tasks / tfds builders over local files (TensorFlow, about 3 GB), GSM-style problems.
+    "data": [
+        "seqio==0.0.20",
+        "tensorflow==2.21.0",
+        "tensorflow-text==2.21.1",
+        "tensorflow-datasets==4.9.10",
+        "reasoning-gym==0.1.25",
+    ],
+    # tiktoken is the reference for tiktoken rank files in the tokenizer tests.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "tiktoken==0.14.0"],
 }
 
 setup(
