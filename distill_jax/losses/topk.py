@@ -220,3 +220,48 @@ def captured_mass(
         "topk/student_mass": (jnp.sum(student_mass * m), count),
         "topk/top1_agreement": (jnp.sum(agree * m), count),
     }
+
+
+def sparse_teacher_from_hidden(
+    hidden: jax.Array,
+    head: jax.Array,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_mask: jax.Array | None = None,
+    chunk_size: int = 128,
+) -> SparseTeacher:
+    """``sparse_teacher`` of the logits hidden @ head, formed ``chunk_size`` positions at a time.
+
+    For writing a teacher cache (or an online sparse teacher) without a [B, T, V] array.
+
+    Args:
+        hidden: [B, T, D] final hidden states; head: [D, V].
+        k, temperature, vocab_mask: as in ``sparse_teacher``; softcap: the model's final-logit
+            soft-capping, if any.
+        chunk_size: positions per chunk.
+
+    Returns:
+        SparseTeacher with ids/logprobs [B, T, k].
+    """
+    b, t, _ = hidden.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    h = jnp.pad(hidden, ((0, 0), (0, n * c - t), (0, 0)))
+    h = jnp.moveaxis(h.reshape(b, n, c, -1), 1, 0)  # [n, B, C, D]
+
+    def body(_, h_c):
+        z = jnp.einsum(
+            "bcd,dv->bcv", h_c, head.astype(h_c.dtype), preferred_element_type=jnp.float32
+        )
+        if softcap:
+            z = jnp.tanh(z / softcap) * softcap
+        s = sparse_teacher(z, k, temperature=temperature, vocab_mask=vocab_mask)
+        return None, (s.ids, s.logprobs, s.log_normalizer, s.log_tail)
+
+    _, parts = jax.lax.scan(body, None, h)
+    ids, logprobs, lse, tail = (
+        jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :t] for x in parts
+    )
+    return SparseTeacher(ids, logprobs, lse, tail, jnp.asarray(temperature, jnp.float32))

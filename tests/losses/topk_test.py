@@ -173,3 +173,21 @@ def test_errors_name_the_problem():
         topk.topk_divergence("forward_kl", s, sparse, semantics="renorm")
     with pytest.raises(ValueError, match="k=7"):
         topk.sparse_teacher(t, 7)
+
+
+def test_sparse_teacher_from_hidden_equals_the_dense_top_k():
+    rng = np.random.default_rng(20)
+    h = jnp.asarray(rng.standard_normal((2, 13, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 40)), jnp.float32)
+    vocab = np.ones(40, bool)
+    vocab[-4:] = False
+    got = jax.jit(
+        lambda h, w: topk.sparse_teacher_from_hidden(
+            h, w, 7, temperature=1.5, softcap=3.0, vocab_mask=vocab, chunk_size=5
+        )
+    )(h, w)
+    z = jnp.tanh(h @ w / 3.0) * 3.0
+    want = topk.sparse_teacher(z, 7, temperature=1.5, vocab_mask=vocab)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    for field in ("logprobs", "log_normalizer", "log_tail"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,300 @@
+r"""Offline teacher cache: a teacher's top-k for every batch of a dataset, written once, read back
+aligned with the same batches (METHODS.md 3, 1.13).
+
+Layout of a cache directory:
+
+    manifest.json                      settings + per-process shard list; written last
+    p{process:03d}-{shard:05d}.npz     ids [n, B, L, K] int32, logprobs [n, B, L, K] (dtype),
+                                       log_normalizer, log_tail [n, B, L] float32,
+                                       input_hash [n, 32] uint8 (sha256 of each batch's input_ids)
+
+The manifest names the teacher (a hash of its config and parameters), the tokenizer
+(``Tokenizer.fingerprint``), K, the temperature, the stored dtype, the batch shape and the data
+iterator's settings. ``TeacherCache.check`` refuses a cache whose settings differ from the run's,
+naming each difference; ``TeacherCache.get(i, batch)`` refuses a batch whose input ids are not
+the ones the cache was written for. Each file is written under a temporary name and renamed, and
+the manifest comes last, so an interrupted write never looks like a complete cache.
+
+Log-probs can be stored as float32, float16 or bfloat16 (bfloat16 as its 16 raw bits); ids are
+int32. ``bytes_per_token`` reports the on-disk size per cached position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from distill_jax.losses import topk
+
+MANIFEST = "manifest.json"
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model) -> str:
+    """sha256 (hex) of a model's config and every parameter's bytes: which teacher wrote a cache."""
+    from flax import nnx
+
+    digest = hashlib.sha256(repr(model.config).encode())
+    for path, value in sorted(
+        jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)), key=lambda x: str(x[0])
+    ):
+        digest.update(str(path).encode())
+        digest.update(np.ascontiguousarray(jax.device_get(value)).tobytes())
+    return digest.hexdigest()
+
+
+def batch_hash(input_ids: np.ndarray) -> np.ndarray:
+    """[32] uint8 sha256 of a batch's input ids (int32 little-endian)."""
+    data = np.ascontiguousarray(np.asarray(input_ids, "<i4")).tobytes()
+    return np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class TeacherCacheWriter:
+    """Collects (batch, SparseTeacher) pairs and writes them in shards of ``batches_per_shard``.
+
+    Args:
+        directory: the cache directory (created).
+        settings: what the cache is for: teacher, tokenizer, k, temperature and data settings
+            (see ``build_teacher_cache``); stored in the manifest and checked on read.
+        dtype: storage dtype of the log-probs, a key of ``DTYPES``.
+        process_index, process_count: each process writes the shards of its own batches.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        settings: dict,
+        *,
+        dtype: str = "bfloat16",
+        batches_per_shard: int = 64,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"teacher cache dtype={dtype!r}: choose one of {sorted(DTYPES)}.")
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self.dtype, self.batches_per_shard = directory, dtype, batches_per_shard
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.settings = dict(settings, dtype=dtype, format_version=FORMAT_VERSION)
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._shards: list[dict] = []
+        self._bytes = 0
+        self._positions = 0
+
+    def add(self, batch: dict[str, np.ndarray], sparse: topk.SparseTeacher) -> None:
+        """Append one batch's teacher top-k ([B, L, K]) aligned with ``batch["input_ids"]``."""
+        ids = np.asarray(batch["input_ids"])
+        if sparse.ids.shape[:2] != ids.shape:
+            raise ValueError(
+                f"Teacher top-k {sparse.ids.shape} does not match the batch {ids.shape}."
+            )
+        self._pending.append(
+            dict(
+                ids=np.asarray(sparse.ids, np.int32),
+                logprobs=np.asarray(sparse.logprobs, np.float32).astype(DTYPES[self.dtype]),
+                log_normalizer=np.asarray(sparse.log_normalizer, np.float32),
+                log_tail=np.asarray(sparse.log_tail, np.float32),
+                input_hash=batch_hash(ids),
+            )
+        )
+        self._positions += ids.size
+        if len(self._pending) == self.batches_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"p{self.process_index:03d}-{len(self._shards):05d}.npz"
+        arrays = {k: np.stack([p[k] for p in self._pending]) for k in self._pending[0]}
+        if self.dtype == "bfloat16":  # npz cannot store bfloat16: keep its raw 16 bits
+            arrays["logprobs"] = arrays["logprobs"].view(np.uint16)
+        path = os.path.join(self.directory, name)
+        _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+        self._bytes += os.path.getsize(path)
+        self._shards.append({"file": name, "num_batches": len(self._pending)})
+        self._pending = []
+
+    def close(self) -> dict:
+        """Write the last shard and this process's manifest entry; returns the manifest."""
+        self._flush()
+        manifest = {
+            "settings": self.settings,
+            "process_count": self.process_count,
+            "shards": {str(self.process_index): self._shards},
+            "bytes": {str(self.process_index): self._bytes},
+            "positions": {str(self.process_index): self._positions},
+        }
+        name = MANIFEST if self.process_count == 1 else f"manifest.p{self.process_index:03d}.json"
+        path = os.path.join(self.directory, name)
+        _atomic_write(path, lambda tmp: _write_json(tmp, manifest))
+        return manifest
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+class TeacherCache:
+    """A written cache, read back for this process's batches.
+
+    Raises:
+        FileNotFoundError: no (complete) cache in ``directory``.
+    """
+
+    def __init__(self, directory: str, process_index: int | None = None):
+        self.directory = directory
+        p = jax.process_index() if process_index is None else process_index
+        path = os.path.join(directory, MANIFEST)
+        if not os.path.isfile(path):
+            path = os.path.join(directory, f"manifest.p{p:03d}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No complete teacher cache in {directory!r} (no {MANIFEST}); write it with "
+                "build_teacher_cache, or finish the interrupted write."
+            )
+        with open(path) as f:
+            self.manifest = json.load(f)
+        self.settings = self.manifest["settings"]
+        self._shards = self.manifest["shards"][str(p)]
+        self._offsets = np.cumsum([0] + [s["num_batches"] for s in self._shards])
+        self._loaded: tuple[int, dict] | None = None
+        self.bytes_per_token = self.manifest["bytes"][str(p)] / max(
+            self.manifest["positions"][str(p)], 1
+        )
+
+    @property
+    def num_batches(self) -> int:
+        return int(self._offsets[-1])
+
+    def check(self, **expected) -> None:
+        """Raise if any expected setting differs from the cache's, naming every difference."""
+        diffs = [
+            f"{k}: cache has {self.settings.get(k)!r}, this run has {v!r}"
+            for k, v in expected.items()
+            if self.settings.get(k) != v
+        ]
+        if diffs:
+            raise ValueError(
+                f"The teacher cache in {self.directory!r} was written with other settings ("
+                + "; ".join(diffs)
+                + "); rebuild the cache for this run or use matching settings."
+            )
+
+    def _shard(self, i: int) -> tuple[dict, int]:
+        s = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        if self._loaded is None or self._loaded[0] != s:
+            with np.load(os.path.join(self.directory, self._shards[s]["file"])) as data:
+                arrays = {k: data[k] for k in data.files}
+            if self.settings["dtype"] == "bfloat16":
+                arrays["logprobs"] = arrays["logprobs"].view(ml_dtypes.bfloat16)
+            self._loaded = (s, arrays)
+        return self._loaded[1], i - int(self._offsets[s])
+
+    def get(self, index: int, batch: dict[str, np.ndarray] | None = None) -> topk.SparseTeacher:
+        """The SparseTeacher [B, L, K] (log-probs as float32) of batch ``index``.
+
+        Args:
+            index: the batch's position in this process's stream (the data iterator's count).
+            batch: if given, its input_ids must be the ones the cache was written for.
+        """
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"Batch {index} is not in the cache ({self.num_batches} batches).")
+        arrays, j = self._shard(index)
+        if batch is not None and not np.array_equal(
+            arrays["input_hash"][j], batch_hash(batch["input_ids"])
+        ):
+            raise ValueError(
+                f"Batch {index} is not the batch the teacher cache was written for (input ids "
+                "differ): the data order, tokenizer or packing changed since the cache was built."
+            )
+        return topk.SparseTeacher(
+            ids=jnp.asarray(arrays["ids"][j]),
+            logprobs=jnp.asarray(arrays["logprobs"][j].astype(np.float32)),
+            log_normalizer=jnp.asarray(arrays["log_normalizer"][j]),
+            log_tail=jnp.asarray(arrays["log_tail"][j]),
+            temperature=jnp.asarray(self.settings["temperature"], jnp.float32),
+        )
+
+
+def build_teacher_cache(
+    directory: str,
+    model,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    num_batches: int,
+    k: int,
+    tokenizer_fingerprint: str,
+    temperature: float = 1.0,
+    dtype: str = "bfloat16",
+    data_settings: dict | None = None,
+    batches_per_shard: int = 64,
+    chunk_size: int = 128,
+) -> TeacherCache:
+    """Run ``model`` (the teacher) over ``num_batches`` packed batches and cache its top-k.
+
+    The forward uses each batch's positions and segment ids, so packed documents stay apart;
+    the top-k is taken chunk by chunk from the final hidden states
+    (``topk.sparse_teacher_from_hidden``), so no [B, L, V] array is formed.
+
+    Returns:
+        The written cache, opened for reading.
+    """
+    from flax import nnx
+
+    c = model.config
+    settings = dict(
+        teacher=model_fingerprint(model),
+        tokenizer=tokenizer_fingerprint,
+        k=k,
+        temperature=float(temperature),
+        vocab_size=c.vocab_size,
+        data=data_settings or {},
+    )
+    writer = TeacherCacheWriter(
+        directory, settings, dtype=dtype, batches_per_shard=batches_per_shard
+    )
+
+    @nnx.jit
+    def top_k(model, input_ids, positions, segment_ids):
+        out = model.forward(
+            input_ids, positions=positions, segment_ids=segment_ids, compute_logits=False
+        )
+        return topk.sparse_teacher_from_hidden(
+            out.hidden,
+            model.head_weights(),
+            k,
+            temperature=temperature,
+            softcap=c.final_logit_softcapping,
+            chunk_size=chunk_size,
+        )
+
+    for i, batch in enumerate(batches):
+        if i == num_batches:
+            break
+        sparse = top_k(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
+        writer.add(batch, jax.device_get(sparse))
+    writer.close()
+    return TeacherCache(directory, writer.process_index)
