@@ -38,6 +38,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/fused_loss.py
+	$(PY) benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -106,6 +106,12 @@ class TeacherCacheWriter:
     def add(self, batch: dict[str, np.ndarray], sparse: topk.SparseTeacher) -> None:
         """Append one batch's teacher top-k ([B, L, K]) aligned with ``batch["input_ids"]``."""
         ids = np.asarray(batch["input_ids"])
+        tau = float(np.asarray(sparse.temperature))
+        if self.settings.setdefault("temperature", tau) != tau:
+            raise ValueError(
+                f"The teacher cache holds top-k at temperature {self.settings['temperature']}; "
+                f"this batch's is at {tau}. One cache, one temperature."
+            )
         if sparse.ids.shape[:2] != ids.shape:
             raise ValueError(
                 f"Teacher top-k {sparse.ids.shape} does not match the batch {ids.shape}."

@@ -62,6 +62,9 @@ def test_misaligned_batch_and_settings_are_refused_by_name(tmp_path):
         str(tmp_path), dict(k=5, temperature=2.0, tokenizer="abc"), process_index=0, process_count=1
     )
     writer.add(_batch(0), _random_sparse(0))
+    other_tau = topk.sparse_teacher(jnp.zeros((2, 8, 50)), 5, temperature=1.0)
+    with pytest.raises(ValueError, match="temperature 2.0; this batch's is at 1.0"):
+        writer.add(_batch(1), other_tau)
     writer.close()
     cache = teacher_cache.TeacherCache(str(tmp_path), process_index=0)
     with pytest.raises(ValueError, match="Batch 0 is not the batch"):
