@@ -67,8 +67,9 @@ class _Static:
     terms: tuple[_Term, ...]
     chunk_size: int
     student_softcap: float | None
-    teacher_softcap: float | None
+    teacher_softcap: tuple[float | None, ...]  # one per teacher
     sparse: bool
+    teacher_combine: tuple[str, tuple[float, ...]] | None  # several teachers: how to combine
     vocab_block: int
 
 
@@ -230,11 +231,28 @@ def _chunked_inputs(static: _Static, student_hidden, teacher, tok):
     return jax.tree.map(lambda x: _to_chunks(x, static.chunk_size), (student_hidden, teacher, tok))
 
 
-def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature):
-    """Teacher side of one chunk: logits [B, C, W] or a SparseTeacher [B, C, K], constant."""
+def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature, vocab_mask=None):
+    """Teacher side of one chunk: logits [B, C, V] or a SparseTeacher [B, C, K], constant.
+
+    Several teachers (tuples of hidden states and heads) are combined per chunk:
+    ``("logits", c)``: z = sum_j c_j z_j (e.g. a composite z_a + alpha (z_b - z_c));
+    ``("probs", w)``: z = log sum_j w_j softmax(z_j), the log of the probability average, used
+    as the teacher's logits (a temperature then tempers the averaged distribution).
+    """
     if static.sparse:
         return jax.lax.stop_gradient(topk.SparseTeacher(*t_chunk, sparse_temperature))
-    z = _softcap(_matmul(t_chunk, teacher_head), static.teacher_softcap)
+    zs = [
+        _softcap(_matmul(h, w), cap)
+        for h, w, cap in zip(t_chunk, teacher_head, static.teacher_softcap)
+    ]
+    if static.teacher_combine is None:
+        z = zs[0]
+    elif static.teacher_combine[0] == "logits":
+        z = sum(c * z_j for c, z_j in zip(static.teacher_combine[1], zs))
+    else:
+        logp = jnp.stack([log_probs(z_j, 1.0, vocab_mask) for z_j in zs])  # [J, B, C, V]
+        log_w = jnp.log(jnp.asarray(static.teacher_combine[1], jnp.float32))[:, None, None, None]
+        z = jax.nn.logsumexp(logp + log_w, axis=0)
     return jax.lax.stop_gradient(z)
 
 
@@ -245,7 +263,7 @@ def _remat_sums(static, inputs, student_head, teacher_head, sparse_temperature, 
     def body(carry, x):
         h, t, tk = x
         zs = _softcap(_matmul(h, student_head), static.student_softcap)
-        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature, vm)
         return jax.tree.map(jnp.add, carry, _chunk_sums(static, zs, zt, tk, dynamic, vm)), None
 
     return jax.lax.scan(body, _zero_sums(static), inputs)[0]
@@ -258,7 +276,7 @@ def _sums_and_grads(static, inputs, student_head, teacher_head, sparse_temperatu
         sums, dw = carry
         h, t, tk = x
         z = _matmul(h, student_head)
-        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature, vm)
         loss = lambda z: _chunk_sums(
             static, _softcap(z, static.student_softcap), zt, tk, dynamic, vm
         )
@@ -308,7 +326,7 @@ def _per_token_scan(static, inputs, student_head, teacher_head, sparse_temperatu
     def body(_, x):
         h, t, tk = x
         zs = _softcap(_matmul(h, student_head), static.student_softcap)
-        zt = _teacher_logits(static, t, teacher_head, sparse_temperature)
+        zt = _teacher_logits(static, t, teacher_head, sparse_temperature, vm)
         values = _term_values(static, zs, zt, tk, dynamic, vm)
         return None, {k: jnp.where(tk["valid"], v, 0.0) for k, (v, _) in values.items()}
 
@@ -359,7 +377,7 @@ def _sinkhorn_values(
     def lse_body(carry, x):
         ws, wt, mb = x
         ls = jax.nn.logsumexp(scaled(student_hidden, ws, static.student_softcap, mb), -1)
-        lt = jax.nn.logsumexp(scaled(teacher_hidden, wt, static.teacher_softcap, mb), -1)
+        lt = jax.nn.logsumexp(scaled(teacher_hidden, wt, static.teacher_softcap[0], mb), -1)
         return (jnp.logaddexp(carry[0], ls), jnp.logaddexp(carry[1], lt)), None
 
     neg = jnp.full((b, t), -jnp.inf, jnp.float32)
@@ -371,7 +389,7 @@ def _sinkhorn_values(
     def gram_body(carry, x):
         ws, wt, mb = x
         q = jnp.exp(scaled(student_hidden, ws, static.student_softcap, mb) - lse_s[..., None])
-        p = jnp.exp(scaled(teacher_hidden, wt, static.teacher_softcap, mb) - lse_t[..., None])
+        p = jnp.exp(scaled(teacher_hidden, wt, static.teacher_softcap[0], mb) - lse_t[..., None])
         p = jax.lax.stop_gradient(p)
         q, p = q.reshape(-1, group, vb), p.reshape(-1, group, vb)
         qq, pp, qp = carry
@@ -427,6 +445,7 @@ def _prepare(
     teacher_softcap,
     vocab_block,
     implementation,
+    teacher_combine=None,
 ):
     """Check inputs (before anything compiles) and build the static spec and scan inputs."""
     if student_hidden.ndim != 3 or student_head.ndim != 2:
@@ -447,16 +466,20 @@ def _prepare(
             "Pass exactly one teacher: teacher_hidden with teacher_head, or sparse_teacher."
         )
     if not sparse:
-        if teacher_head is None or teacher_hidden.shape[:2] != (b, t):
-            raise ValueError(
-                f"teacher_hidden must be [B, T, D_t] = [{b}, {t}, ...] with a teacher_head; got "
-                f"{teacher_hidden.shape} and {getattr(teacher_head, 'shape', None)}."
-            )
-        if teacher_head.shape != (teacher_hidden.shape[2], v):
-            raise ValueError(
-                f"teacher_head {teacher_head.shape} must be [D_t, V] with the student's V={v}; "
-                "teachers with another vocabulary need a bridge (distill_jax.bridges)."
-            )
+        teacher_hidden, teacher_head, teacher_softcap = _teacher_tuples(
+            teacher_hidden, teacher_head, teacher_softcap, teacher_combine
+        )
+        for h, w in zip(teacher_hidden, teacher_head):
+            if w is None or h.shape[:2] != (b, t):
+                raise ValueError(
+                    f"teacher_hidden must be [B, T, D_t] = [{b}, {t}, ...] with a teacher_head; "
+                    f"got {h.shape} and {getattr(w, 'shape', None)}."
+                )
+            if w.shape != (h.shape[2], v):
+                raise ValueError(
+                    f"teacher_head {w.shape} must be [D_t, V] with the student's V={v}; "
+                    "teachers with another vocabulary need a bridge (distill_jax.bridges)."
+                )
     elif sparse_teacher.ids.shape[:2] != (b, t):
         raise ValueError(
             f"sparse_teacher ids {sparse_teacher.ids.shape} must be [B, T, K] = [{b}, {t}, K]."
@@ -473,14 +496,15 @@ def _prepare(
     kinds = {term.kind for term in static_terms}
     if "ce" in kinds and targets is None:
         raise ValueError("A 'ce' loss term needs targets [B, T] (the next-token ids).")
-    if "sinkhorn" in kinds and sparse:
-        raise ValueError("sinkhorn needs the teacher's full distribution, not a sparse teacher.")
+    if "sinkhorn" in kinds and (sparse or len(teacher_hidden) > 1):
+        raise ValueError("sinkhorn needs one teacher's full distribution (no sparse/ensemble).")
     static = _Static(
         terms=static_terms,
         chunk_size=min(int(chunk_size), t),
         student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
+        teacher_softcap=() if sparse else teacher_softcap,
         sparse=sparse,
+        teacher_combine=teacher_combine,
         vocab_block=int(vocab_block),
     )
     valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
@@ -499,7 +523,30 @@ def _prepare(
             tok[f"tau/{term.label}"] = jnp.asarray(dynamic[term.label]["temperature"], jnp.float32)
             dynamic[term.label]["temperature"] = None
     teacher = sparse_teacher if sparse else teacher_hidden
-    return static, teacher, tok, dynamic
+    return static, teacher, teacher_head, tok, dynamic
+
+
+def _teacher_tuples(hidden, head, softcap, combine):
+    """One teacher or several as tuples; several need a ``teacher_combine`` of matching size."""
+    several = isinstance(hidden, tuple | list)
+    hidden = tuple(hidden) if several else (hidden,)
+    head = tuple(head) if isinstance(head, tuple | list) else (head,)
+    softcap = tuple(softcap) if isinstance(softcap, tuple | list) else (softcap,) * len(hidden)
+    if len(head) != len(hidden) or len(softcap) != len(hidden):
+        raise ValueError(
+            f"{len(hidden)} teacher hidden states need as many heads and softcaps; got "
+            f"{len(head)} and {len(softcap)}."
+        )
+    if combine is None and len(hidden) > 1:
+        raise ValueError("Several teachers need teacher_combine=('logits'|'probs', coefficients).")
+    if combine is not None:
+        kind, coeffs = combine
+        if kind not in ("logits", "probs") or len(coeffs) != len(hidden):
+            raise ValueError(
+                f"teacher_combine={combine!r}: use ('logits', c) or ('probs', w) with one "
+                f"coefficient per teacher ({len(hidden)})."
+            )
+    return hidden, head, softcap
 
 
 def fused_distill_loss(
@@ -522,6 +569,7 @@ def fused_distill_loss(
     chunk_size: int | None = None,
     vocab_block: int = 8192,
     implementation: str = "custom_vjp",
+    teacher_combine: tuple[str, tuple[float, ...]] | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
     r"""Distillation loss sum from hidden states and head weights, chunked over tokens.
 
@@ -533,7 +581,8 @@ def fused_distill_loss(
         student_hidden: [B, T, D] final hidden states (``model.forward(..., compute_logits=False)
             .hidden``).
         student_head: [D, V] output projection (``model.head_weights()``).
-        teacher_hidden, teacher_head: [B, T, D_t] and [D_t, V]; or
+        teacher_hidden, teacher_head: [B, T, D_t] and [D_t, V] (or tuples of them, one per
+            teacher, combined as ``teacher_combine`` says, see ``_teacher_logits``); or
         sparse_teacher: a ``topk.SparseTeacher`` [B, T, K] (then ``semantics`` applies).
         mask: [B, T] bool, valid tokens (default all).
         weights: [B, T] float token weights (selection rules), not differentiated.
@@ -544,18 +593,21 @@ def fused_distill_loss(
             zero gradient above it), **knobs}}``; a name is a ``divergences.CORES`` key or one of
             ``EXTRA_KINDS``. Default: one term ``{divergence: {"temperature": temperature}}``.
         vocab_mask: [V] bool, False for padded vocabulary rows.
-        student_softcap, teacher_softcap: final-logit soft-capping of each model (Gemma-2 style).
+        student_softcap, teacher_softcap: final-logit soft-capping of each model (Gemma-2 style;
+            a tuple for several teachers).
         chunk_size: positions per chunk C; live logits are [B, C, V]. None: ``auto_chunk_size``
             (about 2^24 logits per chunk, 64 MiB in float32).
         vocab_block: vocabulary block for ``sinkhorn``'s Gram pass.
         implementation: "custom_vjp" (gradient computed in the forward scan) or "remat".
+        teacher_combine: for several teachers, ``("logits", coefficients)`` or
+            ``("probs", weights)``.
 
     Returns:
         (loss_sum [], token_count [] = sum_i m_i w_i, metrics) with metrics as (sum, count)
         pairs: ``loss/<label>`` per term (unweighted, no tau^2), ``agreement`` (student top-1
         equals the teacher's), and ``topk/teacher_mass`` with a sparse teacher.
     """
-    static, teacher, tok, dynamic = _prepare(
+    static, teacher, teacher_head, tok, dynamic = _prepare(
         student_hidden,
         student_head,
         teacher_hidden,
@@ -573,6 +625,7 @@ def fused_distill_loss(
         teacher_softcap,
         vocab_block,
         implementation,
+        teacher_combine,
     )
     if implementation == "custom_vjp":
         total, sums = _fused_sums(
@@ -593,8 +646,8 @@ def fused_distill_loss(
                 dynamic[term.label],
                 student_hidden,
                 student_head,
-                jax.lax.stop_gradient(teacher),
-                teacher_head,
+                jax.lax.stop_gradient(teacher[0]),
+                teacher_head[0],
                 tok["valid"],
                 vocab_mask,
             )
@@ -625,6 +678,7 @@ def fused_per_token(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     chunk_size: int | None = None,
+    teacher_combine: tuple[str, tuple[float, ...]] | None = None,
 ) -> dict[str, jax.Array]:
     """Per-token values [B, T] of each token-local term, chunked like ``fused_distill_loss``.
 
@@ -633,7 +687,7 @@ def fused_per_token(
     ``fused_distill_loss``; differentiable (autodiff through a checkpointed scan); invalid
     positions give 0. Sinkhorn terms couple tokens and are left out.
     """
-    static, teacher, tok, dynamic = _prepare(
+    static, teacher, teacher_head, tok, dynamic = _prepare(
         student_hidden,
         student_head,
         teacher_hidden,
@@ -651,6 +705,7 @@ def fused_per_token(
         teacher_softcap,
         8192,
         "remat",
+        teacher_combine,
     )
     sparse_temperature = teacher.temperature if static.sparse else None
     inputs = _chunked_inputs(static, student_hidden, teacher, tok)

@@ -340,3 +340,39 @@ def test_bad_inputs_are_clear_errors():
         fused.fused_distill_loss(hs, ws.T, **kw)
     with pytest.raises(ValueError, match="per-token temperature must have shape"):
         fused.fused_distill_loss(hs, ws, **kw, terms={"tvd": {"temperature": jnp.ones((3, 3))}})
+
+
+@pytest.mark.parametrize("implementation", fused.IMPLEMENTATIONS)
+def test_ensemble_and_composite_teachers(implementation):
+    hs, ws, ht, wt, mask, _ = _inputs(9)
+    rng = np.random.default_rng(11)
+    ht2 = jnp.asarray(rng.standard_normal((B, T, 5)), jnp.float32)
+    wt2 = jnp.asarray(rng.standard_normal((5, V)) * 0.7, jnp.float32)
+    ht3 = jnp.asarray(rng.standard_normal((B, T, 4)), jnp.float32)
+    wt3 = jnp.asarray(rng.standard_normal((4, V)) * 0.7, jnp.float32)
+    za, zb, zc = ht @ wt, ht2 @ wt2, ht3 @ wt3
+    p_avg = 0.25 * jax.nn.softmax(za) + 0.75 * jax.nn.softmax(zb)  # probability averaging
+    cases = [
+        (("probs", (0.25, 0.75)), (ht, ht2), (wt, wt2), jnp.log(p_avg)),
+        (("logits", (1.0, 0.5, -0.5)), (ht, ht2, ht3), (wt, wt2, wt3), za + 0.5 * (zb - zc)),
+    ]
+    for combine, hidden, heads, z_ref in cases:
+        f = lambda hs, ws, h=hidden, w=heads, c=combine: fused.fused_distill_loss(
+            hs,
+            ws,
+            teacher_hidden=h,
+            teacher_head=w,
+            teacher_combine=c,
+            mask=mask,
+            temperature=2.0,
+            chunk_size=4,
+            implementation=implementation,
+        )[0]
+        ref = lambda hs, ws, z=z_ref: jnp.sum(dv.forward_kl(hs @ ws, z, mask, temperature=2.0))
+        value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, ws)
+        ref_value, ref_grads = jax.value_and_grad(ref, argnums=(0, 1))(hs, ws)
+        _assert_close(value, ref_value)
+        for g, r in zip(grads, ref_grads):
+            _assert_close(g, r)
+    with pytest.raises(ValueError, match="Several teachers need teacher_combine"):
+        fused.fused_distill_loss(hs, ws, teacher_hidden=(ht, ht2), teacher_head=(wt, wt2))
