@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "tqdm==4.70.1",
     "absl-py==2.5.1",
+    "tensorboardX==2.6.5",
 ]
 
 EXTRAS = {

@@ -189,3 +189,28 @@ def shard(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         *(e if size % _axis_size(mesh, e) == 0 else None for size, e in zip(x.shape, spec))
     )
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_logical_axes(model: nnx.Module) -> dict[str, tuple | None]:
+    """{"layers/0/attn/q_proj": ("embed", "heads", "head_dim"), ...}: each parameter's
+    logical axes (its ``out_sharding`` metadata), keyed by its path in the pure-dict state."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("out_sharding")
+        out["/".join(str(p) for p in path)] = tuple(axes) if axes else None
+    return out
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Rules, axes: dict[str, tuple | None]):
+    """A NamedSharding per leaf of a pure-dict parameter tree, from ``param_logical_axes``.
+
+    Leaves without logical axes are replicated. Raises (naming the parameter) when a mesh axis
+    does not divide a sharded dimension.
+    """
+
+    def one(path, leaf):
+        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        names = axes.get(key) or (None,) * np.ndim(leaf)
+        return named_sharding(mesh, names, rules, np.shape(leaf), what=key)
+
+    return jax.tree_util.tree_map_with_path(one, tree)

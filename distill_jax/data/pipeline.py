@@ -204,3 +204,76 @@ def global_batch(
         spec = sharding.batch_sharding(mesh, rules, shape=shape)
         out[key] = jax.make_array_from_process_local_data(spec, value, shape)
     return out
+
+
+class ShardedTokenBatches(Iterator[dict[str, np.ndarray]]):
+    """This process's share of ``num_shards`` data streams, concatenated along the batch.
+
+    The corpus is read as ``num_shards`` independent streams (``TokenBatches`` with shard s of
+    S); process p of P owns shards p S/P ... (p + 1) S/P - 1. The global batch is the streams'
+    batches in shard order whatever P is, so a run on one process and a run on P processes
+    see the same global batches (S fixed in the config, divisible by P).
+
+    Args:
+        num_shards: S (None: the process count).
+        global_batch_size: rows per step over all shards; divisible by S.
+        **kwargs: as for ``TokenBatches`` (documents, encode, seq_len, seed, ...).
+    """
+
+    def __init__(
+        self,
+        documents,
+        encode,
+        *,
+        global_batch_size: int,
+        num_shards: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        **kwargs,
+    ):
+        p = jax.process_index() if process_index is None else process_index
+        n = jax.process_count() if process_count is None else process_count
+        s = n if num_shards is None else num_shards
+        if s % n:
+            raise ValueError(
+                f"data.num_shards={s} must be a multiple of the {n} processes (each process "
+                "reads whole shards)."
+            )
+        if global_batch_size % s:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by data.num_shards={s}."
+            )
+        per = s // n
+        self.streams = [
+            TokenBatches(
+                documents,
+                encode,
+                global_batch_size=global_batch_size,
+                process_index=shard,
+                process_count=s,
+                **kwargs,
+            )
+            for shard in range(p * per, (p + 1) * per)
+        ]
+        self.local_batch_size = global_batch_size // n
+
+    @property
+    def batches_emitted(self) -> int:
+        """Batches yielded so far (the index of a batch in a teacher cache)."""
+        return self.streams[0]._emitted
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(stream) for stream in self.streams]
+        return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"streams": [stream.get_state() for stream in self.streams]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["streams"]) != len(self.streams):
+            raise ValueError(
+                f"The saved data state has {len(state['streams'])} streams for this process, "
+                f"this run {len(self.streams)}: process count or data.num_shards changed."
+            )
+        for stream, saved in zip(self.streams, state["streams"]):
+            stream.set_state(saved)

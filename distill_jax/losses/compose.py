@@ -69,7 +69,7 @@ class LossInputs:
     targets [B, T] next-token ids; mask [B, T] loss mask; *_hidden_states (L + 1 arrays) and
     *_qkv (per-layer {"q", "k", "v"}) from ``Transformer.forward`` for feature terms; positions,
     segment_ids [B, T] as given to the models; reference_hidden/head for Rho-1 and AdaSPEC;
-    vocab_mask [V].
+    vocab_mask [V]; softcaps and teacher_combine (static) as the models define them.
     """
 
     student_hidden: jax.Array
@@ -88,6 +88,11 @@ class LossInputs:
     reference_hidden: jax.Array | None = None
     reference_head: jax.Array | None = None
     vocab_mask: jax.Array | None = None
+    # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
+    # (see fused.fused_distill_loss).
+    student_softcap: float | None = struct.field(pytree_node=False, default=None)
+    teacher_softcap: Any = struct.field(pytree_node=False, default=None)
+    teacher_combine: Any = struct.field(pytree_node=False, default=None)
 
 
 # -------------------------------------------------------------------------------- schedules
@@ -261,9 +266,17 @@ def update_state(spec: LossSpec, state: dict, metrics: dict, step) -> dict:
 
 
 def _teacher_kwargs(inputs: LossInputs) -> dict:
+    """The fused loss's teacher and soft-cap arguments from the inputs."""
+    kw = dict(student_softcap=inputs.student_softcap)
     if inputs.sparse_teacher is not None:
-        return dict(sparse_teacher=inputs.sparse_teacher)
-    return dict(teacher_hidden=inputs.teacher_hidden, teacher_head=inputs.teacher_head)
+        return dict(kw, sparse_teacher=inputs.sparse_teacher)
+    return dict(
+        kw,
+        teacher_hidden=inputs.teacher_hidden,
+        teacher_head=inputs.teacher_head,
+        teacher_softcap=inputs.teacher_softcap,
+        teacher_combine=inputs.teacher_combine,
+    )
 
 
 def _fused_terms(spec: LossSpec, state: dict, step) -> dict:
@@ -294,8 +307,6 @@ def _token_stats(inputs: LossInputs, spec: LossSpec, terms: dict) -> dict:
         vocab_mask=inputs.vocab_mask,
         chunk_size=spec.options["chunk_size"],
         semantics=spec.options["semantics"],
-        student_softcap=spec.options.get("student_softcap"),
-        teacher_softcap=spec.options.get("teacher_softcap"),
     )
     values = fused.fused_per_token(
         inputs.student_hidden, inputs.student_head, terms=terms, **_teacher_kwargs(inputs), **kw
@@ -313,6 +324,8 @@ def _reference_stats(inputs: LossInputs, spec: LossSpec, kind: str) -> jax.Array
             teacher_hidden=inputs.reference_hidden,
             teacher_head=inputs.reference_head,
             sparse_teacher=None,
+            teacher_combine=None,
+            teacher_softcap=None,
         )
         return _token_stats(ref, spec, {"ce": {}})["ce"]
     return _token_stats(ref, spec, {"forward_kl": {}})["forward_kl"]
@@ -439,8 +452,6 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
             chunk_size=spec.options["chunk_size"],
             semantics=spec.options["semantics"],
             implementation=spec.options["implementation"],
-            student_softcap=spec.options.get("student_softcap"),
-            teacher_softcap=spec.options.get("teacher_softcap"),
             **_teacher_kwargs(inputs),
         )
         metrics.update(fused_metrics)

@@ -69,6 +69,7 @@ class _Static:
     student_softcap: float | None
     teacher_softcap: tuple[float | None, ...]  # one per teacher
     sparse: bool
+    has_teacher: bool  # False: only teacher-free terms (ce, student_entropy)
     teacher_combine: tuple[str, tuple[float, ...]] | None  # several teachers: how to combine
     vocab_block: int
 
@@ -183,7 +184,8 @@ def _tau_factor(term: _Term, tau):
 
 def _zero_sums(static: _Static) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scan carry: (loss sum, metric sums) at zero; its keys follow ``_chunk_sums``."""
-    keys = [f"loss/{t.label}" for t in static.terms if t.kind != "sinkhorn"] + ["agreement"]
+    keys = [f"loss/{t.label}" for t in static.terms if t.kind != "sinkhorn"]
+    keys += ["agreement"] if static.has_teacher else []
     keys += ["topk/teacher_mass"] if static.sparse else []
     zero = jnp.zeros((), jnp.float32)
     return zero, {k: zero for k in keys}
@@ -198,6 +200,8 @@ def _chunk_sums(static: _Static, zs, teacher, tok, dynamic, vocab_mask):
         scaled = jnp.sum(jnp.where(m != 0, v * factor * m, 0.0))
         total = total + dynamic[label]["weight"] * scaled
     valid = tok["valid"]
+    if not static.has_teacher:
+        return total, sums
     top_s = jnp.argmax(zs, axis=-1)
     top_t = teacher.ids[..., 0] if static.sparse else jnp.argmax(teacher, axis=-1)
     sums["agreement"] = jnp.sum(jnp.where(valid, (top_s == top_t).astype(jnp.float32), 0.0))
@@ -241,6 +245,8 @@ def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature, 
     """
     if static.sparse:
         return jax.lax.stop_gradient(topk.SparseTeacher(*t_chunk, sparse_temperature))
+    if not static.has_teacher:
+        return None
     zs = [
         _softcap(_matmul(h, w), cap)
         for h, w, cap in zip(t_chunk, teacher_head, static.teacher_softcap)
@@ -461,11 +467,14 @@ def _prepare(
         )
     v = student_head.shape[1]
     sparse = sparse_teacher is not None
-    if sparse == (teacher_hidden is not None):
+    if sparse and teacher_hidden is not None:
         raise ValueError(
             "Pass exactly one teacher: teacher_hidden with teacher_head, or sparse_teacher."
         )
-    if not sparse:
+    has_teacher = sparse or teacher_hidden is not None
+    if not has_teacher:
+        teacher_hidden, teacher_head, teacher_softcap = (), (), ()
+    elif not sparse:
         teacher_hidden, teacher_head, teacher_softcap = _teacher_tuples(
             teacher_hidden, teacher_head, teacher_softcap, teacher_combine
         )
@@ -494,6 +503,11 @@ def _prepare(
         terms = {divergence: {"temperature": temperature}}
     static_terms, dynamic = _parse_terms(terms, semantics, (b, t))
     kinds = {term.kind for term in static_terms}
+    if not has_teacher and kinds - {"ce", "student_entropy"}:
+        raise ValueError(
+            f"Loss terms {sorted(kinds - {'ce', 'student_entropy'})} need a teacher: pass "
+            "teacher_hidden with teacher_head, or sparse_teacher."
+        )
     if "ce" in kinds and targets is None:
         raise ValueError("A 'ce' loss term needs targets [B, T] (the next-token ids).")
     if "sinkhorn" in kinds and (sparse or len(teacher_hidden) > 1):
@@ -504,6 +518,7 @@ def _prepare(
         student_softcap=student_softcap,
         teacher_softcap=() if sparse else teacher_softcap,
         sparse=sparse,
+        has_teacher=has_teacher,
         teacher_combine=teacher_combine,
         vocab_block=int(vocab_block),
     )

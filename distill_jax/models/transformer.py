@@ -136,6 +136,7 @@ class Transformer(nnx.Module):
         compute_logits: bool = True,
         output_hidden_states: bool = False,
         output_attention_qkv: bool = False,
+        remat: bool = False,
     ) -> ModelOutput:
         """Run the model.
 
@@ -150,6 +151,8 @@ class Transformer(nnx.Module):
             output_attention_qkv: also return every layer's attention q, k, v (for MiniLM
                 relations and attention transfer, ``losses.features``); with a cache, k and v
                 are those of the new tokens only.
+            remat: rematerialise each block in the backward pass (activation memory of one
+                block instead of L; ignored while decoding with a cache).
 
         Returns:
             ModelOutput.
@@ -169,9 +172,13 @@ class Transformer(nnx.Module):
         hidden_states = [x] if output_hidden_states else None
         stats, router_logits, qkvs = [], [], []
         for block in self.layers:
-            x, layer_stats, cache, qkv = block(
-                x, positions, segment_ids, cache, output_attention_qkv
-            )
+            if remat and cache is None:  # recompute the block in the backward pass
+                run = nnx.remat(lambda blk, x, p, s: blk(x, p, s, None, output_attention_qkv))
+                x, layer_stats, cache, qkv = run(block, x, positions, segment_ids)
+            else:
+                x, layer_stats, cache, qkv = block(
+                    x, positions, segment_ids, cache, output_attention_qkv
+                )
             qkvs.append(qkv)
             if layer_stats is not None:
                 router_logits.append(layer_stats.pop("router_logits"))

@@ -332,6 +332,8 @@ def test_bad_inputs_are_clear_errors():
         fused.fused_distill_loss(hs, ws, teacher_hidden=ht, teacher_head=wt[:, :20])
     with pytest.raises(ValueError, match="exactly one teacher"):
         fused.fused_distill_loss(hs, ws, **kw, sparse_teacher=topk.sparse_teacher(ht @ wt, 2))
+    with pytest.raises(ValueError, match=r"\['forward_kl'\] need a teacher"):
+        fused.fused_distill_loss(hs, ws)
     with pytest.raises(ValueError, match="needs targets"):
         fused.fused_distill_loss(hs, ws, **kw, terms={"ce": {}})
     with pytest.raises(ValueError, match="unknown divergence 'fkl'"):

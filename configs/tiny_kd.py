@@ -1,0 +1,52 @@
+r"""Tiny random teacher -> tinier random student on KJV bytes: the trainer's test config.
+
+    python -m distill_jax.main --config configs/tiny_kd.py:steps=8 --workdir /tmp/tiny
+
+Seconds on a CPU. Presets: steps, teacher (online | ema | none), micro_batches.
+"""
+
+import ml_collections as mlc
+
+from distill_jax import config_lib
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, steps=8, teacher="online", micro_batches=1)
+    c = mlc.ConfigDict()
+    c.seed = 0
+    arch = dict(
+        family="llama",
+        vocab_size=264,  # the byte tokenizer has 259 ids: 5 padded rows exercise the vocab mask
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2), decay=0.9)
+    c.student = dict(init="random", config=dict(arch, num_layers=1))
+    c.data = dict(
+        source="kjv",
+        tokenizer="byte",
+        seq_len=64,
+        global_batch_size=8,
+        held_out_fraction=0.02,
+        num_shards=2,
+        seed=0,
+    )
+    kd = dict(forward_kl=dict(temperature=2.0, weight=0.5), ce=dict(weight=0.5))
+    c.losses = dict(ce=dict()) if arg.teacher == "none" else kd
+    c.loss_options = dict(chunk_size=32)
+    c.optimizer = dict(learning_rate=3e-3, warmup_steps=2, weight_decay=0.01, grad_clip_norm=1.0)
+    c.train = dict(
+        steps=arg.steps,
+        micro_batches=arg.micro_batches,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        keep_checkpoints=3,
+        export=False,
+    )
+    c.eval = dict(num_batches=2, every_steps=4, at_start=False)
+    c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
+    return c

@@ -1,0 +1,53 @@
+r"""Command line: ``python -m distill_jax.main --config=configs/<name>.py --workdir=<dir>``.
+
+    python -m distill_jax.main --config configs/smollm2_layerdrop_kd.py --workdir /tmp/kd \
+        --config.train.steps=50
+
+``--config.a.b=c`` overrides any field (the config is locked: a misspelt key is an error);
+``file.py:key=value`` picks a preset of the file's ``get_config(arg)``. Multi-host: pass
+``--coordinator_address=host:port --num_processes=N --process_id=i`` (or nothing on a Cloud TPU
+pod, where ``jax.distributed.initialize()`` finds its peers itself with ``--distributed``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() (pods).")
+
+
+def main(argv):
+    del argv
+    import jax
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+        if _COORDINATOR.value:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    from distill_jax.train import loop
+
+    result = loop.train(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print(json.dumps({"eval": result}))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

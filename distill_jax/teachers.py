@@ -1,0 +1,218 @@
+r"""Teachers: what the student learns from, each turned into loss inputs inside the train step.
+
+Every teacher answers ``loss_inputs(teacher_params, batch, state) -> dict`` of
+``losses.compose.LossInputs`` fields, computed under ``stop_gradient`` inside the jitted step
+(METHODS.md section 3):
+
+* ``OnlineTeacher``: a frozen model run on the batch; its final hidden states and head go to the
+  fused loss, so its [B, T, V] logits never exist either. Its parameters are a separate argument
+  of the step with their own shardings and dtype (e.g. bfloat16), never donated, never
+  checkpointed with the student.
+* ``CachedTeacher``: top-k from an offline ``data.teacher_cache``; ``host_batch`` adds the cached
+  arrays of batch i to the batch on the host, checking that the cache was written for it.
+* ``EnsembleTeacher``: several frozen models of one vocabulary, probability averaging
+  p = sum_j w_j p_j (e.g. multi-teacher KD).
+* ``CompositeTeacher``: logits z_a + alpha (z_b - z_c) (e.g. a fine-tuned teacher a, the base b it
+  came from and a reference c: a task-vector teacher) [design].
+* ``EMATeacher``: an exponential moving average of the student itself (mean teacher, Tarvainen &
+  Valpola, 2017), theta_T <- d theta_T + (1 - d) theta_S after every optimizer step; its
+  parameters live in ``TrainState.ema`` and are checkpointed, because resume needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distill_jax import sharding
+from distill_jax.losses import topk
+
+
+def _forward(graphdef, params, batch, hidden_states: bool):
+    """(final hidden [B, T, D], head [D, V], per-layer hidden states or None), constants."""
+    model = nnx.merge(graphdef, nnx.State(params))
+    out = model.forward(
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        compute_logits=False,
+        output_hidden_states=hidden_states,
+    )
+    hs = out.hidden_states if hidden_states else None
+    return jax.lax.stop_gradient((out.hidden, model.head_weights(), hs))
+
+
+def split_model(model) -> tuple[Any, dict]:
+    """(graphdef, pure-dict parameters) of an nnx model."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
+class OnlineTeacher:
+    """A frozen model run inside the step.
+
+    Args:
+        model: the teacher (``models.Transformer``), already in its compute dtype.
+        hidden_states: also return per-layer hidden states (feature losses).
+    """
+
+    kind = "online"
+
+    def __init__(self, model, *, hidden_states: bool = False):
+        self.config = model.config
+        self.vocab_size = model.config.vocab_size
+        self.graphdef, self._params = split_model(model)
+        self.param_axes = sharding.param_logical_axes(model)
+        self.hidden_states = hidden_states
+
+    def params(self):
+        return self._params
+
+    def shardings(self, mesh, rules):
+        return sharding.tree_shardings(self._params, mesh, rules, self.param_axes)
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        return batch
+
+    def loss_inputs(self, params, batch, state=None) -> dict:
+        hidden, head, hs = _forward(self.graphdef, params, batch, self.hidden_states)
+        return dict(
+            teacher_hidden=hidden,
+            teacher_head=head,
+            teacher_hidden_states=hs,
+            teacher_softcap=self.config.final_logit_softcapping,
+        )
+
+
+class _MultiTeacher:
+    """Several frozen models whose logits are combined per chunk by the fused loss."""
+
+    def __init__(self, models: Sequence, combine: tuple[str, tuple[float, ...]]):
+        vocab = {m.config.vocab_size for m in models}
+        if len(vocab) != 1:
+            raise ValueError(
+                f"{self.kind} teacher: the models' vocabularies differ ({sorted(vocab)}); "
+                "combining them needs one vocabulary (cross-vocabulary ensembles: bridges)."
+            )
+        self.vocab_size = vocab.pop()
+        parts = [split_model(m) for m in models]
+        self.graphdefs = tuple(g for g, _ in parts)
+        self._params = tuple(p for _, p in parts)
+        self.param_axes = tuple(sharding.param_logical_axes(m) for m in models)
+        self.softcaps = tuple(m.config.final_logit_softcapping for m in models)
+        self.combine = combine
+
+    def params(self):
+        return self._params
+
+    def shardings(self, mesh, rules):
+        return tuple(
+            sharding.tree_shardings(p, mesh, rules, a)
+            for p, a in zip(self._params, self.param_axes)
+        )
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        return batch
+
+    def loss_inputs(self, params, batch, state=None) -> dict:
+        outs = [_forward(g, p, batch, False) for g, p in zip(self.graphdefs, params)]
+        return dict(
+            teacher_hidden=tuple(h for h, _, _ in outs),
+            teacher_head=tuple(w for _, w, _ in outs),
+            teacher_softcap=self.softcaps,
+            teacher_combine=self.combine,
+        )
+
+
+class EnsembleTeacher(_MultiTeacher):
+    """p = sum_j w_j softmax(z_j) over models of one vocabulary (weights normalised to 1)."""
+
+    kind = "ensemble"
+
+    def __init__(self, models: Sequence, weights: Sequence[float] | None = None):
+        w = np.ones(len(models)) if weights is None else np.asarray(weights, np.float64)
+        if len(w) != len(models) or np.any(w <= 0):
+            raise ValueError(f"ensemble: need one positive weight per model, got {weights}.")
+        super().__init__(models, ("probs", tuple(float(x) for x in w / w.sum())))
+
+
+class CompositeTeacher(_MultiTeacher):
+    """z = z_a + alpha (z_b - z_c) over three models of one vocabulary."""
+
+    kind = "composite"
+
+    def __init__(self, model_a, model_b, model_c, *, alpha: float = 1.0):
+        super().__init__((model_a, model_b, model_c), ("logits", (1.0, alpha, -alpha)))
+
+
+class EMATeacher:
+    """The student's exponential moving average; its parameters are ``TrainState.ema``."""
+
+    kind = "ema"
+
+    def __init__(self, student, *, decay: float = 0.999):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA teacher: decay={decay} must be in [0, 1).")
+        self.config = student.config
+        self.vocab_size = student.config.vocab_size
+        self.graphdef, _ = split_model(student)
+        self.decay = decay
+
+    def params(self):
+        return None  # read from the train state
+
+    def shardings(self, mesh, rules):
+        return None
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        return batch
+
+    def loss_inputs(self, params, batch, state) -> dict:
+        hidden, head, _ = _forward(self.graphdef, state.ema, batch, False)
+        return dict(
+            teacher_hidden=hidden,
+            teacher_head=head,
+            teacher_softcap=self.config.final_logit_softcapping,
+        )
+
+    def update(self, ema, student_params):
+        """theta_T <- d theta_T + (1 - d) theta_S."""
+        d = self.decay
+        return jax.tree.map(lambda t, s: (d * t + (1 - d) * s).astype(t.dtype), ema, student_params)
+
+
+class CachedTeacher:
+    """Top-k from a ``data.teacher_cache.TeacherCache``; batch i gets cache entry i.
+
+    Args:
+        cache: the opened cache (``check`` it against the run's settings first).
+    """
+
+    kind = "cached"
+    FIELDS = ("ids", "logprobs", "log_normalizer", "log_tail")
+
+    def __init__(self, cache, *, vocab_size: int):
+        self.cache = cache
+        self.vocab_size = vocab_size
+        self.temperature = float(cache.settings["temperature"])
+
+    def params(self):
+        return None
+
+    def shardings(self, mesh, rules):
+        return None
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        sparse = self.cache.get(index, batch)
+        return {**batch, **{f"teacher/{k}": np.asarray(getattr(sparse, k)) for k in self.FIELDS}}
+
+    def loss_inputs(self, params, batch, state=None) -> dict:
+        sparse = topk.SparseTeacher(
+            *(batch[f"teacher/{k}"] for k in self.FIELDS), jnp.asarray(self.temperature)
+        )
+        return dict(sparse_teacher=jax.lax.stop_gradient(sparse))

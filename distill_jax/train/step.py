@@ -1,0 +1,198 @@
+r"""The distillation step: teacher forward, student forward and backward, optimizer, in one jit.
+
+``make_distill_step(...)`` returns ``step(state, teacher_params, batch) -> (state, metrics)``:
+
+1. The batch [B, L] is split into ``micro_batches`` micro-batches (rows a, a + A, a + 2A, ... go
+   to micro-batch a, so every data shard holds part of every micro-batch).
+2. For each micro-batch (a ``lax.scan``): the teacher's loss inputs under ``stop_gradient``
+   (``teachers``), the student's final hidden states, the loss *sum* and token count of
+   ``losses.compose.loss_fn``, and the gradient of the sum.
+3. Gradients and sums are added over micro-batches and divided once by the global count
+   N = sum of the counts, so A micro-batches give exactly the gradient of one A-times batch
+   (normalising per micro-batch is the bug TRL #4719 describes).
+4. optax updates the trainable parameters (student + loss projectors; never the teacher), the
+   loss controllers advance (``compose.update_state``), an EMA teacher follows the student.
+
+``jit_step`` compiles it with in/out shardings on the mesh and the state donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from distill_jax import sharding
+from distill_jax.losses import compose
+from distill_jax.train.state import TrainState
+
+BATCH_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    """{k: [B, ...]} -> {k: [n, B / n, ...]} with rows a, a + n, ... in micro-batch a."""
+
+    def split(x):
+        b = x.shape[0]
+        if b % n:
+            raise ValueError(f"Batch size {b} is not divisible by micro_batches={n}.")
+        return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _needs(spec: compose.LossSpec) -> tuple[bool, bool]:
+    """(hidden states, attention q/k/v) that the spec's feature terms read."""
+    labels = set(spec.feature_terms)
+    return bool(labels & {"hidden_mse", "hidden_cosine"}), bool(
+        labels & {"attention_relation", "value_relation"}
+    )
+
+
+def make_distill_step(
+    *,
+    student_graphdef,
+    teacher,
+    spec: compose.LossSpec,
+    tx: optax.GradientTransformation,
+    micro_batches: int = 1,
+    remat: bool = False,
+    vocab_mask: jax.Array | None = None,
+) -> Callable:
+    """The pure step function (compile it with ``jit_step``).
+
+    Args:
+        student_graphdef: ``nnx.split`` graph of the student (its config fixes the family).
+        teacher: a ``teachers`` object (online, cached, ensemble, composite, EMA), or None
+            for teacher-free terms only (a CE baseline).
+        spec: the loss spec (``compose.LossSpec.from_config``).
+        tx: the optimizer over ``state.params``.
+        micro_batches: A, gradient accumulation steps inside one optimizer step.
+        remat: recompute each student block in the backward pass (activation memory ~ 1 block).
+        vocab_mask: [V] bool, False on padded vocabulary rows.
+    """
+    want_hidden, want_qkv = _needs(spec)
+
+    def micro_loss(trainable, state, teacher_params, mb):
+        student = nnx.merge(student_graphdef, nnx.State(trainable["student"]))
+        out = student.forward(
+            mb["input_ids"],
+            positions=mb["positions"],
+            segment_ids=mb["segment_ids"],
+            compute_logits=False,
+            output_hidden_states=want_hidden,
+            output_attention_qkv=want_qkv,
+            remat=remat,
+        )
+        inputs = compose.LossInputs(
+            student_hidden=out.hidden,
+            student_head=student.head_weights(),
+            targets=mb["targets"],
+            mask=mb["loss_mask"],
+            student_hidden_states=out.hidden_states,
+            student_qkv=out.attention_qkv,
+            positions=mb["positions"],
+            segment_ids=mb["segment_ids"],
+            vocab_mask=vocab_mask,
+            student_softcap=student.config.final_logit_softcapping,
+            **(teacher.loss_inputs(teacher_params, mb, state) if teacher is not None else {}),
+        )
+        total, count, metrics = compose.loss_fn(
+            spec, inputs, trainable["loss"], state.loss_state, state.step
+        )
+        coef = student.config.router_aux_loss_coef
+        if coef and student.config.num_experts:
+            # Router load balancing (a batch mean) weighted like the token-mean losses.
+            total = total + coef * out.aux_loss * count
+            metrics["loss/router_aux"] = (out.aux_loss * count, count)
+        return total, (count, metrics)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, teacher_params, batch: dict):
+        mbs = _micro_batches({k: batch[k] for k in batch}, micro_batches)
+
+        def body(carry, mb):
+            grads, total, count, sums = carry
+            (t, (c, m)), g = grad_fn(state.params, state, teacher_params, mb)
+            grads = jax.tree.map(jnp.add, grads, g)
+            sums = jax.tree.map(jnp.add, sums, m)
+            return (grads, total + t, count + c, sums), None
+
+        first = jax.tree.map(lambda x: x[0], mbs)
+        _, (_, metric_shapes) = jax.eval_shape(
+            lambda: micro_loss(state.params, state, teacher_params, first)
+        )
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+        init = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            zeros(metric_shapes),
+        )
+        (grads, total, count, sums), _ = jax.lax.scan(body, init, mbs)
+        n = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1
+        loss_state = compose.update_state(spec, state.loss_state, sums, new_step)
+        is_ema = teacher is not None and teacher.kind == "ema"
+        ema = teacher.update(state.ema, params["student"]) if is_ema else state.ema
+        metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
+        metrics.update(
+            loss=total / n,
+            tokens=count,
+            grad_norm=optax.global_norm(grads),
+        )
+        new_state = state.replace(
+            step=new_step,
+            params=params,
+            opt_state=opt_state,
+            loss_state=loss_state,
+            rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)),
+            ema=ema,
+        )
+        return new_state, metrics
+
+    return step
+
+
+def state_shardings(state: TrainState, mesh, rules, param_axes: dict):
+    """NamedShardings for every leaf of ``state``: parameter-shaped leaves (params, optimizer
+    moments, EMA) follow the parameter's logical axes; everything else is replicated.
+
+    Args:
+        param_axes: ``sharding.param_logical_axes(student)``.
+    """
+
+    def one(path, leaf):
+        key = _param_key(path)
+        axes = param_axes.get(key) if key is not None else None
+        if axes is None or len(axes) != jnp.ndim(leaf):
+            return sharding.named_sharding(mesh, (None,) * jnp.ndim(leaf), rules)
+        return sharding.named_sharding(mesh, axes, rules, jnp.shape(leaf), what=key)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _param_key(path) -> str | None:
+    """The student-parameter path inside a state path: the part after a "student" key."""
+    names = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
+    for marker in ("student", "ema"):  # params and optimizer moments; the EMA teacher
+        if marker in names:
+            return "/".join(names[names.index(marker) + 1 :])
+    return None
+
+
+def jit_step(step, *, state_sharding, teacher_sharding, batch_sharding):
+    """Compile ``step`` with shardings in and out and the state donated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, teacher_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=(0,),
+    )

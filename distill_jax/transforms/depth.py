@@ -1,0 +1,56 @@
+"""Depth pruning: keep a subset of a model's blocks (Minitron-style layer dropping).
+
+``drop_layers(model, keep)`` builds the smaller model with the kept blocks' weights copied
+unchanged (embeddings, final norm and head too), so the result is the teacher minus some blocks:
+the usual initialisation of a depth-pruned student before distillation (Muralidharan et al.,
+2024, "Compact Language Models via Pruning and Knowledge Distillation", arXiv:2407.14679).
+Per-layer fields of the config (layer_types, moe_layers) are sliced with the blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flax import nnx
+
+from distill_jax.models.transformer import Transformer
+
+
+def keep_layers_spec(spec, num_layers: int) -> tuple[int, ...]:
+    """Block indices to keep from a config value: "every_other" (0, 2, 4, ...), "first_half",
+    an int n (n evenly spaced blocks including the first and the last), or a list of indices."""
+    if spec == "every_other":
+        return tuple(range(0, num_layers, 2))
+    if spec == "first_half":
+        return tuple(range((num_layers + 1) // 2))
+    if isinstance(spec, int):
+        if not 1 <= spec <= num_layers:
+            raise ValueError(f"keep {spec} layers: must be in [1, {num_layers}].")
+        if spec == 1:
+            return (0,)
+        return tuple(sorted({round(i * (num_layers - 1) / (spec - 1)) for i in range(spec)}))
+    keep = tuple(int(i) for i in spec)
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= num_layers:
+        raise ValueError(
+            f"keep_layers={list(spec)} must be increasing distinct block indices in "
+            f"[0, {num_layers})."
+        )
+    return keep
+
+
+def drop_layers(model: Transformer, keep: Sequence[int] | str | int) -> Transformer:
+    """A new model with only the blocks ``keep`` (``keep_layers_spec``); ``model`` is unchanged."""
+    c = model.config
+    keep = keep_layers_spec(keep, c.num_layers)
+    config = c.replace(
+        num_layers=len(keep),
+        layer_types=tuple(c.layer_types[i] for i in keep) if c.layer_types else (),
+        moe_layers=tuple(c.moe_layers[i] for i in keep) if c.moe_layers else (),
+    )
+    small = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    new = dict(state, layers={j: state["layers"][i] for j, i in enumerate(keep)})
+    target = nnx.state(small, nnx.Param)
+    nnx.replace_by_pure_dict(target, new)
+    nnx.update(small, target)
+    return small
