@@ -1,0 +1,181 @@
+"""The training loop end to end on the tiny config: exact resume after SIGKILL, SIGTERM
+checkpoints, a non-finite loss stops cleanly, 2 processes equal 1, bad configs fail early,
+the exported student loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from ml_collections import config_dict
+
+import distill_jax as dj
+from distill_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
+
+
+def _tiny(**overrides):
+    spec = importlib.util.spec_from_file_location("tiny_kd", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(",".join(f"{k}={v!r}" for k, v in overrides.items()) or None)
+
+
+def _cmd(workdir, *flags, config_arg=""):
+    return [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        f"--config={CONFIG}{config_arg}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def _losses(workdir) -> dict[int, float]:
+    """step -> train loss; a resumed run logs some steps again, the last entry counts."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early with {proc.returncode}")
+        if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path):
+    steps = 12
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(_cmd(straight, config_arg=f":steps={steps}"), check=True)
+    kill_at = random.Random(os.getpid()).randint(3, steps - 3)
+    proc = subprocess.Popen(_cmd(broken, config_arg=f":steps={steps}"))
+    _wait_for_step(broken, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_cmd(broken, config_arg=f":steps={steps}"), check=True)
+    want, got = _losses(straight), _losses(broken)
+    assert sorted(want) == sorted(got) == list(range(1, steps + 1))
+    assert got == want, f"killed at step >= {kill_at}"  # bit-exact on CPU
+
+
+def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path, config_arg=":steps=500"))
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    last_logged = max(_losses(tmp_path))
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+    assert manager.latest_step() == last_logged < 500
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    c = _tiny(steps=30)
+    c.optimizer.learning_rate = 1e30  # diverges within a few steps
+    c.optimizer.grad_clip_norm = None
+    c.train.checkpoint_every_steps = 1
+    c.eval.every_steps = None
+    with pytest.raises(
+        loop.NonFiniteLossError, match=r"at step (\d+).*checkpoint is step (\d+)"
+    ) as e:
+        loop.train(c, str(tmp_path))
+    bad, good = (int(x) for x in re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
+    assert good == bad - 1
+    assert ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() == good
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    single = tmp_path / "single"
+    subprocess.run(_cmd(single, config_arg=":steps=4"), check=True, env=env)
+    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    multi, port = tmp_path / "multi", _port()
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                multi,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                config_arg=":steps=4",
+            ),
+            env=env2,
+        )
+        for i in range(2)
+    ]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    want, got = _losses(single), _losses(multi)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda c: c.data.update(global_batch_size=6), ValueError, "does not divide it"),
+        (lambda c: c.teacher.config.update(vocab_size=300), ValueError, "vocabulary .300. differs"),
+        (
+            lambda c: c.teacher.update(init="/no/such/teacher.gguf"),
+            FileNotFoundError,
+            "does not exist",
+        ),
+        (lambda c: c.losses.update(fkl={}), ValueError, "unknown kind 'fkl'"),
+        (lambda c: c.teacher.update(kind="oracle"), ValueError, "teacher.kind='oracle'"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(tmp_path, change, error, match):
+    c = _tiny()
+    with c.unlocked():
+        change(c)
+    t0 = time.time()
+    with pytest.raises(error, match=match):
+        loop.train(c, str(tmp_path))
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_exported_student_loads_with_equal_logits(tmp_path):
+    c = _tiny(steps=2)
+    c.train.export = True
+    loop.train(c, str(tmp_path))
+    model = dj.models.from_pretrained(str(tmp_path / "export"))
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+    restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params = restored.state["params"]["student"]
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(params["embed"]))
+    ids = jnp.arange(10)[None] % 259
+    assert model(ids).shape == (1, 10, 264)
+    assert isinstance(c, config_dict.ConfigDict)
