@@ -20,7 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "cache"], "train, or write teacher.cache_dir (an offline teacher)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -43,9 +45,13 @@ def main(argv):
         )
     from distill_jax.train import loop
 
-    result = loop.train(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "cache":
+        cache = loop.build_cache(_CONFIG.value)
+        result = {"cache": cache.directory, "bytes_per_token": cache.bytes_per_token}
+    else:
+        result = {"eval": loop.train(_CONFIG.value, _WORKDIR.value)}
     if jax.process_index() == 0:
-        print(json.dumps({"eval": result}))
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -258,12 +258,14 @@ def build_teacher_cache(
     data_settings: dict | None = None,
     batches_per_shard: int = 64,
     chunk_size: int = 128,
+    vocab_mask=None,
 ) -> TeacherCache:
     """Run ``model`` (the teacher) over ``num_batches`` packed batches and cache its top-k.
 
     The forward uses each batch's positions and segment ids, so packed documents stay apart;
     the top-k is taken chunk by chunk from the final hidden states
-    (``topk.sparse_teacher_from_hidden``), so no [B, L, V] array is formed.
+    (``topk.sparse_teacher_from_hidden``), so no [B, L, V] array is formed. ``vocab_mask`` [V]
+    keeps padded vocabulary rows (ids the tokenizer never produces) out of the top-k.
 
     Returns:
         The written cache, opened for reading.
@@ -294,6 +296,7 @@ def build_teacher_cache(
             k,
             temperature=temperature,
             softcap=c.final_logit_softcapping,
+            vocab_mask=vocab_mask,
             chunk_size=chunk_size,
         )
 

@@ -88,8 +88,8 @@ def build_model(c: Any, what: str, seed: int) -> Transformer:
     return model
 
 
-def build_teacher(c: Any, student: Transformer, seed: int, data_settings: dict):
-    """The teacher object for ``config.teacher.kind``."""
+def build_teacher(c: Any, student: Transformer, seed: int, data_settings: dict, tokenizer):
+    """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms)."""
     kind = c.get("kind", "online")
     if kind not in TEACHER_KINDS:
         raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
@@ -108,7 +108,7 @@ def build_teacher(c: Any, student: Transformer, seed: int, data_settings: dict):
         return teachers.CompositeTeacher(*models, alpha=c.get("alpha", 1.0))
     if kind == "cached":
         cache = teacher_cache.TeacherCache(c.cache_dir)
-        cache.check(data=data_settings)
+        cache.check(data=data_settings, tokenizer=tokenizer.fingerprint)
         return teachers.CachedTeacher(cache, vocab_size=cache.settings["vocab_size"])
     return None
 
@@ -145,6 +145,41 @@ def make_batches(c: Any, documents, tokenizer, *, num_epochs=None, num_batches=N
         num_batches=num_batches,
         long_documents=c.get("long_documents", "split"),
         name=c.source,
+    )
+
+
+def _data(c):
+    """(train/validation split, tokenizer, the training iterator) of a config."""
+    documents = load_documents(c.data)
+    split = sources.split_corpus(
+        documents, fraction=c.data.get("held_out_fraction", 0.02), seed=c.data.get("split_seed", 0)
+    )
+    spec = c.data.get("tokenizer", "student")
+    if spec in ("student", "teacher"):
+        spec = resolve_path(c[spec].init, f"{spec} tokenizer")
+    tokenizer = load_tokenizer(spec)
+    batches = make_batches(c.data, split["train"], tokenizer, seed=c.data.get("seed", 0))
+    return split, tokenizer, batches
+
+
+def build_cache(config) -> teacher_cache.TeacherCache:
+    """Write ``config.teacher``'s top-k for the first ``train.steps`` training batches to
+    ``teacher.cache_dir`` (``--mode=cache``); a run with ``teacher.kind='cached'`` reads it."""
+    c, t = config, config.teacher
+    _, tokenizer, batches = _data(c)
+    model = build_model(t, "teacher", int(c.get("seed", 0)) + 1)
+    v = model.config.vocab_size
+    return teacher_cache.build_teacher_cache(
+        t.cache_dir,
+        model,
+        batches,
+        num_batches=c.train.steps,
+        k=t.get("k", 64),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        temperature=t.get("cache_temperature", 1.0),
+        dtype=t.get("cache_dtype", "bfloat16"),
+        data_settings=batches.streams[0].config,
+        vocab_mask=jnp.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None,
     )
 
 
@@ -232,19 +267,10 @@ def train(config, workdir: str) -> dict:
     spec = compose.LossSpec.from_config(c.losses, options)
 
     # --- models and data
-    documents = load_documents(c.data)
-    split = sources.split_corpus(
-        documents, fraction=c.data.get("held_out_fraction", 0.02), seed=c.data.get("split_seed", 0)
-    )
+    split, tokenizer, train_batches = _data(c)
     student = build_model(c.student, "student", seed)
-    tokenizer = load_tokenizer(
-        resolve_path(c.student.init, "tokenizer")
-        if c.data.get("tokenizer", "student") == "student"
-        else c.data.tokenizer
-    )
-    train_batches = make_batches(c.data, split["train"], tokenizer, seed=c.data.get("seed", 0))
     data_settings = train_batches.streams[0].config
-    teacher = build_teacher(c.teacher, student, seed, data_settings)
+    teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer)
     vocab_mask = _check_vocab(student, teacher, tokenizer)
 
     # --- state
@@ -441,8 +467,6 @@ def make_eval_fn(graphdef, teacher, vocab_mask):
             total, count, metrics = fused.fused_distill_loss(
                 out.hidden,
                 student.head_weights(),
-                teacher_hidden=out.hidden,
-                teacher_head=student.head_weights(),
                 terms={"ce": {}},
                 **common,
             )

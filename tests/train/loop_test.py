@@ -179,3 +179,20 @@ def test_exported_student_loads_with_equal_logits(tmp_path):
     ids = jnp.arange(10)[None] % 259
     assert model(ids).shape == (1, 10, 264)
     assert isinstance(c, config_dict.ConfigDict)
+
+
+def test_cached_teacher_run_reads_the_cache_it_was_built_for(tmp_path):
+    c = _tiny(steps=3)
+    with c.unlocked():
+        c.teacher.update(cache_dir=str(tmp_path / "cache"), k=16, cache_dtype="float32")
+    cache = loop.build_cache(c)
+    assert cache.num_batches == 3 and cache.settings["k"] == 16
+    c.teacher.kind = "cached"
+    result = loop.train(c, str(tmp_path / "run"))
+    assert np.isfinite(result["nll"])
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+    # A run whose data differ from the cache's is refused, naming the setting.
+    c.data.seq_len = 32
+    with pytest.raises(ValueError, match="data: cache has"):
+        loop.train(c, str(tmp_path / "other"))
