@@ -485,22 +485,35 @@ def make_eval_fn(graphdef, teacher, vocab_mask):
             **kw,
             **common,
         )
-        return {
+        sums = {
             "nll": metrics["loss/ce"][0],
             "kl": metrics["loss/kl"][0],
             "agreement": metrics["agreement"][0],
             "tokens": count,
         }
+        if not isinstance(kw["teacher_hidden"], tuple):  # one teacher: its own perplexity
+            _, _, t_metrics = fused.fused_distill_loss(
+                kw["teacher_hidden"],
+                kw["teacher_head"],
+                terms={"ce": {}},
+                student_softcap=kw.get("teacher_softcap"),
+                **common,
+            )
+            sums["teacher_nll"] = t_metrics["loss/ce"][0]
+        return sums
 
     return eval_step
 
 
 def summarize_eval(totals: dict) -> dict:
-    """Sums -> means: perplexity exp(NLL), KL, top-1 agreement per held-out token."""
+    """Sums -> means: perplexity exp(NLL), KL, top-1 agreement per held-out token, and the
+    teacher's own perplexity where there is one teacher."""
     n = max(float(totals["tokens"]), 1.0)
     out = {"nll": float(totals["nll"]) / n, "tokens": n}
     out["perplexity"] = float(np.exp(out["nll"]))
-    for k in ("kl", "agreement"):
+    for k in ("kl", "agreement", "teacher_nll"):
         if k in totals:
             out[k] = float(totals[k]) / n
+    if "teacher_nll" in out:
+        out["teacher_perplexity"] = float(np.exp(out["teacher_nll"]))
     return out
