@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/fused_loss.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

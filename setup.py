@@ -23,7 +23,13 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # Reference implementation for parity tests and export checks (CPU build of torch).
-    "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
+    "hf": [
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "accelerate==1.15.0",
+        "trl==1.16.0",  # benchmarks/step.py: TRL's GKD trainer side by side
+        "datasets==5.2.0",
+    ],
     # seqio Tasks / tfds builders over local files (TensorFlow, about 3 GB), GSM-style problems.
     "data": [
         "seqio==0.0.20",
