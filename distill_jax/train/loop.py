@@ -424,10 +424,11 @@ def train(config, workdir: str) -> dict:
             if c.eval.get("every_steps") and step % c.eval.every_steps == 0:
                 result = evaluate(state)
                 logger.log(step, result, "eval")
-            if step % c.train.get("checkpoint_every_steps", 100) == 0 or step == c.train.steps:
+            periodic = step % c.train.get("checkpoint_every_steps", 100) == 0
+            # One save per step: a SIGTERM that lands on a periodic step must not save it twice.
+            if periodic or step == c.train.steps or stop["sigterm"]:
                 save(step)
             if stop["sigterm"]:
-                save(step)
                 manager.wait_until_finished()
                 logger.log(step, {"sigterm": 1.0}, "event")
                 return {"stopped_at": step, **result}

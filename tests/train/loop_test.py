@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     path = os.path.join(workdir, "metrics.jsonl")
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"run ended early with {proc.returncode}")
         if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
             return
@@ -92,6 +93,22 @@ def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
     last_logged = max(_losses(tmp_path))
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     assert manager.latest_step() == last_logged < 500
+
+
+def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path):
+    # Every step is a checkpoint step, so the SIGTERM always lands on one (it once saved twice).
+    c = _tiny(steps=500)
+    c.train.checkpoint_every_steps = 1
+    c.eval.every_steps = None
+
+    def terminate():
+        _wait_for_step(tmp_path, 2, proc=None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate, daemon=True).start()
+    result = loop.train(c, str(tmp_path))
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+    assert manager.latest_step() == result["stopped_at"] == max(_losses(tmp_path)) < 500
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
