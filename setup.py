@@ -39,7 +39,13 @@ EXTRAS = {
         "reasoning-gym==0.1.25",
     ],
     # tiktoken is the reference for tiktoken rank files in the tokenizer tests.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "tiktoken==0.14.0"],
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+        "ruff==0.17.6",
+        "tiktoken==0.14.0",
+        "hypothesis==6.170.17",  # generated texts for the bridge alignment tests
+    ],
 }
 
 setup(

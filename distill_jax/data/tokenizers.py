@@ -143,13 +143,24 @@ class Tokenizer:
         """The UTF-8 bytes ``token_id`` contributes to the text (``b""`` for special tokens)."""
         return self._token_bytes[token_id]
 
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of ``token_id`` as the pipeline spells it ("<bos>", "Ġthe")."""
+        return self._backend.id_to_token(token_id)
+
+    def normalizer_name(self) -> str:
+        """The pipeline's text normaliser, for messages ("none" when there is none)."""
+        return repr(self._backend.normalizer) if self._backend.normalizer else "none"
+
+    def text_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """The bytes each of ``ids`` contributes to the decoded text: ``token_bytes``, less the
+        dummy-prefix spaces that ``encode`` added (see the class docstring)."""
+        if self.prefix_space:
+            return list(self._without_dummy_prefix(ids))
+        return [self._token_bytes[i] for i in ids]
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``: their bytes joined and read as UTF-8 (see the class docstring)."""
-        if self.prefix_space:
-            data = b"".join(self._without_dummy_prefix(ids))
-        else:
-            data = b"".join(map(self._token_bytes.__getitem__, ids))
-        return data.decode("utf-8", errors="replace")
+        return b"".join(self.text_bytes(ids)).decode("utf-8", errors="replace")
 
     def _without_dummy_prefix(self, ids: Iterable[int]) -> Iterable[bytes]:
         """Token bytes, less the leading space of each stretch that ``encode`` prefixed."""

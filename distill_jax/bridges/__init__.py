@@ -1,0 +1,20 @@
+"""Cross-tokenizer distillation: byte views, common-boundary chunks, ALM (METHODS.md 6)."""
+
+from distill_jax.bridges.align import ChunkCollator, align_chunks, chunk_ids, word_chunks
+from distill_jax.bridges.alm import (
+    alm_loss,
+    binary_distance,
+    boundary_vocab_mask,
+    chunk_logprobs,
+    chunk_mask,
+    merge_chunks_by_boundary_prob,
+    token_and_boundary_logprobs,
+)
+from distill_jax.bridges.byteify import (
+    SPECIAL_ROLES,
+    ByteView,
+    byteify_pair,
+    check_byte_exact,
+    placeholder,
+    special_roles,
+)

@@ -1,0 +1,220 @@
+r"""Host-side alignment of two tokenizations of one text: common-boundary chunks (NumPy).
+
+A chunk is a minimal span of text whose start and end are token boundaries on both sides
+(METHODS.md 6.2). With end offsets e_a(i) = sum_{k<=i} |a_k| and e_b(j) likewise, the chunk ends
+are the common offsets {e_a} ∩ {e_b}; token i belongs to the first chunk whose end is >= e_a(i),
+so a token with no bytes joins the chunk it touches (the one before it, or the first). This is
+the two-pointer walk of tokenkit's ``get_alignment_indices`` and TRL GOLD's
+``_align_by_byte_offsets``, computed with sorted offsets instead of a Python loop, O(n + m).
+
+Per token the collator emits an int32 chunk id (-1: in no chunk) for each side. Device losses
+sum per chunk with ``jax.ops.segment_sum``; no dense token x chunk matrix (tokenkit's [B, S, C]
+booleans) is ever built.
+
+Coarsenings: ``word_chunks`` merges minimal chunks into whole words (a chunk starting with
+whitespace or a special placeholder starts a word); ``alm.merge_chunks_by_boundary_prob``
+merges on device by the teacher's probability of a word boundary (METHODS.md 6.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from distill_jax.bridges import byteify
+
+_WORD_START = frozenset(b" \t\n\r\xff")
+
+
+def _ends(token_bytes: Sequence[bytes]) -> np.ndarray:
+    return np.cumsum([len(b) for b in token_bytes], dtype=np.int64)
+
+
+def _check_same_text(teacher_token_bytes, student_token_bytes) -> None:
+    a, b = b"".join(teacher_token_bytes), b"".join(student_token_bytes)
+    if a != b:
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise ValueError(
+            f"The two tokenizations spell different texts: they differ from byte {k} "
+            f"(teacher {a[k : k + 16]!r} vs student {b[k : k + 16]!r}; lengths {len(a)} and "
+            f"{len(b)}). Tokenize the same text on both sides with byte-exact tokenizers "
+            "(bridges.byteify.check_byte_exact)."
+        )
+
+
+def chunk_ends(teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]):
+    """The common boundary offsets > 0, ascending: the end offset of every minimal chunk."""
+    ea, eb = _ends(teacher_token_bytes), _ends(student_token_bytes)
+    common = np.intersect1d(ea, eb)
+    return common[common > 0]
+
+
+def token_chunks(token_bytes: Sequence[bytes], ends: np.ndarray) -> np.ndarray:
+    """[n] int32: the chunk of each token, the first chunk whose end is >= the token's end."""
+    return np.searchsorted(ends, _ends(token_bytes), side="left").astype(np.int32)
+
+
+def _spans(chunk_of_token: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    c = np.arange(num_chunks)
+    return (
+        np.searchsorted(chunk_of_token, c, side="left"),
+        np.searchsorted(chunk_of_token, c, side="right"),
+    )
+
+
+def align_chunks(
+    teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]
+) -> np.ndarray:
+    """Minimal common-boundary chunks of two tokenizations of the same bytes.
+
+    Args:
+        teacher_token_bytes: [U] bytes per teacher token (``b""`` for tokens with none).
+        student_token_bytes: [T] bytes per student token; joined, the same bytes as the teacher's.
+
+    Returns:
+        [C, 4] int32 rows (t_start, t_end, s_start, s_end): half-open token spans of each chunk.
+        The spans partition both sequences, in order, and the bytes of the two spans of a row are
+        equal. Empty input gives [0, 4].
+
+    Raises:
+        ValueError: the joined bytes differ (names the first differing offset).
+    """
+    _check_same_text(teacher_token_bytes, student_token_bytes)
+    ends = chunk_ends(teacher_token_bytes, student_token_bytes)
+    if len(ends) == 0:
+        return np.zeros((0, 4), np.int32)
+    t_start, t_end = _spans(token_chunks(teacher_token_bytes, ends), len(ends))
+    s_start, s_end = _spans(token_chunks(student_token_bytes, ends), len(ends))
+    return np.stack([t_start, t_end, s_start, s_end], axis=1).astype(np.int32)
+
+
+def word_chunks(chunks: np.ndarray, teacher_token_bytes: Sequence[bytes]) -> np.ndarray:
+    """Merge minimal chunks into words: a chunk whose first byte is whitespace or a special
+    placeholder starts a new one (the ``space`` coarsening of tokenkit's collator).
+
+    Both sides' spans of a chunk hold the same bytes, so the teacher's bytes decide for both.
+
+    Args:
+        chunks: [C, 4] from ``align_chunks``.
+        teacher_token_bytes: the teacher bytes ``chunks`` was computed from.
+
+    Returns:
+        [C', 4] int32, C' <= C, each row the union of consecutive rows of ``chunks``.
+    """
+    if len(chunks) == 0:
+        return chunks
+    first_byte = [b"".join(teacher_token_bytes[a:b])[:1] for a, b in chunks[:, :2]]
+    starts = np.array([k == 0 or (fb and fb[0] in _WORD_START) for k, fb in enumerate(first_byte)])
+    first = np.flatnonzero(starts)
+    last = np.r_[first[1:] - 1, len(chunks) - 1]
+    return np.stack(
+        [chunks[first, 0], chunks[last, 1], chunks[first, 2], chunks[last, 3]], axis=1
+    ).astype(np.int32)
+
+
+def chunk_ids(chunks: np.ndarray, length: int, side: int) -> np.ndarray:
+    """[length] int32 chunk id of every token of one side (0 teacher, 1 student), -1 outside."""
+    out = np.full(length, -1, np.int32)
+    for c, (a, b) in enumerate(chunks[:, 2 * side : 2 * side + 2]):
+        out[a:b] = c
+    return out
+
+
+class ChunkCollator:
+    """Texts -> token ids of both tokenizers and per-token chunk ids, fixed shapes.
+
+    Each text is tokenized by both sides (``add_bos`` per side), byteified
+    (``byteify.byteify_pair``), aligned, optionally coarsened to words, and cut to the sequence
+    lengths: a chunk is kept only when its spans fit on both sides. Tokens outside kept chunks,
+    and special tokens without a counterpart, get chunk id -1. Rows are padded with
+    ``pad_id`` (segment id 0).
+
+    Args:
+        teacher, student: the two tokenizers (checked byte-exact here, once).
+        teacher_len, student_len: U and T, the padded lengths of the two sides.
+        coarsen: "none" (minimal chunks) or "words".
+        teacher_bos, student_bos: whether each side starts with its BOS token.
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        *,
+        teacher_len: int,
+        student_len: int,
+        coarsen: str = "none",
+        teacher_bos: bool = False,
+        student_bos: bool = False,
+    ):
+        if coarsen not in ("none", "words"):
+            raise ValueError(f"coarsen={coarsen!r}; use 'none' (minimal chunks) or 'words'.")
+        self.teacher = byteify.ByteView.of(teacher)
+        self.student = byteify.ByteView.of(student)
+        self.teacher_len, self.student_len = teacher_len, student_len
+        self.coarsen = coarsen
+        self.teacher_bos, self.student_bos = teacher_bos, student_bos
+
+    def align(self, text: str) -> tuple[list[int], list[int], np.ndarray, list[bool], list[bool]]:
+        """(teacher ids, student ids, chunks [C, 4], teacher valid, student valid), untruncated."""
+        t_ids = self.teacher.tokenizer.encode(text, add_bos=self.teacher_bos)
+        s_ids = self.student.tokenizer.encode(text, add_bos=self.student_bos)
+        t_bytes, t_valid, s_bytes, s_valid = byteify.byteify_pair(
+            self.teacher, t_ids, self.student, s_ids
+        )
+        for view, ids in ((self.teacher, t_ids), (self.student, s_ids)):
+            byteify.check_spelt(view.tokenizer, ids, text)
+        chunks = align_chunks(t_bytes, s_bytes)
+        if self.coarsen == "words":
+            chunks = word_chunks(chunks, t_bytes)
+        return t_ids, s_ids, chunks, t_valid, s_valid
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """A batch: ``teacher_ids`` [B, U], ``student_ids`` [B, T], ``teacher_chunk`` [B, U],
+        ``student_chunk`` [B, T] (int32, -1 outside chunks), ``teacher_segment``/
+        ``student_segment`` (1 on tokens, 0 on padding), ``num_chunks`` [B] and
+        ``dropped_bytes`` [B] (text bytes past the last chunk that fits).
+
+        Raises:
+            ValueError: a text has no common boundary within the lengths (no chunk would fit).
+        """
+        b, u, t = len(texts), self.teacher_len, self.student_len
+        out = {
+            "teacher_ids": np.full((b, u), _pad(self.teacher.tokenizer), np.int32),
+            "student_ids": np.full((b, t), _pad(self.student.tokenizer), np.int32),
+            "teacher_chunk": np.full((b, u), -1, np.int32),
+            "student_chunk": np.full((b, t), -1, np.int32),
+            "teacher_segment": np.zeros((b, u), np.int32),
+            "student_segment": np.zeros((b, t), np.int32),
+            "num_chunks": np.zeros(b, np.int32),
+            "dropped_bytes": np.zeros(b, np.int32),
+        }
+        for row, text in enumerate(texts):
+            t_ids, s_ids, chunks, t_valid, s_valid = self.align(text)
+            keep = chunks[(chunks[:, 1] <= u) & (chunks[:, 3] <= t)]
+            if len(keep) == 0:
+                raise ValueError(
+                    f"Text {row} ({text[:40]!r}...) has no common token boundary within "
+                    f"{u} teacher / {t} student tokens; raise teacher_len/student_len or "
+                    "split the text."
+                )
+            t_n, s_n = min(len(t_ids), u), min(len(s_ids), t)
+            out["teacher_ids"][row, :t_n] = t_ids[:t_n]
+            out["student_ids"][row, :s_n] = s_ids[:s_n]
+            out["teacher_segment"][row, :t_n] = 1
+            out["student_segment"][row, :s_n] = 1
+            for side, valid, n in (("teacher", t_valid, t_n), ("student", s_valid, s_n)):
+                ids = chunk_ids(keep, n, 0 if side == "teacher" else 1)
+                ids[~np.asarray(valid[:n], bool)] = -1
+                out[f"{side}_chunk"][row, :n] = ids
+            out["num_chunks"][row] = len(keep)
+            kept_bytes = sum(
+                len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]])
+            )
+            out["dropped_bytes"][row] = len(text.encode()) - kept_bytes
+        return out
+
+
+def _pad(tok) -> int:
+    return tok.pad_id if tok.pad_id is not None else 0
