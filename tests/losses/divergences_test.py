@@ -396,6 +396,28 @@ def test_sinkhorn_matches_numpy(scope):
     np.testing.assert_allclose(np.asarray(got_perm), np.asarray(got)[:, perm], rtol=1e-4, atol=1e-7)
 
 
+def test_sinkhorn_gradient_equals_finite_differences_and_is_nonnegative():
+    s, t = _logits(20, (1, 5, 6), 1.5), _logits(21, (1, 5, 6), 1.5)
+    eps, iters = 0.5, 100
+
+    def np_total(x):  # float64 NumPy reference: the batch transport cost <P, C> times N
+        q, p = np_softmax(x).reshape(-1, 6), np_softmax(t).reshape(-1, 6)
+        cost = ((q[:, None] - p[None]) ** 2).sum(-1)
+        n = len(q)
+        plan = np_sinkhorn(cost, np.full(n, 1 / n), np.full(n, 1 / n), eps, iters)
+        return n * (plan * cost).sum()
+
+    loss = lambda x: dv.sinkhorn(x, t, epsilon=eps, num_iters=iters).sum()  # noqa: E731
+    assert np.all(np.asarray(dv.sinkhorn(s, t, epsilon=eps, num_iters=iters)) >= 0)
+    g = np.asarray(jax.jit(jax.grad(loss))(s))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = rng.standard_normal(s.shape)
+        h = 1e-5
+        fd = (np_total(s + h * v) - np_total(s - h * v)) / (2 * h)
+        np.testing.assert_allclose((g * v).sum(), fd, rtol=2e-3, atol=1e-6)
+
+
 def test_sinkhorn_vanishes_for_identical_separated_predictions():
     s = np.array([[[8.0, 0, 0], [0, 8.0, 0], [0, 0, 8.0]]], np.float32)
     loss = dv.sinkhorn(s, s, epsilon=1e-3, num_iters=200)

@@ -31,6 +31,9 @@ FAMILY_KW = {
         moe_intermediate_size=16,
         shared_expert_intermediate_size=24,
     ),
+    "qwen3": dict(),
+    "mixtral": dict(num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
 }
 
 
