@@ -3,6 +3,8 @@ student moves, one compilation, and each teacher kind against the loss computed 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +139,49 @@ def test_compiles_once():
     state, _ = fn(state, teacher.params(), _batch(seed=1))
     state, _ = fn(state, teacher.params(), _batch(seed=2))
     assert fn._cache_size() == 1
+
+
+def test_remat_equals_no_remat_and_the_state_is_donated():
+    _, teacher, spec, tx, graphdef, state = _setup()
+    batch, outs = _batch(seed=3), []
+    for remat in (False, True):
+        step = step_lib.make_distill_step(
+            student_graphdef=graphdef, teacher=teacher, spec=spec, tx=tx, remat=remat
+        )
+        fn = step_lib.jit_step(
+            step, state_sharding=None, teacher_sharding=None, batch_sharding=None
+        )
+        mine = jax.tree.map(jnp.copy, state)
+        outs.append(fn(mine, teacher.params(), batch))
+        # Donated: the input state's buffers now belong to the output.
+        assert all(x.is_deleted() for x in jax.tree.leaves(mine.params))
+    (a, ma), (b, mb) = outs
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    _close(a.params, b.params, 1e-6)
+
+
+def test_bf16_teacher_runs_in_bf16_and_stays_close_to_float32():
+    teacher32 = _model(2, 1)
+    config16 = dataclasses.replace(teacher32.config, dtype="bfloat16", param_dtype="bfloat16")
+    teacher16 = dj.models.Transformer(config16, rngs=nnx.Rngs(1))
+    nnx.update(  # the float32 teacher's weights, rounded to bf16
+        teacher16,
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(teacher32, nnx.Param)),
+    )
+    losses = []
+    for model in (teacher32, teacher16):
+        teacher = teachers.OnlineTeacher(model)
+        _, teacher, spec, tx, graphdef, state = _setup(teacher=teacher)
+        params = teacher.params()
+        want = jnp.bfloat16 if model is teacher16 else jnp.float32
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(want)}
+        fn = jax.jit(
+            step_lib.make_distill_step(student_graphdef=graphdef, teacher=teacher, spec=spec, tx=tx)
+        )
+        _, metrics = fn(state, params, _batch(seed=4))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] != losses[1]  # the bf16 teacher really computed in bf16
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
 
 
 MESHES = {
