@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fused_loss.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/step.py
+	$(PY) benchmarks/alignment.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -10,6 +10,14 @@ from distill_jax.bridges.alm import (
     merge_chunks_by_boundary_prob,
     token_and_boundary_logprobs,
 )
+from distill_jax.bridges.byte_lm import (
+    END_OF_TEXT,
+    TokenIndex,
+    byte_prefix_logprob,
+    ensemble_next_byte_logprobs,
+    jax_lm,
+    next_byte_logprobs,
+)
 from distill_jax.bridges.byteify import (
     SPECIAL_ROLES,
     ByteView,

@@ -191,6 +191,8 @@ class ChunkCollator:
             "dropped_bytes": np.zeros(b, np.int32),
         }
         for row, text in enumerate(texts):
+            if not text:  # an empty row (the end of an epoch): padding only, no chunks
+                continue
             t_ids, s_ids, chunks, t_valid, s_valid = self.align(text)
             keep = chunks[(chunks[:, 1] <= u) & (chunks[:, 3] <= t)]
             if len(keep) == 0:

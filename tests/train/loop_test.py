@@ -4,6 +4,7 @@ the exported student loads."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -29,21 +30,22 @@ from distill_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
+ALM_CONFIG = os.path.join(ROOT, "configs", "tiny_alm.py")  # cross-tokenizer (bridges)
 
 
-def _tiny(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny_kd", CONFIG)
+def _tiny(config=CONFIG, **overrides):
+    spec = importlib.util.spec_from_file_location("tiny_config", config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(",".join(f"{k}={v!r}" for k, v in overrides.items()) or None)
 
 
-def _cmd(workdir, *flags, config_arg=""):
+def _cmd(workdir, *flags, config_arg="", config=CONFIG):
     return [
         sys.executable,
         "-m",
         "distill_jax.main",
-        f"--config={CONFIG}{config_arg}",
+        f"--config={config}{config_arg}",
         f"--workdir={workdir}",
         *flags,
     ]
@@ -72,16 +74,18 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     raise AssertionError(f"step {step} not reached")
 
 
-def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path):
-    steps = 12
+@pytest.mark.parametrize("config", [CONFIG, ALM_CONFIG], ids=["kd", "cross_tokenizer_alm"])
+def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path, config):
+    steps = 12 if config == CONFIG else 8
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(_cmd(straight, config_arg=f":steps={steps}"), check=True)
+    run = functools.partial(_cmd, config_arg=f":steps={steps}", config=config)
+    subprocess.run(run(straight), check=True)
     kill_at = random.Random(os.getpid()).randint(3, steps - 3)
-    proc = subprocess.Popen(_cmd(broken, config_arg=f":steps={steps}"))
+    proc = subprocess.Popen(run(broken))
     _wait_for_step(broken, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_cmd(broken, config_arg=f":steps={steps}"), check=True)
+    subprocess.run(run(broken), check=True)
     want, got = _losses(straight), _losses(broken)
     assert sorted(want) == sorted(got) == list(range(1, steps + 1))
     assert got == want, f"killed at step >= {kill_at}"  # bit-exact on CPU
@@ -184,6 +188,22 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplo
     compiled = _compiled_functions(caplog)
     assert "step" not in compiled and "eval_step" not in compiled, compiled
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda c: c.losses.ce.update(weight=0.1), r"\['ce'\] are normalised per token"),
+        (lambda c: c.teacher.update(kind="ema"), "config.bridge works with teacher.kind='online'"),
+        (lambda c: c.bridge.update(coarsen="bytes"), "coarsen='bytes'"),
+    ],
+)
+def test_bad_bridge_configs_fail_before_compiling(tmp_path, change, match, caplog):
+    c = _tiny(ALM_CONFIG)
+    change(c)
+    with jax.log_compiles(True), pytest.raises(ValueError, match=match):
+        loop.train(c, str(tmp_path))
+    assert "step" not in _compiled_functions(caplog)
 
 
 def _compiled_functions(caplog) -> set[str]:
