@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation: byte views, common-boundary chunks, ALM (METHODS.md 6)."""
+"""Cross-tokenizer distillation: byte views, chunks, ALM, ULD, MinED, vocab maps (METHODS.md 6)."""
 
 from distill_jax.bridges.align import ChunkCollator, align_chunks, chunk_ids, word_chunks
 from distill_jax.bridges.alm import (
@@ -25,4 +25,19 @@ from distill_jax.bridges.byteify import (
     check_byte_exact,
     placeholder,
     special_roles,
+)
+from distill_jax.bridges.mined import (
+    edit_distances,
+    mined_forward_kl,
+    mined_map,
+    mined_teacher_logits,
+    nearest_by_edit_distance,
+)
+from distill_jax.bridges.uld import first_valid_positions, sorted_l1, uld_loss
+from distill_jax.bridges.vocab_map import (
+    check_same_tokenizer_padding,
+    coverage,
+    exact_match_map,
+    mapped_kl,
+    padded_vocab_mask,
 )

@@ -12,9 +12,9 @@ Host side, ``mined_map``: every student id v gets one teacher id,
 where lev is the Levenshtein distance (unit-cost insertions, deletions, substitutions) on token
 bytes (``Tokenizer.token_bytes``: "▁" and "Ġ" are both the space byte, so the two spellings of a
 space need no special case). Exact matches come first, through ``exact_match_map`` (identical
-bytes, lowest teacher id; special tokens by role). A special student token without a teacher
-counterpart of its role is matched by the edit distance of its vocabulary text ("<|im_sep|>")
-to the teacher's special texts, so specials map to specials.
+bytes, lowest teacher id; special tokens by role, then by vocabulary text). A special student
+token without a teacher counterpart is matched by the edit distance of its vocabulary text
+("<repo_name>") to the teacher's special texts, so specials map to specials.
 
 Device side: ``mined_teacher_logits`` re-indexes teacher logits into the student vocabulary
 (z'_v = z_t[map[v]]), and ``mined_forward_kl`` is ``forward_kl`` against them. A teacher id
@@ -28,19 +28,20 @@ SmolLM2 -> Gemma-3), far too slow in NumPy, so candidates are restricted:
 1. Lengths in order of |m - n| (n, m: query and candidate lengths). Since lev >= |m - n|, the
    scan stops once |m - n| exceeds the best distance found: this part is exact.
 2. Within a length, only candidates sharing the query's first two bytes or its last two bytes
-   (one byte for one-byte tokens) are scored (a prefix / suffix index per length), and of those
-   at most ``max_candidates``, the ones with the longest common prefix + suffix with the query.
-3. A query with no candidate at all under (2) is scored against every candidate.
+   are scored (a prefix / suffix index per length), and of those at most ``max_candidates``,
+   the ones with the longest common prefix + suffix with the query.
+3. A query with no candidate at all under (2) is searched again with one-byte keys, and if
+   there is still none, against every candidate.
 
-Step 2 is a heuristic: the true nearest token can share neither end with the query (" cats" vs
-"Cat", distance 3), and then a farther one is returned; and ties go to the lowest id among the
-scored candidates, not among all. On 250 random SmolLM2 tokens without an exact Gemma-3 match,
-the distance found equalled the exact minimum for 249 and the id for 242 (the others: ties).
-``max_candidates=None`` turns (2) off, which makes the search exact (and about 10x slower). The
-distances themselves are exact: a vectorised Wagner-Fischer programme over all candidates of one
-length at once. Full maps on one CPU core: Gemma-3 teacher -> SmolLM2 student (3,004 searched
-ids) about 8 s; SmolLM2 teacher -> Gemma-3 student (262k ids) about 160 s. Nothing is cached
-on disk.
+Step 2 is a heuristic: the true nearest token can share neither end with the query (like
+" cats" and "Cat", distance 3), and then a farther one is returned; and ties go to the lowest
+id among the scored candidates, not among all. On 250 random SmolLM2 tokens without an exact
+Gemma-3 match, the distance found equalled the exact minimum for 249 and the id for 242 (the
+others: ties). ``max_candidates=None`` turns (2) off, which makes the search exact (and slow).
+The distances themselves are exact: a vectorised Wagner-Fischer programme over all candidates
+of one length at once. Full maps on a 2-core CPU: Gemma-3 teacher -> SmolLM2 student (3,004
+ids searched) 4-8 s, exact 135 s; SmolLM2 teacher -> Gemma-3 student (216k ids searched) about
+160 s. Nothing is cached on disk.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _group_by_length(candidates: Sequence[bytes]) -> dict[int, _Group]:
             for k in range(1, min(_KEY_BYTES, m) + 1):
                 prefix.setdefault(data[:k], []).append(row)
                 suffix.setdefault(data[-k:], []).append(row)
-        rows = np.frombuffer(b"".join(candidates[i] for i in index), np.uint8).reshape(-1, m)
+        rows = np.frombuffer(b"".join(candidates[i] for i in index), np.uint8)
+        rows = rows.reshape(len(index), m)
         groups[m] = _Group(np.asarray(index, np.int64), rows, prefix, suffix)
     return groups
 
@@ -113,15 +115,20 @@ def edit_distances(query: bytes, rows: np.ndarray) -> np.ndarray:
     return np.asarray(d[:, m], np.int32)
 
 
-def _candidate_rows(group: _Group, query: bytes, max_candidates: int | None) -> np.ndarray:
-    """Row numbers of ``group`` to score for ``query`` (step 2 of the module docstring)."""
+def _candidate_rows(
+    group: _Group, query: bytes, key_bytes: int | None, max_candidates: int | None
+) -> np.ndarray:
+    """Row numbers of ``group`` to score for ``query`` (step 2 of the module docstring); all
+    rows when ``key_bytes`` is None."""
     m = group.rows.shape[1]
-    k = min(_KEY_BYTES, len(query), m)
-    if max_candidates is None or k == 0:
+    if key_bytes is None:
         return np.arange(len(group.index))
+    k = min(key_bytes, len(query), m)
+    if k == 0:
+        return np.zeros(0, np.int64)
     rows = group.prefix.get(query[:k], []) + group.suffix.get(query[-k:], [])
     rows = np.unique(np.asarray(rows, np.int64))
-    if len(rows) <= max_candidates:
+    if max_candidates is None or len(rows) <= max_candidates:
         return rows
     q = np.frombuffer(query, np.uint8)
     c = min(len(query), m)
@@ -132,10 +139,11 @@ def _candidate_rows(group: _Group, query: bytes, max_candidates: int | None) -> 
     return np.sort(rows[best])
 
 
-def _nearest_one(
-    query: bytes, groups: dict[int, _Group], max_candidates: int | None
+def _search(
+    query: bytes, groups: dict[int, _Group], key_bytes: int | None, max_candidates: int | None
 ) -> tuple[int, int]:
-    """(candidate position, distance) at minimum distance, ties to the lowest position."""
+    """(distance, candidate position) at minimum distance among the rows ``_candidate_rows``
+    picks, ties to the lowest position; (max int, -1) when it picks none."""
     n, best = len(query), (np.iinfo(np.int32).max, -1)
     for delta in range(max(n, max(groups)) + 1):
         if delta > best[0]:
@@ -143,15 +151,26 @@ def _nearest_one(
         for m in sorted({n - delta, n + delta}):
             if m not in groups:
                 continue
-            rows = _candidate_rows(groups[m], query, max_candidates)
+            rows = _candidate_rows(groups[m], query, key_bytes, max_candidates)
             if not len(rows):
                 continue
             dist = edit_distances(query, groups[m].rows[rows])
             at = int(np.argmin(dist))  # rows ascend, so the first minimum is the lowest id
             best = min(best, (int(dist[at]), int(groups[m].index[rows[at]])))
-    if best[1] < 0:
-        return _nearest_one(query, groups, None)
-    return best[1], best[0]
+    return best
+
+
+def _nearest_one(
+    query: bytes, groups: dict[int, _Group], max_candidates: int | None
+) -> tuple[int, int]:
+    """(candidate position, distance): two-byte keys, else one-byte keys, else every row."""
+    tiers = [] if max_candidates is None else [_KEY_BYTES, 1]
+    for key_bytes in tiers:
+        dist, pos = _search(query, groups, key_bytes, max_candidates)
+        if pos >= 0:
+            return pos, dist
+    dist, pos = _search(query, groups, None, None)
+    return pos, dist
 
 
 def nearest_by_edit_distance(
@@ -172,6 +191,8 @@ def nearest_by_edit_distance(
     """
     if not candidates:
         raise ValueError("nearest_by_edit_distance: no candidates to search.")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates={max_candidates} must be >= 1 (or None: exhaustive).")
     groups = _group_by_length(candidates)
     found = [_nearest_one(bytes(q), groups, max_candidates) for q in queries]
     pos = np.asarray([f[0] for f in found], np.int64)
@@ -184,10 +205,11 @@ def mined_map(
     r"""For each student id, the teacher id at minimum byte edit distance (FuseLLM's MinED).
 
     map[v] = ``exact_match_map(student_tok, teacher_tok)[v]`` where that is >= 0 (identical
-    bytes, lowest teacher id; specials by role); otherwise, for a non-special student token, the
-    non-special teacher token at minimum Levenshtein distance of the token bytes, ties to the
-    lowest teacher id (``nearest_by_edit_distance``); for a special student token without a
-    role counterpart, the teacher special token nearest in vocabulary text. Identical
+    bytes, lowest teacher id; specials by role, then by text); otherwise, for a non-special
+    student token, the non-special teacher token at minimum Levenshtein distance of the token
+    bytes, ties to the lowest teacher id (``nearest_by_edit_distance``; with the heuristic: the
+    nearest and lowest among the scored candidates); for a special student token without a
+    counterpart, the teacher special token nearest in vocabulary text (exhaustive). Identical
     vocabularies give the identity map (the lowest id for duplicated bytes).
 
     Args:

@@ -2,12 +2,13 @@ r"""Exact-match vocabulary maps between tokenizers, and padded vocabulary sizes 
 
 Two tokenizers often share many tokens byte for byte (" the", "\n", digits). The host side,
 ``exact_match_map``, maps every teacher id to the student id with identical token bytes (special
-tokens: the student id with the same role, ``byteify.special_roles``, or the same text), or -1. The device side,
-``mapped_kl``, is a KL divergence on the common part: teacher and student distributions are
-both coarsened onto the matched student ids plus one remainder bucket holding the unmatched mass
-of each side, and compared there (the "vocabulary intersection" side path of tokenkit and the
-matched half of trl's GOLD hybrid loss, ``uld_use_hybrid_loss``). ``coverage`` is the matched
-teacher mass, the number to log next to it: a KL on a small matched mass says little.
+tokens: the student id with the same role, ``byteify.special_roles``, or the same text), or -1.
+The device side, ``mapped_kl``, is a KL divergence on the common part: teacher and student
+distributions are both coarsened onto the matched student ids plus one remainder bucket holding
+the unmatched mass of each side, and compared there (the "vocabulary intersection" side path of
+tokenkit and the matched half of trl's GOLD hybrid loss, ``uld_use_hybrid_loss``). ``coverage``
+is the matched teacher mass, the number to log next to it: a KL on a small matched mass says
+little.
 
 One tokenizer trained at two padded sizes (Qwen2.5's 151936 vs 152064 embedding rows) is a
 different case: ids past the true vocabulary mean nothing and must be masked to -inf on both
@@ -55,7 +56,7 @@ def _special_index(tok: Tokenizer) -> dict[tuple[str, str], int]:
 
 
 def exact_match_map(teacher_tok: Tokenizer, student_tok: Tokenizer) -> np.ndarray:
-    r"""For each teacher id, the student id spelling the same bytes (or with the same role), or -1.
+    r"""For each teacher id, the student id spelling the same bytes (specials: role), or -1.
 
     map[w] = min {v : bytes_S(v) = bytes_T(w) != b""} for a non-special teacher id w. A special
     teacher id (its bytes are empty) maps to the lowest special student id of the same role
@@ -150,7 +151,9 @@ def mapped_kl(
 
     A proper KL between two distributions on the same support: >= 0, and 0 iff p' = q'. With
     the identity map (same tokenizer) it is ``forward_kl``. Everything is computed from float32
-    log-probs (``log_probs``, ``xlogy_ratio``); +inf where p'_v > 0 = q'_v.
+    log-probs (``log_probs``, ``xlogy_ratio``); +inf where p'_v > 0 = q'_v. Padded student rows
+    join the remainder bucket unless ``student_vocab_mask`` removes them. Cf. tokenkit's
+    vocabulary-intersection side loss and the matched part of trl GOLD's hybrid loss.
 
     Args:
         student_logits: [..., V] float.
@@ -165,9 +168,9 @@ def mapped_kl(
     Returns:
         [...] float32, not reduced.
     """
-    if vocab_map.shape != teacher_logits.shape[-1:]:
+    if np.shape(vocab_map) != teacher_logits.shape[-1:]:
         raise ValueError(
-            f"vocab_map has shape {vocab_map.shape} but the teacher logits have "
+            f"vocab_map has shape {np.shape(vocab_map)} but the teacher logits have "
             f"{teacher_logits.shape[-1]} columns; pad the map with -1 for padded teacher rows "
             "(and mask them with teacher_vocab_mask=padded_vocab_mask(...))."
         )

@@ -106,6 +106,7 @@ def build_teacher(
             model,
             teacher_boundary_mask=bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab),
             student_boundary_mask=bridges.boundary_vocab_mask(tokenizer, s_vocab),
+            chunk_size=c.get("logprob_chunk_size", 32),
         )
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
