@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation: byte views, chunks, ALM, ULD, MinED, vocab maps (METHODS.md 6)."""
+"""Cross-tokenizer distillation: byte views, chunks, ALM, ULD, MinED, DSKD, vocab maps (METHODS.md 6)."""
 
 from distill_jax.bridges.align import ChunkCollator, align_chunks, chunk_ids, word_chunks
 from distill_jax.bridges.alm import (
@@ -25,6 +25,14 @@ from distill_jax.bridges.byteify import (
     check_byte_exact,
     placeholder,
     special_roles,
+)
+from distill_jax.bridges.dskd import (
+    DSKDTerms,
+    cma_attention,
+    cma_terms,
+    dskd_objective,
+    init_dskd,
+    same_vocab_terms,
 )
 from distill_jax.bridges.mined import (
     edit_distances,

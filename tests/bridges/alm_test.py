@@ -4,9 +4,6 @@ under optimisation for a mismatched pair (a SentencePiece teacher, a byte-level 
 
 from __future__ import annotations
 
-import io
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +13,7 @@ from flax import nnx
 
 import distill_jax as dj
 from distill_jax.bridges import alm
-from distill_jax.data import load_tokenizer, sources
+from distill_jax.data import load_tokenizer
 
 ARCH = dict(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 TEXTS = [
@@ -204,29 +201,6 @@ def test_same_model_same_tokenizer_gives_zero_loss_and_gradient():
     # Zero up to float32 rounding: the two forwards are compiled separately (one under grad).
     assert abs(float(value)) < 1e-8
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
-
-
-@pytest.fixture(scope="module")
-def kjv_sentencepiece(tmp_path_factory):
-    import sentencepiece as spm
-
-    with open(sources.kjv_path(), encoding="utf-8") as f:
-        verses = [json.loads(line)["text"] for line in f][::10]
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(verses),
-        model_writer=proto,
-        vocab_size=800,
-        model_type="bpe",
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("spm") / "kjv.model"
-    path.write_bytes(proto.getvalue())
-    return load_tokenizer(path)
 
 
 def test_mismatched_pair_loss_is_positive_and_falls(kjv_sentencepiece):
