@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation: byte views, chunks, ALM, ULD, MinED, DSKD, vocab maps (METHODS.md 6)."""
+"""Cross-tokenizer distillation: bytes, chunks, ALM, ULD, MinED, DSKD, vocab maps (METHODS.md 6)."""
 
 from distill_jax.bridges.align import ChunkCollator, align_chunks, chunk_ids, word_chunks
 from distill_jax.bridges.alm import (
