@@ -11,14 +11,21 @@ token-byte lists into training inputs:
 * ``two-pointer + dense``: the walk of METHODS.md 6.2 in Python, one example at a time, emitting
   boolean [U, C] and [T, C] membership matrices (tokenkit's ``get_alignment_indices`` form) in
   float32, as a collator would hand them to the device;
-* ``ours``: ``bridges.align_chunks`` (sorted cumulative offsets, NumPy) + ``chunk_ids`` (an int32
-  chunk id per token; the device sums per chunk with ``segment_sum``);
+* ``ours, per example``: ``bridges.align_chunks`` (sorted cumulative offsets, NumPy) +
+  ``chunk_ids`` (an int32 chunk id per token; the device sums per chunk with ``segment_sum``);
+* ``ours, batched``: ``align.align_batch`` on batches of 32 examples, the same outputs in a fixed
+  number of NumPy calls per batch;
 * ``ours, collator``: ``ChunkCollator`` end to end (tokenize both sides, byteify, align, pad) on
   the same pieces, the cost per training batch.
 
 tokens/s counts teacher + student tokens. "output bytes" is what each form ships per example to
 the device (mean), the memory a batch of its alignment occupies. The two aligned forms are
 checked to agree chunk by chunk before anything is printed.
+
+Measured on the 2-core CPU machine (2026-12-03, while the test suite ran beside it; the ratios are
+what to quote): two-pointer + dense 1.0x, ours per example 1.5x, ours batched 5.6x the tokens/s,
+with 650 instead of 53,482 output bytes per example (1/82); the collator, which also tokenizes
+both sides, byteifies and checks spelling, runs at 0.3x of the bare two-pointer scan.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ def two_pointer_dense(a: list[bytes], b: list[bytes]) -> tuple[np.ndarray, np.nd
 
 def main():
     from distill_jax import bridges
+    from distill_jax.bridges.align import align_batch
     from distill_jax.bridges.batches import split_text
     from distill_jax.data import load_tokenizer, sources
     from distill_jax.models.convert import _assets
@@ -86,7 +94,18 @@ def main():
     for a, b in zip(t_bytes, s_bytes):
         chunks = bridges.align_chunks(a, b)
         ours.append((bridges.chunk_ids(chunks, len(a), 0), bridges.chunk_ids(chunks, len(b), 1)))
-    rows.append(("ours", time.perf_counter() - t0, ours))
+    rows.append(("ours, per example", time.perf_counter() - t0, ours))
+
+    t0 = time.perf_counter()
+    batched = []
+    for k in range(0, len(texts), 32):
+        out = align_batch(t_bytes[k : k + 32], s_bytes[k : k + 32])
+        to, so = out["teacher_offsets"], out["student_offsets"]
+        batched += [
+            (out["teacher_chunk"][to[i] : to[i + 1]], out["student_chunk"][so[i] : so[i + 1]])
+            for i in range(len(to) - 1)
+        ]
+    rows.append(("ours, batched (32 per batch)", time.perf_counter() - t0, batched))
 
     collate = bridges.ChunkCollator(teacher, student, teacher_len=512, student_len=512)
     t0 = time.perf_counter()
@@ -94,9 +113,11 @@ def main():
         collate(texts[k : k + 32])
     rows.append(("ours, collator (tokenize + align + pad)", time.perf_counter() - t0, None))
 
-    for (ta, tb), (ia, ib) in zip(dense, ours):  # the two forms agree
+    for (ta, tb), (ia, ib), (ja, jb) in zip(dense, ours, batched):  # the forms agree
         np.testing.assert_array_equal(ta.argmax(1), ia)
         np.testing.assert_array_equal(tb.argmax(1), ib)
+        np.testing.assert_array_equal(ia, ja)
+        np.testing.assert_array_equal(ib, jb)
 
     print(f"{len(texts)} pieces, {tokens:,} tokens (Gemma-3 + SmolLM2)\n")
     print("| implementation | seconds | tokens/s | vs two-pointer + dense | output bytes/example |")

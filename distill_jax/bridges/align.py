@@ -28,7 +28,7 @@ _WORD_START = frozenset(b" \t\n\r\xff")
 
 
 def _ends(token_bytes: Sequence[bytes]) -> np.ndarray:
-    return np.cumsum([len(b) for b in token_bytes], dtype=np.int64)
+    return np.cumsum(np.fromiter(map(len, token_bytes), np.int64, len(token_bytes)))
 
 
 def _check_same_text(teacher_token_bytes, student_token_bytes) -> None:
@@ -43,11 +43,20 @@ def _check_same_text(teacher_token_bytes, student_token_bytes) -> None:
         )
 
 
+def _common_ends(ea: np.ndarray, eb: np.ndarray) -> np.ndarray:
+    """Offsets > 0 in both non-decreasing arrays, ascending, once each (merge by searchsorted)."""
+    if len(ea) == 0 or len(eb) == 0:
+        return np.zeros(0, np.int64)
+    hit = eb[np.minimum(np.searchsorted(eb, ea), len(eb) - 1)] == ea
+    common = ea[hit & (ea > 0)]
+    if len(common) > 1:  # tokens without bytes repeat an offset
+        common = common[np.r_[True, common[1:] != common[:-1]]]
+    return common
+
+
 def chunk_ends(teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]):
     """The common boundary offsets > 0, ascending: the end offset of every minimal chunk."""
-    ea, eb = _ends(teacher_token_bytes), _ends(student_token_bytes)
-    common = np.intersect1d(ea, eb)
-    return common[common > 0]
+    return _common_ends(_ends(teacher_token_bytes), _ends(student_token_bytes))
 
 
 def token_chunks(token_bytes: Sequence[bytes], ends: np.ndarray) -> np.ndarray:
@@ -81,12 +90,88 @@ def align_chunks(
         ValueError: the joined bytes differ (names the first differing offset).
     """
     _check_same_text(teacher_token_bytes, student_token_bytes)
-    ends = chunk_ends(teacher_token_bytes, student_token_bytes)
+    ea, eb = _ends(teacher_token_bytes), _ends(student_token_bytes)
+    ends = _common_ends(ea, eb)
     if len(ends) == 0:
         return np.zeros((0, 4), np.int32)
-    t_start, t_end = _spans(token_chunks(teacher_token_bytes, ends), len(ends))
-    s_start, s_end = _spans(token_chunks(student_token_bytes, ends), len(ends))
-    return np.stack([t_start, t_end, s_start, s_end], axis=1).astype(np.int32)
+    # Token k of a side is in chunk searchsorted(ends, e(k)); chunk c spans the tokens whose
+    # chunk is c: [searchsorted(chunk, c, left), searchsorted(chunk, c, right)).
+    c = np.arange(len(ends))
+    out = np.empty((len(ends), 4), np.int32)
+    for col, e in ((0, ea), (2, eb)):
+        chunk = np.searchsorted(ends, e, side="left")
+        out[:, col] = np.searchsorted(chunk, c, side="left")
+        out[:, col + 1] = np.searchsorted(chunk, c, side="right")
+    return out
+
+
+def align_batch(
+    teacher_batch: Sequence[Sequence[bytes]], student_batch: Sequence[Sequence[bytes]]
+) -> dict[str, np.ndarray]:
+    """``align_chunks`` + ``chunk_ids`` for a whole batch in a fixed number of NumPy calls.
+
+    The examples are laid end to end under keys ``example * M + local offset`` (M larger than any
+    example's byte count), so one merge of the two sorted key arrays finds every example's chunk
+    ends and one ``searchsorted`` gives every token its chunk: the cost is O(total tokens) with no
+    per-example Python work beyond collecting token lengths.
+
+    Args:
+        teacher_batch: B lists of teacher token bytes; student_batch: B lists of student token
+            bytes, example i spelling the same bytes on both sides.
+
+    Returns:
+        ``chunks`` [sum C_i, 4] int32 (example-local token spans, as ``align_chunks``),
+        ``chunk_offsets`` [B + 1] (example i's chunks are rows offsets[i]:offsets[i + 1]),
+        ``teacher_chunk`` [sum U_i] and ``student_chunk`` [sum T_i] int32 (example-local chunk
+        id per token, -1 in an example without bytes), ``teacher_offsets``/``student_offsets``
+        [B + 1] (example i's tokens).
+    """
+    if len(teacher_batch) != len(student_batch):
+        raise ValueError(f"{len(teacher_batch)} teacher vs {len(student_batch)} student examples.")
+    flat = lambda batch: [x for tokens in batch for x in tokens]  # noqa: E731
+    ta, sa = flat(teacher_batch), flat(student_batch)
+    sides = []
+    for batch, tokens in ((teacher_batch, ta), (student_batch, sa)):
+        counts = np.fromiter(map(len, batch), np.int64, len(batch))
+        offsets = np.r_[0, np.cumsum(counts)]
+        ex = np.repeat(np.arange(len(batch)), counts)
+        ends = np.cumsum(np.fromiter(map(len, tokens), np.int64, len(tokens)))
+        before = np.r_[0, ends][offsets[:-1]]  # bytes before each example
+        totals = np.r_[0, ends][offsets[1:]] - before
+        sides.append((offsets, ex, ends - before[ex], totals))
+    (t_off, t_ex, t_local, t_tot), (s_off, s_ex, s_local, s_tot) = sides
+    if not np.array_equal(t_tot, s_tot) or b"".join(ta) != b"".join(sa):
+        for i, (x, y) in enumerate(zip(teacher_batch, student_batch)):
+            try:
+                _check_same_text(x, y)
+            except ValueError as e:
+                raise ValueError(f"Example {i}: {e}") from None
+    m = int(t_tot.max(initial=0)) + 1
+    t_key, s_key = t_ex * m + t_local, s_ex * m + s_local
+    ends = _common_ends_keys(t_key, s_key, m)
+    b = len(teacher_batch)
+    ends_ex = ends // m
+    chunk_offsets = np.searchsorted(ends_ex, np.arange(b + 1), side="left")
+    out = {"chunk_offsets": chunk_offsets, "teacher_offsets": t_off, "student_offsets": s_off}
+    g = np.arange(len(ends))
+    chunks = np.empty((len(ends), 4), np.int32)
+    has = chunk_offsets[1:] > chunk_offsets[:-1]  # an example without bytes has no chunk
+    sides = ((0, "teacher", t_key, t_ex, t_off), (2, "student", s_key, s_ex, s_off))
+    for col, side, key, ex, off in sides:
+        chunk = np.searchsorted(ends, key, side="left")  # global chunk id, non-decreasing
+        # Doubled ids; tokens of a chunkless example sit between its neighbours' chunks.
+        twice = np.where(has[ex], 2 * chunk, 2 * chunk - 1)
+        chunks[:, col] = np.searchsorted(twice, 2 * g, side="left") - off[ends_ex]
+        chunks[:, col + 1] = np.searchsorted(twice, 2 * g, side="right") - off[ends_ex]
+        out[f"{side}_chunk"] = np.where(has[ex], chunk - chunk_offsets[ex], -1).astype(np.int32)
+    out["chunks"] = chunks
+    return out
+
+
+def _common_ends_keys(ta: np.ndarray, sa: np.ndarray, m: int) -> np.ndarray:
+    """Keys present on both sides whose local offset is > 0, ascending, once each."""
+    common = _common_ends(ta, sa)
+    return common[common % m != 0]
 
 
 def word_chunks(chunks: np.ndarray, teacher_token_bytes: Sequence[bytes]) -> np.ndarray:
@@ -114,10 +199,17 @@ def word_chunks(chunks: np.ndarray, teacher_token_bytes: Sequence[bytes]) -> np.
 
 
 def chunk_ids(chunks: np.ndarray, length: int, side: int) -> np.ndarray:
-    """[length] int32 chunk id of every token of one side (0 teacher, 1 student), -1 outside."""
+    """[length] int32 chunk id of every token of one side (0 teacher, 1 student), -1 outside.
+
+    Vectorised: chunk c covers tokens [start_c, end_c); ``np.repeat`` lays the ids out.
+    """
     out = np.full(length, -1, np.int32)
-    for c, (a, b) in enumerate(chunks[:, 2 * side : 2 * side + 2]):
-        out[a:b] = c
+    start, end = chunks[:, 2 * side], chunks[:, 2 * side + 1]
+    sizes = end - start
+    if sizes.sum() == 0:
+        return out
+    first = np.repeat(start - np.cumsum(sizes) + sizes, sizes)  # start_c - tokens before c
+    out[first + np.arange(sizes.sum())] = np.repeat(np.arange(len(chunks), dtype=np.int32), sizes)
     return out
 
 

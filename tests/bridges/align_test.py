@@ -152,6 +152,34 @@ def test_real_pair_on_kjv_and_identical_tokenizers(tokenizers):
     np.testing.assert_array_equal(same, same[:, [2, 3, 0, 1]])
 
 
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(texts=st.lists(TEXTS, min_size=1, max_size=6), empties=st.booleans())
+def test_align_batch_equals_align_chunks_per_example(tokenizers, texts, empties):
+    g, s = tokenizers["gemma3"], tokenizers["smollm2"]
+    t_batch = [g.text_bytes(g.encode(x)) for x in texts]
+    s_batch = [s.text_bytes(s.encode(x)) for x in texts]
+    if empties:  # tokens without bytes at the start and end of rows, and rows of only those
+        t_batch = [[b"", *x] for x in t_batch]
+        s_batch = [[*x, b"", b""] for x in s_batch]
+    out = align.align_batch(t_batch, s_batch)
+    for i, (a, b) in enumerate(zip(t_batch, s_batch)):
+        want = align.align_chunks(a, b)
+        rows = slice(out["chunk_offsets"][i], out["chunk_offsets"][i + 1])
+        np.testing.assert_array_equal(out["chunks"][rows], want)
+        for side, tokens in ((0, a), (1, b)):
+            name = ("teacher", "student")[side]
+            offsets = out[f"{name}_offsets"]
+            got = out[f"{name}_chunk"][offsets[i] : offsets[i + 1]]
+            np.testing.assert_array_equal(got, align.chunk_ids(want, len(tokens), side))
+
+
+def test_align_batch_names_the_example_that_differs():
+    with pytest.raises(ValueError, match="Example 1: .*differ from byte 1"):
+        align.align_batch([[b"ab"], [b"cd"]], [[b"a", b"b"], [b"c", b"e"]])
+
+
 def test_hand_case_with_empty_tokens():
     t = [b"", b"ab", b"c", b" d"]  # a special with no bytes joins the first chunk
     s = [b"a", b"bc", b" ", b"d", b""]
