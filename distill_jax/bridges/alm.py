@@ -159,14 +159,19 @@ def chunk_logprobs(
     """
     total = _segment_sum(lp, next_token_chunks(chunk), num_chunks)
     if lp_boundary is not None:
-        pos = jnp.arange(chunk.shape[1])
-        last = jax.vmap(functools.partial(jax.ops.segment_max, num_segments=num_chunks + 1))(
-            jnp.broadcast_to(pos, chunk.shape), jnp.where(chunk < 0, num_chunks, chunk)
-        )
-        last = last[:, :num_chunks]  # an empty chunk's max is the dtype's minimum
-        at_end = jnp.take_along_axis(lp_boundary, jnp.clip(last, 0, chunk.shape[1] - 1), axis=1)
-        total = total + jnp.where(last >= 0, at_end, 0.0)
+        total = total + at_chunk_ends(lp_boundary, chunk, num_chunks)
     return jnp.minimum(total, MAX_CHUNK_LOGPROB)
+
+
+def at_chunk_ends(values: jax.Array, chunk: jax.Array, num_chunks: int) -> jax.Array:
+    """[B, L] per-token values -> [B, C]: the value at each chunk's last token (0 if empty)."""
+    pos = jnp.arange(chunk.shape[1])
+    last = jax.vmap(functools.partial(jax.ops.segment_max, num_segments=num_chunks + 1))(
+        jnp.broadcast_to(pos, chunk.shape), jnp.where(chunk < 0, num_chunks, chunk)
+    )
+    last = last[:, :num_chunks]  # an empty chunk's max is the dtype's minimum
+    at_end = jnp.take_along_axis(values, jnp.clip(last, 0, chunk.shape[1] - 1), axis=1)
+    return jnp.where(last >= 0, at_end, 0.0)
 
 
 def chunk_mask(teacher_chunk: jax.Array, student_chunk: jax.Array, num_chunks: int) -> jax.Array:
@@ -191,6 +196,9 @@ def merge_chunks_by_boundary_prob(
 
     Returns:
         [B, L] new chunk ids, still 0..C'-1 in order (static shape: unused ids stay empty).
+        Apply it to both sides' chunk ids with the same ``boundary_prob`` (the teacher's
+        ``exp(at_chunk_ends(teacher boundary log-probs, teacher chunk ids, C))``), as the
+        ``alm`` loss term does for ``merge_threshold > 0``.
     """
     closes = boundary_prob > threshold  # chunk c ends a merged chunk
     starts = jnp.concatenate([jnp.ones_like(closes[:, :1]), closes[:, :-1]], axis=1)

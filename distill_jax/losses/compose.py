@@ -12,7 +12,10 @@ The spec has two parts (configs/*.py):
 
 ``alm`` is the cross-tokenizer term (``bridges.alm``, needs ``config.bridge``): it is summed
 over common-boundary chunks and normalised by the global *chunk* count, so it cannot be mixed
-with token-normalised terms; those may stay as metrics with ``weight=0``.
+with token-normalised terms; those may stay as metrics with ``weight=0``. Its knobs:
+``temperature`` (tau_b), ``distance``, ``append_space``, ``chunk_size`` (positions per step of
+the student's chunked log-prob walk) and ``merge_threshold`` (> 0: minimal chunks are merged on
+device while the teacher's word-boundary probability after them is <= the threshold).
     c.loss_options = dict(chunk_size=None, implementation="custom_vjp", semantics="renorm_both",
                           temperature_squared=True, alpha=None, total_steps=None,
                           selection=dict(kind="none"))
@@ -63,7 +66,7 @@ FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
 LOGIT_KINDS = tuple(sorted(divergences.CORES)) + fused.EXTRA_KINDS
 SELECTIONS = ("none", "adakd", "tsd", "tip", "clip", "rho1", "adaspec")
 _TAID_KNOBS = ("t_start", "t_end", "step_size", "momentum", "adaptive")
-_ALM_KNOBS = ("weight", "temperature", "distance", "append_space", "chunk_size")
+_ALM_KNOBS = ("weight", "temperature", "distance", "append_space", "chunk_size", "merge_threshold")
 _FEATURE_KNOBS = ("weight", "layers", "pairs", "projector", "student_layer", "teacher_layer")
 
 
@@ -510,12 +513,18 @@ def _alm_sum(inputs: LossInputs, term: dict):
         softcap=inputs.student_softcap,
         chunk_size=term.get("chunk_size", 128),
     )
+    t_chunk, s_chunk, c = inputs.teacher_chunk, inputs.student_chunk, inputs.student_chunk.shape[1]
+    threshold = term.get("merge_threshold", 0.0)
+    if threshold:  # coarsen on device by the teacher's word-boundary probability (tokenkit)
+        prob = jnp.exp(alm.at_chunk_ends(inputs.teacher_boundary_logprobs, t_chunk, c))
+        t_chunk = alm.merge_chunks_by_boundary_prob(t_chunk, prob, threshold)
+        s_chunk = alm.merge_chunks_by_boundary_prob(s_chunk, prob, threshold)
     return alm.alm_loss(
         inputs.teacher_token_logprobs,
         s_lp,
-        inputs.teacher_chunk,
-        inputs.student_chunk,
-        inputs.student_chunk.shape[1],
+        t_chunk,
+        s_chunk,
+        c,
         teacher_lp_boundary=inputs.teacher_boundary_logprobs if append_space else None,
         student_lp_boundary=s_lpb if append_space else None,
         temperature=term.get("temperature", 100.0),

@@ -203,6 +203,59 @@ def test_same_model_same_tokenizer_gives_zero_loss_and_gradient():
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
 
 
+def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentencepiece):
+    """compose's alm term with merge_threshold equals alm_loss on chunks merged in NumPy: a
+    chunk joins the next while the teacher's p(word boundary | text through it) <= threshold."""
+    teacher_tok, student_tok = kjv_sentencepiece, load_tokenizer("byte")
+    batch = dj.bridges.ChunkCollator(teacher_tok, student_tok, teacher_len=64, student_len=96)(
+        TEXTS
+    )
+    t_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(teacher_tok))
+    s_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(student_tok))
+    teacher, student = _model(teacher_tok.vocab_size, 1), _model(student_tok.vocab_size, 2)
+    t_lp, t_lpb = _side_lp(teacher, batch["teacher_ids"], batch["teacher_segment"], t_bmask)
+    s_lp, s_lpb = _side_lp(student, batch["student_ids"], batch["student_segment"], s_bmask)
+    ids = jnp.asarray(batch["student_ids"])
+    inputs = dj.losses.compose.LossInputs(
+        student_hidden=student.forward(ids, compute_logits=False).hidden,
+        student_head=student.head_weights(),
+        targets=jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1),
+        mask=jnp.asarray(batch["student_segment"] > 0),
+        teacher_token_logprobs=t_lp,
+        teacher_boundary_logprobs=t_lpb,
+        teacher_chunk=jnp.asarray(batch["teacher_chunk"]),
+        student_chunk=jnp.asarray(batch["student_chunk"]),
+        student_boundary_mask=s_bmask,
+    )
+    c = batch["student_chunk"].shape[1]
+    t_chunk, s_chunk = batch["teacher_chunk"], batch["student_chunk"]
+    lpb = np.asarray(t_lpb)
+    middle = float(np.median(np.exp(lpb[t_chunk >= 0])))  # merges about half of the chunks
+    for threshold in (0.0, middle, 1.1):
+        # NumPy: the teacher's boundary log-prob at each chunk's last token, then relabel.
+        t_new, s_new = t_chunk.copy(), s_chunk.copy()
+        for r in range(len(TEXTS)):
+            ids_r = t_chunk[r]
+            n = ids_r.max() + 1
+            last = [np.flatnonzero(ids_r == k).max() for k in range(n)]
+            closes = np.exp(lpb[r, last]) > threshold
+            new = np.cumsum(np.r_[True, closes[:-1]]) - 1
+            t_new[r] = np.where(ids_r < 0, -1, new[np.maximum(ids_r, 0)])
+            s_new[r] = np.where(s_chunk[r] < 0, -1, new[np.maximum(s_chunk[r], 0)])
+        want = alm.alm_loss(
+            t_lp, s_lp, jnp.asarray(t_new), jnp.asarray(s_new), c,
+            teacher_lp_boundary=t_lpb, student_lp_boundary=s_lpb,
+        )  # fmt: skip
+        spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(merge_threshold=threshold)))
+        total, count, _ = dj.losses.compose.loss_fn(spec, inputs, {}, {}, 0)
+        np.testing.assert_allclose(float(count), float(want[1]))
+        np.testing.assert_allclose(float(total), float(want[0]), rtol=1e-5)
+        if threshold == 1.1:  # everything merged: one chunk per row, and it is chunk 0 (unscored)
+            assert float(count) == 0
+        elif threshold == middle:
+            assert 0 < float(count) < float((batch["num_chunks"] - 1).sum())
+
+
 def test_mismatched_pair_loss_is_positive_and_falls(kjv_sentencepiece):
     teacher_tok, student_tok = kjv_sentencepiece, load_tokenizer("byte")
     collate = dj.bridges.ChunkCollator(teacher_tok, student_tok, teacher_len=64, student_len=96)
