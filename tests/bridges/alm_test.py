@@ -254,6 +254,21 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
             assert float(count) == 0
         elif threshold == middle:
             assert 0 < float(count) < float((batch["num_chunks"] - 1).sum())
+    # alm as a metric (weight 0) beside a weighted CE: the total and count are CE's, per token.
+    spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(weight=0.0), ce=dict(weight=1.0)))
+    total, count, metrics = dj.losses.compose.loss_fn(spec, inputs, {}, {}, 0)
+    logits = inputs.student_hidden @ inputs.student_head
+    ce = dj.losses.masked_sum_and_count(
+        dj.losses.cross_entropy(logits, inputs.targets, inputs.mask), inputs.mask
+    )
+    np.testing.assert_allclose([float(total), float(count)], [float(ce[0]), float(ce[1])], 1e-5)
+    want = alm.alm_loss(
+        t_lp, s_lp, jnp.asarray(t_chunk), jnp.asarray(s_chunk), c,
+        teacher_lp_boundary=t_lpb, student_lp_boundary=s_lpb,
+    )  # fmt: skip
+    np.testing.assert_allclose(float(metrics["loss/alm"][0]), float(want[0]), rtol=1e-5)
+    with pytest.raises(ValueError, match="normalised per token but 'alm' per chunk"):
+        dj.losses.compose.LossSpec.from_config(dict(alm=dict(weight=1.0), ce=dict(weight=1.0)))
 
 
 def test_mismatched_pair_loss_is_positive_and_falls(kjv_sentencepiece):
