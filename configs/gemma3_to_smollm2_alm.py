@@ -44,7 +44,9 @@ def get_config(arg=None):
         seed=0,
     )
     c.losses = dict(
-        alm=dict(temperature=100.0, distance="binary_kl", append_space=True, chunk_size=32),
+        alm=dict(
+            weight=1.0, temperature=100.0, distance="binary_kl", append_space=True, chunk_size=32
+        ),
         ce=dict(weight=0.0),  # the student's next-token NLL, a metric
     )
     c.loss_options = dict()

@@ -137,6 +137,7 @@ class CrossTokenizerTeacher(OnlineTeacher):
             teacher_chunk=batch["teacher_chunk"],
             student_chunk=batch["student_chunk"],
             student_boundary_mask=jnp.asarray(self.student_boundary_mask),
+            teacher_token_hidden=jax.lax.stop_gradient(hidden),
         )
 
 

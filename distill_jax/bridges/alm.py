@@ -163,15 +163,64 @@ def chunk_logprobs(
     return jnp.minimum(total, MAX_CHUNK_LOGPROB)
 
 
-def at_chunk_ends(values: jax.Array, chunk: jax.Array, num_chunks: int) -> jax.Array:
-    """[B, L] per-token values -> [B, C]: the value at each chunk's last token (0 if empty)."""
+def chunk_end_positions(chunk: jax.Array, num_chunks: int) -> jax.Array:
+    """[B, L] chunk ids -> [B, C] position of each chunk's last token (-1 for an empty chunk)."""
     pos = jnp.arange(chunk.shape[1])
     last = jax.vmap(functools.partial(jax.ops.segment_max, num_segments=num_chunks + 1))(
         jnp.broadcast_to(pos, chunk.shape), jnp.where(chunk < 0, num_chunks, chunk)
     )
-    last = last[:, :num_chunks]  # an empty chunk's max is the dtype's minimum
+    return jnp.maximum(last[:, :num_chunks], -1)  # an empty chunk's max is the dtype's minimum
+
+
+def at_chunk_ends(values: jax.Array, chunk: jax.Array, num_chunks: int) -> jax.Array:
+    """[B, L] per-token values -> [B, C]: the value at each chunk's last token (0 if empty)."""
+    last = chunk_end_positions(chunk, num_chunks)
     at_end = jnp.take_along_axis(values, jnp.clip(last, 0, chunk.shape[1] - 1), axis=1)
     return jnp.where(last >= 0, at_end, 0.0)
+
+
+def chunk_hidden_loss(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    student_chunk: jax.Array,
+    teacher_chunk: jax.Array,
+    num_chunks: int,
+    *,
+    projector: dict | None = None,
+    kind: str = "mse",
+) -> tuple[jax.Array, jax.Array]:
+    r"""Hidden-state matching at chunk ends (ALM's latent term, METHODS.md 6.3).
+
+    After a chunk's last token both models have read exactly the same text, so their hidden
+    states there describe the same prefix: l[c] = relative MSE ||P(h_s) - h_t||^2 / (D_t ms_t)
+    (ms_t: the teacher's mean square over the valid chunk ends of the batch) or 1 - cos(P(h_s),
+    h_t), with P a learned projector when the widths differ (``losses.features``).
+
+    Args:
+        student_hidden: [B, T, D_s]; teacher_hidden: [B, U, D_t] (constant).
+        student_chunk, teacher_chunk: [B, T], [B, U] chunk ids per token.
+        num_chunks: C, static.
+        projector: ``features.init_projector(key, D_s, D_t)`` params, or None when D_s = D_t.
+        kind: "mse" or "cosine".
+
+    Returns:
+        (sum over the chunks of ``chunk_mask``, their count), like ``alm_loss``.
+    """
+    from distill_jax.losses import features  # the loss library imports bridges.alm
+
+    def ends(hidden, chunk):
+        last = jnp.clip(chunk_end_positions(chunk, num_chunks), 0, chunk.shape[1] - 1)
+        return jnp.take_along_axis(hidden, last[..., None], axis=1)  # [B, C, D]
+
+    mask = chunk_mask(teacher_chunk, student_chunk, num_chunks)
+    hs, ht = ends(student_hidden, student_chunk), ends(teacher_hidden, teacher_chunk)
+    if kind == "mse":
+        per_chunk = features.hidden_mse(hs, ht, mask, projector=projector, normalize="global")
+    elif kind == "cosine":
+        per_chunk = features.hidden_cosine(hs, ht, mask, projector=projector)
+    else:
+        raise ValueError(f"chunk hidden-state loss kind={kind!r}; use 'mse' or 'cosine'.")
+    return jnp.sum(per_chunk), jnp.sum(mask.astype(jnp.float32))
 
 
 def chunk_mask(teacher_chunk: jax.Array, student_chunk: jax.Array, num_chunks: int) -> jax.Array:

@@ -16,7 +16,10 @@ with token-normalised terms; those may stay as metrics with ``weight=0`` (or alm
 for a baseline trained on the others). Its knobs:
 ``temperature`` (tau_b), ``distance``, ``append_space``, ``chunk_size`` (positions per step of
 the student's chunked log-prob walk) and ``merge_threshold`` (> 0: minimal chunks are merged on
-device while the teacher's word-boundary probability after them is <= the threshold).
+device while the teacher's word-boundary probability after them is <= the threshold),
+``hidden_weight`` (> 0: adds the hidden-state loss at chunk ends, ``bridges.alm.
+chunk_hidden_loss``, ``hidden_kind`` "mse" or "cosine", with a ``projector`` init when the widths
+differ).
     c.loss_options = dict(chunk_size=None, implementation="custom_vjp", semantics="renorm_both",
                           temperature_squared=True, alpha=None, total_steps=None,
                           selection=dict(kind="none"))
@@ -67,7 +70,17 @@ FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
 LOGIT_KINDS = tuple(sorted(divergences.CORES)) + fused.EXTRA_KINDS
 SELECTIONS = ("none", "adakd", "tsd", "tip", "clip", "rho1", "adaspec")
 _TAID_KNOBS = ("t_start", "t_end", "step_size", "momentum", "adaptive")
-_ALM_KNOBS = ("weight", "temperature", "distance", "append_space", "chunk_size", "merge_threshold")
+_ALM_KNOBS = (
+    "weight",
+    "temperature",
+    "distance",
+    "append_space",
+    "chunk_size",
+    "merge_threshold",
+    "hidden_weight",
+    "hidden_kind",
+    "projector",
+)
 _FEATURE_KNOBS = ("weight", "layers", "pairs", "projector", "student_layer", "teacher_layer")
 
 
@@ -106,6 +119,7 @@ class LossInputs:
     teacher_chunk: jax.Array | None = None
     student_chunk: jax.Array | None = None
     student_boundary_mask: jax.Array | None = None
+    teacher_token_hidden: jax.Array | None = None  # [B, U, D_t]: the teacher's, on its tokens
     # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
     # (see fused.fused_distill_loss).
     student_softcap: float | None = struct.field(pytree_node=False, default=None)
@@ -228,6 +242,11 @@ def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_lay
         {label: [projector per layer pair]} (a pytree, possibly empty).
     """
     params = {}
+    for label, term in spec.bridge_terms.items():  # ALM's chunk-end hidden-state projector
+        if term.get("hidden_weight", 0.0) and student_dim != teacher_dim:
+            key, sub = jax.random.split(key)
+            init = term.get("projector") or "xavier"
+            params[label] = features.init_projector(sub, student_dim, teacher_dim, init=init)
     for label, term in spec.feature_terms.items():
         init = term.get("projector")
         if label not in ("hidden_mse", "hidden_cosine") or not init:
@@ -495,15 +514,16 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
     if not spec.logit_terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
     for label, term in spec.bridge_terms.items():
-        s, chunks, alm_metrics = _alm_sum(inputs, term)
+        s, chunks, alm_metrics = _alm_sum(inputs, term, params.get(label))
         metrics.update(alm_metrics, **{f"loss/{label}": (s, chunks)})
         if term.get("weight", 1.0) != 0:  # the chunk count replaces the token count
             total, count = schedule_value(term.get("weight", 1.0), step) * s, chunks
     return total, count, metrics
 
 
-def _alm_sum(inputs: LossInputs, term: dict):
-    """ALM (bridges.alm) of the student's tokens against the teacher's chunk log-likelihoods."""
+def _alm_sum(inputs: LossInputs, term: dict, projector=None):
+    """ALM (bridges.alm) of the student's tokens against the teacher's chunk log-likelihoods,
+    plus ``hidden_weight`` x the chunk-end hidden-state loss when that weight is not 0."""
     if inputs.teacher_token_logprobs is None or inputs.student_chunk is None:
         raise ValueError("The alm term needs a cross-tokenizer teacher: set config.bridge.")
     append_space = term.get("append_space", True)
@@ -521,7 +541,7 @@ def _alm_sum(inputs: LossInputs, term: dict):
         prob = jnp.exp(alm.at_chunk_ends(inputs.teacher_boundary_logprobs, t_chunk, c))
         t_chunk = alm.merge_chunks_by_boundary_prob(t_chunk, prob, threshold)
         s_chunk = alm.merge_chunks_by_boundary_prob(s_chunk, prob, threshold)
-    return alm.alm_loss(
+    total, count, metrics = alm.alm_loss(
         inputs.teacher_token_logprobs,
         s_lp,
         t_chunk,
@@ -532,6 +552,22 @@ def _alm_sum(inputs: LossInputs, term: dict):
         temperature=term.get("temperature", 100.0),
         distance=term.get("distance", "binary_kl"),
     )
+    hidden_weight = term.get("hidden_weight", 0.0)
+    if hidden_weight:
+        if inputs.teacher_token_hidden is None:
+            raise ValueError("alm hidden_weight needs the teacher's hidden states (config.bridge).")
+        h_sum, h_count = alm.chunk_hidden_loss(
+            inputs.student_hidden,
+            inputs.teacher_token_hidden,
+            s_chunk,
+            t_chunk,
+            c,
+            projector=projector,
+            kind=term.get("hidden_kind", "mse"),
+        )
+        metrics["alm/chunk_hidden"] = (h_sum, h_count)
+        total = total + hidden_weight * h_sum  # the same chunks: one chunk count for both
+    return total, count, metrics
 
 
 def normalize(loss_sum: jax.Array, num_tokens: jax.Array) -> jax.Array:

@@ -271,6 +271,80 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
         dj.losses.compose.LossSpec.from_config(dict(alm=dict(weight=1.0), ce=dict(weight=1.0)))
 
 
+def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepiece):
+    teacher_tok, student_tok = kjv_sentencepiece, load_tokenizer("byte")
+    batch = dj.bridges.ChunkCollator(teacher_tok, student_tok, teacher_len=64, student_len=96)(
+        TEXTS
+    )
+    t_chunk, s_chunk = batch["teacher_chunk"], batch["student_chunk"]
+    c = s_chunk.shape[1]
+    rng = np.random.default_rng(0)
+    hs = rng.normal(size=(4, 96, 6)).astype(np.float32)
+    ht = rng.normal(size=(4, 64, 8)).astype(np.float32) * 3
+    proj = {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)}
+    # NumPy: hidden states at each chunk's last token; chunks present on both sides, not chunk 0.
+    ends_s, ends_t = [], []
+    for r in range(4):
+        for k in range(1, c):
+            ps, pt = np.flatnonzero(s_chunk[r] == k), np.flatnonzero(t_chunk[r] == k)
+            if len(ps) and len(pt):
+                ends_s.append(hs[r, ps.max()].astype(np.float64) @ np.asarray(proj["kernel"]))
+                ends_t.append(ht[r, pt.max()].astype(np.float64))
+    es, et = np.array(ends_s), np.array(ends_t)
+    want_mse = np.sum(np.mean((es - et) ** 2, -1) / np.mean(et**2))
+    cos = np.sum(es * et, -1) / np.linalg.norm(es, axis=-1) / np.linalg.norm(et, axis=-1)
+    args = (jnp.asarray(hs), jnp.asarray(ht), jnp.asarray(s_chunk), jnp.asarray(t_chunk), c)
+    got, count = alm.chunk_hidden_loss(*args, projector=proj, kind="mse")
+    assert float(count) == len(es) > 50
+    np.testing.assert_allclose(float(got), want_mse, rtol=1e-5)
+    got, _ = alm.chunk_hidden_loss(*args, projector=proj, kind="cosine")
+    np.testing.assert_allclose(float(got), np.sum(1 - cos), rtol=1e-4)
+
+    # The same model and tokenizer on both sides: the term is 0 (identity, no projector).
+    byte = load_tokenizer("byte")
+    same = dj.bridges.ChunkCollator(byte, byte, teacher_len=96, student_len=96)(TEXTS)
+    h = jnp.asarray(hs)
+    zero, n = alm.chunk_hidden_loss(
+        h, h, jnp.asarray(same["student_chunk"]), jnp.asarray(same["teacher_chunk"]), 96
+    )
+    assert float(n) > 50 and float(zero) == 0.0
+
+    # Through compose: alm + hidden_weight x the chunk-end term, over the same chunk count, with
+    # the projector init_params makes for different widths.
+    t_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(teacher_tok))
+    s_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(student_tok))
+    teacher, student = _model(teacher_tok.vocab_size, 1), _model(student_tok.vocab_size, 2)
+    t_lp, t_lpb = _side_lp(teacher, batch["teacher_ids"], batch["teacher_segment"], t_bmask)
+    ids = jnp.asarray(batch["student_ids"])
+    s_hidden = student.forward(ids, compute_logits=False).hidden
+    inputs = dj.losses.compose.LossInputs(
+        student_hidden=s_hidden,
+        student_head=student.head_weights(),
+        targets=jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1),
+        mask=jnp.asarray(batch["student_segment"] > 0),
+        teacher_token_logprobs=t_lp,
+        teacher_boundary_logprobs=t_lpb,
+        teacher_chunk=jnp.asarray(t_chunk),
+        student_chunk=jnp.asarray(s_chunk),
+        student_boundary_mask=s_bmask,
+        teacher_token_hidden=jnp.asarray(ht),
+    )
+    spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(hidden_weight=0.5)))
+    params = dj.losses.compose.init_params(spec, jax.random.key(0), 32, 8)
+    assert params["alm"]["kernel"].shape == (32, 8)
+    total, count, metrics = dj.losses.compose.loss_fn(spec, inputs, params, {}, 0)
+    plain = dj.losses.compose.loss_fn(
+        dj.losses.compose.LossSpec.from_config(dict(alm={})), inputs, {}, {}, 0
+    )
+    hidden = alm.chunk_hidden_loss(
+        s_hidden, jnp.asarray(ht), jnp.asarray(s_chunk), jnp.asarray(t_chunk), c,
+        projector=params["alm"],
+    )  # fmt: skip
+    np.testing.assert_allclose(float(total), float(plain[0] + 0.5 * hidden[0]), rtol=1e-5)
+    assert float(count) == float(plain[1]) == float(hidden[1])
+    np.testing.assert_allclose(float(metrics["alm/chunk_hidden"][0]), float(hidden[0]), 1e-6)
+
+
 def test_mismatched_pair_loss_is_positive_and_falls(kjv_sentencepiece):
     teacher_tok, student_tok = kjv_sentencepiece, load_tokenizer("byte")
     collate = dj.bridges.ChunkCollator(teacher_tok, student_tok, teacher_len=64, student_len=96)

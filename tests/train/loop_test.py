@@ -206,6 +206,20 @@ def test_bad_bridge_configs_fail_before_compiling(tmp_path, change, match, caplo
     assert "step" not in _compiled_functions(caplog)
 
 
+def test_alm_with_chunk_end_hidden_states_and_merged_chunks_trains(tmp_path):
+    """The alm term's options in the trainer: a projector for different widths (64 -> 48 here),
+    the hidden-state term logged and falling with the loss, chunks merged on device."""
+    c = _tiny(ALM_CONFIG, steps=6)
+    c.student.config.hidden_size = 48
+    c.losses.alm = dict(hidden_weight=0.5, hidden_kind="mse", merge_threshold=0.05)
+    c.eval.every_steps = None
+    loop.train(c, str(tmp_path))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    hidden = [r["train/alm/chunk_hidden"] for r in rows if "train/alm/chunk_hidden" in r]
+    assert len(hidden) == 6 and all(np.isfinite(hidden))
+    assert hidden[-1] < hidden[0]
+
+
 def _compiled_functions(caplog) -> set[str]:
     """Names of the functions JAX compiled while ``jax.log_compiles`` was on."""
     return set(re.findall(r"Compiling jit\((\w+)\)", caplog.text))
