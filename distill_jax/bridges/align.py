@@ -54,24 +54,6 @@ def _common_ends(ea: np.ndarray, eb: np.ndarray) -> np.ndarray:
     return common
 
 
-def chunk_ends(teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]):
-    """The common boundary offsets > 0, ascending: the end offset of every minimal chunk."""
-    return _common_ends(_ends(teacher_token_bytes), _ends(student_token_bytes))
-
-
-def token_chunks(token_bytes: Sequence[bytes], ends: np.ndarray) -> np.ndarray:
-    """[n] int32: the chunk of each token, the first chunk whose end is >= the token's end."""
-    return np.searchsorted(ends, _ends(token_bytes), side="left").astype(np.int32)
-
-
-def _spans(chunk_of_token: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    c = np.arange(num_chunks)
-    return (
-        np.searchsorted(chunk_of_token, c, side="left"),
-        np.searchsorted(chunk_of_token, c, side="right"),
-    )
-
-
 def align_chunks(
     teacher_token_bytes: Sequence[bytes], student_token_bytes: Sequence[bytes]
 ) -> np.ndarray:

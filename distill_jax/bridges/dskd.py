@@ -255,10 +255,11 @@ def cma_terms(
     sg = jax.lax.stop_gradient
     t_in, t_out = (sg(e.astype(jnp.float32)) for e in teacher_embeddings)
     teacher_hidden = sg(teacher_hidden.astype(jnp.float32))
-    sigma_e = masked_std(jnp.concatenate([t_in, t_out], -1), teacher_mask)
+    t_index = jnp.concatenate([t_in, t_out], -1)  # [B, U, 2 D_t]
+    sigma_e = masked_std(t_index, teacher_mask)
     sigma_h = masked_std(teacher_hidden, teacher_mask)
     query = apply_projector(params["query"], jnp.concatenate(student_embeddings, -1))  # [B,S,2Dt]
-    keys = jnp.concatenate([t_in, t_out], -1) / sigma_e  # [B, U, 2 D_t]
+    keys = t_index / sigma_e
     t2s_weights = cma_attention(query, keys, teacher_mask)  # [B, S, U]
     s2t_weights = cma_attention(keys, query, student_mask)  # [B, U, S]
     values = apply_projector(params["t2s"], teacher_hidden / sigma_h + t_out / sigma_e)  # [B,U,Ds]

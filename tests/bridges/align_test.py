@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 
 import numpy as np
@@ -20,9 +19,7 @@ from hypothesis import strategies as st
 
 import distill_jax as dj
 from distill_jax.bridges import align, byteify
-from distill_jax.data import _assets as data_assets
 from distill_jax.data import load_tokenizer, sources
-from distill_jax.models.convert import _assets
 
 PIECES = [
     " ",
@@ -59,20 +56,6 @@ CHARS = st.characters(
 TEXTS = st.lists(st.one_of(st.sampled_from(PIECES), st.text(CHARS, max_size=12)), max_size=12).map(
     "".join
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizers() -> dict:
-    vocab = data_assets.llama_cpp_vocab_dir()
-    return {
-        "smollm2": load_tokenizer(_assets.smollm2_gguf_path()),
-        "gemma3": load_tokenizer(_assets.gemma3_gguf_path()),
-        "byte": load_tokenizer("byte"),
-        **{
-            name: load_tokenizer(os.path.join(vocab, f"ggml-vocab-{name}.gguf"))
-            for name in ("llama-spm", "qwen2", "gpt-2", "phi-3")
-        },
-    }
 
 
 def _brute_force_boundaries(token_bytes: list[bytes]) -> set[int]:

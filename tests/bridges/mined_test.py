@@ -8,35 +8,19 @@ SmolLM2 -> Gemma-3 map takes seconds, so it is not built here.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import pytest
 
 from distill_jax.bridges import mined, vocab_map
-from distill_jax.data import _assets as data_assets
-from distill_jax.data import load_tokenizer
 from distill_jax.losses import forward_kl
-from distill_jax.models.convert import _assets
 
 
 @pytest.fixture(scope="module")
-def toks() -> dict:
-    vocab = data_assets.llama_cpp_vocab_dir()
-    return {
-        "smollm2": load_tokenizer(_assets.smollm2_gguf_path()),
-        "gemma3": load_tokenizer(_assets.gemma3_gguf_path()),
-        "byte": load_tokenizer("byte"),
-        "gpt-2": load_tokenizer(os.path.join(vocab, "ggml-vocab-gpt-2.gguf")),
-    }
-
-
-@pytest.fixture(scope="module")
-def smollm2_in_gemma3(toks) -> tuple[list[bytes], list[bytes]]:
+def smollm2_in_gemma3(tokenizers) -> tuple[list[bytes], list[bytes]]:
     """(queries: 40 random SmolLM2 tokens without an exact Gemma-3 match, the Gemma-3 bytes of
     its non-special ids)."""
-    smollm2, gemma3 = toks["smollm2"], toks["gemma3"]
+    smollm2, gemma3 = tokenizers["smollm2"], tokenizers["gemma3"]
     exact = vocab_map.exact_match_map(smollm2, gemma3)
     unmatched = [v for v in np.flatnonzero(exact < 0) if v not in smollm2.special_ids]
     picked = np.random.default_rng(0).choice(unmatched, 40, replace=False)
@@ -110,9 +94,9 @@ def test_heuristic_search_is_near_exact_on_full_gemma3(smollm2_in_gemma3):
     assert np.bincount(exact)[1] >= 25  # most unmatched tokens are one edit away
 
 
-def test_byte_teacher_nearest_is_the_lowest_shared_byte(toks):
+def test_byte_teacher_nearest_is_the_lowest_shared_byte(tokenizers):
     # lev(s, single byte c) = len(s) - [c in s]: the nearest byte token is the lowest byte of s.
-    gpt2, byte = toks["gpt-2"], toks["byte"]
+    gpt2, byte = tokenizers["gpt-2"], tokenizers["byte"]
     ids = np.random.default_rng(3).choice(50_000, 300, replace=False)
     queries = [gpt2.token_bytes(i) for i in ids]
     cands = [byte.token_bytes(i) for i in range(256)]
@@ -123,8 +107,8 @@ def test_byte_teacher_nearest_is_the_lowest_shared_byte(toks):
     np.testing.assert_array_equal(dist, [len(q) - 1 for q in queries])
 
 
-def test_mined_map_on_a_real_pair(toks):
-    teacher, student = toks["gpt-2"], toks["byte"]
+def test_mined_map_on_a_real_pair(tokenizers):
+    teacher, student = tokenizers["gpt-2"], tokenizers["byte"]
     got = mined.mined_map(teacher, student)
     assert got.dtype == np.int32 and got.shape == (student.vocab_size,)
     exact = vocab_map.exact_match_map(student, teacher)
@@ -136,9 +120,9 @@ def test_mined_map_on_a_real_pair(toks):
 
 
 @pytest.mark.parametrize("max_candidates", [None, 256])
-def test_bytes_and_specials_missing_from_the_teacher(toks, max_candidates):
+def test_bytes_and_specials_missing_from_the_teacher(tokenizers, max_candidates):
     # SmolLM2 has no token for bytes 0x04, 0x06, ..., 0xFF and no pad or bos token.
-    teacher, student = toks["smollm2"], toks["byte"]
+    teacher, student = tokenizers["smollm2"], tokenizers["byte"]
     got = mined.mined_map(teacher, student, max_candidates=max_candidates)
     exact = vocab_map.exact_match_map(student, teacher)
     missing = [v for v in np.flatnonzero(exact < 0) if v < 256]
@@ -159,8 +143,8 @@ def test_bytes_and_specials_missing_from_the_teacher(toks, max_candidates):
 
 
 @pytest.mark.parametrize("name", ["smollm2", "byte", "gpt-2"])
-def test_identical_vocabularies_identity_and_forward_kl(toks, name):
-    tok = toks[name]
+def test_identical_vocabularies_identity_and_forward_kl(tokenizers, name):
+    tok = tokenizers[name]
     got = mined.mined_map(tok, tok)
     np.testing.assert_array_equal(got, np.arange(tok.vocab_size))
     rng = np.random.default_rng(4)

@@ -20,7 +20,6 @@ from distill_jax.bridges import byteify, vocab_map
 from distill_jax.data import _assets as data_assets
 from distill_jax.data import load_tokenizer
 from distill_jax.losses import forward_kl
-from distill_jax.models.convert import _assets
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Distillation transfers what a large teacher "
@@ -30,20 +29,6 @@ TEXT = (
     "Les modèles de langue apprennent à prédire le mot suivant. 日本語のテキストも少し。 🚀\n"
 )
 _fkl = jax.jit(forward_kl)
-
-
-@pytest.fixture(scope="module")
-def toks() -> dict:
-    vocab = data_assets.llama_cpp_vocab_dir()
-    return {
-        "smollm2": load_tokenizer(_assets.smollm2_gguf_path()),
-        "gemma3": load_tokenizer(_assets.gemma3_gguf_path()),
-        "byte": load_tokenizer("byte"),
-        **{
-            name: load_tokenizer(os.path.join(vocab, f"ggml-vocab-{name}.gguf"))
-            for name in ("qwen2", "gpt-2", "llama-spm")
-        },
-    }
 
 
 # ------------------------------------------------------------------------------ references
@@ -112,16 +97,16 @@ def _ref_mapped_kl_grad(s, t, vmap, tau):
 
 
 @pytest.mark.parametrize("name", ["smollm2", "qwen2", "gpt-2", "byte"])
-def test_same_tokenizer_is_identity(toks, name):
-    tok = toks[name]
+def test_same_tokenizer_is_identity(tokenizers, name):
+    tok = tokenizers[name]
     np.testing.assert_array_equal(
         vocab_map.exact_match_map(tok, tok), np.arange(tok.vocab_size, dtype=np.int32)
     )
 
 
 @pytest.mark.parametrize("name", ["gemma3", "llama-spm"])
-def test_same_tokenizer_with_duplicate_bytes_maps_to_lowest_id(toks, name):
-    tok = toks[name]
+def test_same_tokenizer_with_duplicate_bytes_maps_to_lowest_id(tokenizers, name):
+    tok = tokenizers[name]
     got = vocab_map.exact_match_map(tok, tok)
     lowest = {}
     for i in range(tok.vocab_size):
@@ -149,8 +134,10 @@ REAL_PAIRS = [
 
 
 @pytest.mark.parametrize("teacher,student,n_matched,text_coverage", REAL_PAIRS)
-def test_real_pairs_match_reference_and_bytes(toks, teacher, student, n_matched, text_coverage):
-    t, s = toks[teacher], toks[student]
+def test_real_pairs_match_reference_and_bytes(
+    tokenizers, teacher, student, n_matched, text_coverage
+):
+    t, s = tokenizers[teacher], tokenizers[student]
     got = vocab_map.exact_match_map(t, s)
     assert got.dtype == np.int32 and got.shape == (t.vocab_size,)
     np.testing.assert_array_equal(got, _ref_exact_map(t, s))
@@ -172,8 +159,8 @@ def test_real_pairs_match_reference_and_bytes(toks, teacher, student, n_matched,
     np.testing.assert_allclose(vocab_map.coverage(uniform, got), [(got >= 0).mean()], rtol=1e-5)
 
 
-def test_shared_specials_match_by_role(toks):
-    got = vocab_map.exact_match_map(toks["gemma3"], toks["smollm2"])
+def test_shared_specials_match_by_role(tokenizers):
+    got = vocab_map.exact_match_map(tokenizers["gemma3"], tokenizers["smollm2"])
     # Gemma <eos> 1 -> SmolLM2 <|endoftext|> 0; <start_of_turn> 105 -> <|im_start|> 1.
     assert (got[1], got[105], got[106]) == (0, 1, 2)
     assert got[2] == -1  # SmolLM2 has no BOS token of its own
@@ -205,8 +192,8 @@ def test_mapped_kl_matches_float64_reference(tau):
     np.testing.assert_allclose(grad, _ref_mapped_kl_grad(s, t, vmap, tau), atol=1e-5)
 
 
-def test_mapped_kl_on_a_real_pair_matches_reference(toks):
-    t_tok, s_tok = toks["smollm2"], toks["gemma3"]
+def test_mapped_kl_on_a_real_pair_matches_reference(tokenizers):
+    t_tok, s_tok = tokenizers["smollm2"], tokenizers["gemma3"]
     vmap = vocab_map.exact_match_map(t_tok, s_tok)
     rng = np.random.default_rng(1)
     s = rng.normal(size=(1, 2, s_tok.vocab_size)).astype(np.float32) * 3
@@ -250,10 +237,10 @@ def test_map_shape_must_match_teacher_vocab():
 # ------------------------------------------------------------------------------ padded sizes
 
 
-def test_padding_only_pair_is_identity_and_masked_kl_equals_truncated(toks):
+def test_padding_only_pair_is_identity_and_masked_kl_equals_truncated(tokenizers):
     vocab = data_assets.llama_cpp_vocab_dir()
     student = load_tokenizer(os.path.join(vocab, "ggml-vocab-qwen2.gguf"))  # a second load
-    teacher = toks["qwen2"]
+    teacher = tokenizers["qwen2"]
     true = vocab_map.check_same_tokenizer_padding(teacher, student)
     assert true == 151_936
     vmap = vocab_map.exact_match_map(teacher, student)
@@ -277,11 +264,11 @@ def test_padding_only_pair_is_identity_and_masked_kl_equals_truncated(toks):
     np.testing.assert_allclose(same, truncated, rtol=1e-5)
 
 
-def test_padded_vocab_mask_and_refusals(toks):
+def test_padded_vocab_mask_and_refusals(tokenizers):
     np.testing.assert_array_equal(vocab_map.padded_vocab_mask(3, 5), [1, 1, 1, 0, 0])
     with pytest.raises(ValueError, match="true vocabulary size 6"):
         vocab_map.padded_vocab_mask(6, 5)
-    smollm2, gemma3 = toks["smollm2"], toks["gemma3"]
+    smollm2, gemma3 = tokenizers["smollm2"], tokenizers["gemma3"]
     with pytest.raises(ValueError) as err:
         vocab_map.check_same_tokenizer_padding(gemma3, smollm2)
     assert gemma3.name in str(err.value) and smollm2.name in str(err.value)
@@ -300,6 +287,8 @@ class _RotatedBytes:
         return self._byte.token_bytes((i + 1) % 256 if i < 256 else i)
 
 
-def test_same_size_other_vocabulary_is_refused(toks):
+def test_same_size_other_vocabulary_is_refused(tokenizers):
     with pytest.raises(ValueError, match=r"'byte'.*'rotated'.*id 0 is b'\\x00' vs b'\\x01'"):
-        vocab_map.check_same_tokenizer_padding(toks["byte"], _RotatedBytes(toks["byte"]))
+        vocab_map.check_same_tokenizer_padding(
+            tokenizers["byte"], _RotatedBytes(tokenizers["byte"])
+        )
