@@ -96,6 +96,16 @@ class Attention(nnx.Module):
 
         Returns: ([B,T,D], updated cache or None, {"q": [B,T,N,H], "k", "v": [B,T,K,H]} or None).
         """
+        out, cache, qkv = self.attend(x, positions, segment_ids, cache, layer, output_qkv)
+        return self.project_out(out), cache, qkv
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """Per-head outputs [B,T,N,H] -> [B,T,D] by o_proj."""
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
+        return shard(y, ("batch", "length", "embed"))
+
+    def attend(self, x, positions, segment_ids, cache=None, layer=None, output_qkv=False):
+        """``__call__`` before o_proj: (per-head outputs [B,T,N,H], cache, qkv)."""
         b, t, _ = x.shape
         q = self._project(x, self.q_proj, self.q_bias, ("heads", "head_dim"))  # [B, T, N, H]
         k = self._project(x, self.k_proj, self.k_bias, ("kv_heads", "head_dim"))  # [B, T, K, H]
@@ -128,6 +138,4 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads, -1)
-        out = shard(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
-        return shard(y, ("batch", "length", "embed")), cache, qkv
+        return shard(out, ("batch", "length", "heads", "head_dim")), cache, qkv

@@ -22,7 +22,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
+        return self.down(self.hidden(x))
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """The down projection's input act(x W_gate) * (x W_up): [B, T, D] -> [B, T, F]."""
         gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(self.dtype))
         up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(self.dtype))
-        h = shard(activation(self.act)(gate) * up, ("batch", "length", "mlp"))  # [B, T, F]
+        return shard(activation(self.act)(gate) * up, ("batch", "length", "mlp"))
+
+    def down(self, h: jax.Array) -> jax.Array:
+        """[B, T, F] -> [B, T, D]."""
         return jnp.einsum("btf,fd->btd", h, self.down_proj[...].astype(self.dtype))

@@ -101,14 +101,32 @@ class MoE(nnx.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, T, D], valid [B, T] bool -> ([B, T, D], router statistics of this layer)."""
-        logits = jnp.einsum(
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, E] float32."""
+        return jnp.einsum(
             "btd,de->bte",
             x,
             self.router[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
+
+    def expert_outputs(self, x: jax.Array) -> jax.Array:
+        """Every expert's output on every token, ungated: [B, T, D] -> [B, T, E, D]."""
+        gate = jnp.einsum("btd,edf->btef", x, self.gate_proj[...].astype(self.dtype))
+        up = jnp.einsum("btd,edf->btef", x, self.up_proj[...].astype(self.dtype))
+        h = shard(activation(self.act)(gate) * up, ("batch", "length", "experts", "mlp"))
+        return jnp.einsum("btef,efd->bted", h, self.down_proj[...].astype(self.dtype))
+
+    def shared_output(self, x: jax.Array) -> jax.Array:
+        """The gated shared expert's output [B, T, D] (zeros without one)."""
+        if self.shared_expert is None:
+            return jnp.zeros_like(x)
+        g = jnp.einsum("btd,do->bto", x, self.shared_expert_gate[...].astype(self.dtype))
+        return jax.nn.sigmoid(g) * self.shared_expert(x)
+
+    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, T, D], valid [B, T] bool -> ([B, T, D], router statistics of this layer)."""
+        logits = self.router_logits(x)
         combine, top_idx = route(logits, self.k, self.normalize)
         gate = jnp.einsum("btd,edf->btef", x, self.gate_proj[...].astype(self.dtype))
         up = jnp.einsum("btd,edf->btef", x, self.up_proj[...].astype(self.dtype))
@@ -116,8 +134,7 @@ class MoE(nnx.Module):
         h = shard(h, ("batch", "length", "experts", "mlp"))  # [B, T, E, F]
         y = jnp.einsum("btef,efd->btd", h, self.down_proj[...].astype(self.dtype))
         if self.shared_expert is not None:
-            g = jnp.einsum("btd,do->bto", x, self.shared_expert_gate[...].astype(self.dtype))
-            y = y + jax.nn.sigmoid(g) * self.shared_expert(x)
+            y = y + self.shared_output(x)
         stats = router_stats(logits, top_idx, combine, valid)
         stats["router_logits"] = logits
         return y, stats

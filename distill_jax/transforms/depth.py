@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flax import nnx
+import numpy as np
 
 from distill_jax.models.transformer import Transformer
 
@@ -40,17 +40,30 @@ def keep_layers_spec(spec, num_layers: int) -> tuple[int, ...]:
 
 def drop_layers(model: Transformer, keep: Sequence[int] | str | int) -> Transformer:
     """A new model with only the blocks ``keep`` (``keep_layers_spec``); ``model`` is unchanged."""
-    c = model.config
-    keep = keep_layers_spec(keep, c.num_layers)
-    config = c.replace(
+    from distill_jax.transforms.params import to_model, to_params
+
+    return to_model(*prune_blocks(*to_params(model), keep))
+
+
+def rank_blocks(stats, keep: int) -> tuple[int, ...]:
+    """The ``keep`` blocks of highest block importance BI_l = 1 - mean cos(h_in, h_out)
+    (``stats.block_importance``; Men et al., 2024, "ShortGPT", arXiv:2403.03853; Minitron's
+    depth score), in model order: the blocks that change the residual stream least are dropped."""
+    from distill_jax.transforms import stats as stats_lib
+
+    bi = stats_lib.block_importance(stats)
+    if not 1 <= keep <= len(bi):
+        raise ValueError(f"keep {keep} blocks: must be in [1, {len(bi)}].")
+    order = np.lexsort((np.arange(len(bi)), -bi))
+    return tuple(sorted(int(i) for i in order[:keep]))
+
+
+def prune_blocks(params: dict, config, keep) -> tuple[dict, object]:
+    """``drop_layers`` on ``(params, config)``: the blocks ``keep`` (``keep_layers_spec``)."""
+    keep = keep_layers_spec(keep, config.num_layers)
+    new_config = config.replace(
         num_layers=len(keep),
-        layer_types=tuple(c.layer_types[i] for i in keep) if c.layer_types else (),
-        moe_layers=tuple(c.moe_layers[i] for i in keep) if c.moe_layers else (),
+        layer_types=tuple(config.layer_types[i] for i in keep) if config.layer_types else (),
+        moe_layers=tuple(config.moe_layers[i] for i in keep) if config.moe_layers else (),
     )
-    small = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    new = dict(state, layers={j: state["layers"][i] for j, i in enumerate(keep)})
-    target = nnx.state(small, nnx.Param)
-    nnx.replace_by_pure_dict(target, new)
-    nnx.update(small, target)
-    return small
+    return dict(params, layers={j: params["layers"][i] for j, i in enumerate(keep)}), new_config

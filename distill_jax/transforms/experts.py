@@ -1,0 +1,419 @@
+r"""MoE expert pruning and merging as plan + apply (METHODS.md 7.2-7.6).
+
+A *plan* is small printable data computed from calibration statistics (``stats.calibrate``);
+applying it to ``(params, config)`` (``params.to_params``) returns new ``(params, config)``:
+
+    plan = rank_experts(stats, keep=4, criterion="reap")     # {"keep": {layer: experts}, ...}
+    params, config = prune_experts(params, config, plan)
+
+Pruning keeps, in every MoE layer, the ``keep`` experts with the highest score (frequency, gate
+mass, EAN, REAP, output norm, max activation; ``naee_plan`` searches for the keep-set that
+best reconstructs each layer's output on calibration tokens, Lu et al., 2024, "Not All Experts
+are Equal", ACL) and slices the router's columns and the experts' leading axis. Tokens whose
+top-k avoided the pruned experts keep their outputs exactly when the kept gates do not depend
+on the pruned logits: ``norm_topk_prob=True`` (Mixtral, Qwen3-MoE). With softmax over all E and
+no renormalisation (Qwen2-MoE) the kept gates grow: the router's normaliser lost the pruned
+terms (REAP, Lasby et al., 2025; vLLM llm-compressor's REAP modifier).
+
+Merging groups experts and averages each group with frequency weights, W = sum_i f_i W_i /
+sum_i f_i for gate, up and down, after aligning every member's SwiGLU hidden units to the group's
+dominant expert (a permutation found by the Hungarian algorithm on weight distances; REAP's
+``permute.py``, MC-SMoE, Li et al., 2024, "Merge, Then Compress", ICLR). Grouping (MC-SMoE):
+dominant experts are the highest-ranked; every other expert joins its most similar dominant by
+router-logit column cosine (MC-SMoE) or mean-output cosine over all tokens (HC-SMoE, Chen et al.,
+2025, ICML). Partial preservation (SlimQwen, arXiv:2605.08738): the top ``preserve_fraction`` of
+the budget stays bitwise intact and only the rest is merged. Router semantics, explicitly:
+
+* ``router="dominant"``: E' experts remain; a merged expert is routed by its dominant's router
+  column (the others' columns are dropped). Real compression; routing changes where a token
+  had chosen two members of one group.
+* ``router="tie"``: all E router columns and expert slots remain and every member slot holds its
+  group's merged weights (REAP's "tie"): a token choosing two members gets their gates added on
+  the merged expert. Same parameter count, exportable, no routing change.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from distill_jax.models import moe as moe_lib
+from distill_jax.models.config import ModelConfig
+from distill_jax.transforms import stats as stats_lib
+from distill_jax.transforms.params import moe_layers
+
+_EXPERT_KEYS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _budget(keep, num_experts: int, top_k: int) -> int:
+    """Experts to keep per layer from an int or a fraction of E; at least top_k, at most E."""
+    n = int(round(keep * num_experts)) if isinstance(keep, float) and keep < 1 else int(keep)
+    if n < top_k:
+        raise ValueError(
+            f"Keeping {n} experts per layer is fewer than num_experts_per_tok={top_k}: every "
+            f"token routes to {top_k} experts. Keep at least {top_k} (or lower the top-k first)."
+        )
+    if n > num_experts:
+        raise ValueError(f"Cannot keep {n} experts per layer: the model has {num_experts}.")
+    return n
+
+
+def _check_moe(config: ModelConfig) -> tuple[int, ...]:
+    layers = moe_layers(config)
+    if not layers:
+        raise ValueError(f"{config.family} model has no MoE layers; expert transforms need one.")
+    return layers
+
+
+def rank_experts(stats: Mapping, keep, criterion: str = "reap") -> dict:
+    """A pruning plan keeping the ``keep`` highest-scoring experts of every MoE layer.
+
+    Args:
+        stats: ``transforms.calibrate`` output of the model to prune.
+        keep: experts per layer (int) or a fraction of E (float < 1).
+        criterion: a ``stats.expert_scores`` criterion; ties keep the lower index.
+
+    Returns:
+        {"criterion", "num_experts": E, "top_k", "layers": MoE block indices,
+         "keep": {block index: sorted kept expert indices}, "scores": {block: [E] scores}}.
+    """
+    shape = stats["shape"]
+    e, k = shape["num_experts"], shape["num_experts_per_tok"]
+    if not e:
+        raise ValueError("These statistics are of a dense model; expert plans need an MoE model.")
+    n = _budget(keep, e, k)
+    scores = stats_lib.expert_scores(stats, criterion)
+    blocks = [i for i, layer in enumerate(stats["layers"]) if "tokens_per_expert" in layer]
+    kept = {}
+    for row, block in zip(scores, blocks):
+        order = np.lexsort((np.arange(e), -row))  # score descending, then index ascending
+        kept[block] = tuple(sorted(int(j) for j in order[:n]))
+    return {
+        "criterion": criterion,
+        "num_experts": e,
+        "top_k": k,
+        "shape": dict(shape),
+        "keep": kept,
+        "scores": {b: [round(float(s), 6) for s in row] for b, row in zip(blocks, scores)},
+    }
+
+
+def _check_plan(plan: Mapping, config: ModelConfig) -> list[tuple[int, tuple[int, ...]]]:
+    layers = _check_moe(config)
+    if plan.get("shape") is not None:
+        stats_lib.check_stats({"shape": plan["shape"]}, config)
+    if plan["num_experts"] != config.num_experts:
+        raise ValueError(
+            f"The plan is for {plan['num_experts']} experts per layer; the model has "
+            f"{config.num_experts}. Rank the experts on this model's statistics."
+        )
+    keep = {int(b): tuple(int(j) for j in v) for b, v in plan["keep"].items()}
+    if sorted(keep) != list(layers):
+        raise ValueError(f"The plan covers blocks {sorted(keep)}; the MoE blocks are {layers}.")
+    sizes = {len(v) for v in keep.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"The plan keeps {sorted(sizes)} experts in different layers; a model has one "
+            "num_experts, so keep the same number in every layer."
+        )
+    for b, v in keep.items():
+        _budget(len(v), config.num_experts, config.num_experts_per_tok)
+        if len(set(v)) != len(v) or min(v) < 0 or max(v) >= config.num_experts:
+            raise ValueError(f"Block {b}: kept experts {v} must be distinct indices < E.")
+    return sorted(keep.items())
+
+
+def prune_experts(params: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
+    """Keep ``plan["keep"][block]`` experts of every MoE block: router columns and the leading
+    expert axis of gate/up [E, D, F] and down [E, F, D] are sliced in sorted order; shared
+    experts, attention and dense blocks are unchanged. ``params`` is not modified."""
+    out = {**params, "layers": dict(params["layers"])}
+    keep = _check_plan(plan, config)
+    for block, kept in keep:
+        idx = np.asarray(sorted(kept))
+        mlp = dict(out["layers"][block]["mlp"])
+        mlp["router"] = jnp.asarray(mlp["router"])[:, idx]
+        for name in _EXPERT_KEYS:
+            mlp[name] = jnp.asarray(mlp[name])[idx]
+        out["layers"][block] = {**out["layers"][block], "mlp": mlp}
+    return out, config.replace(num_experts=len(keep[0][1]))
+
+
+# ------------------------------------------------------------------------------------- NAEE
+
+
+def _routed_output(logits, outputs, allowed, k, normalize):
+    """MoE output (routed part) with experts outside ``allowed`` [E] bool removed and tokens
+    re-routed among the rest: logits [N, E], outputs [N, E, D] -> [N, D]."""
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    combine, _ = moe_lib.route(masked[None], k, normalize)
+    return jnp.einsum("ne,ned->nd", combine[0], outputs)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _subset_errors(logits, outputs, full, masks, k, normalize):
+    """||Z - Z_S||_F for each keep-set mask [S, E] -> [S]."""
+    z = jax.vmap(lambda a: _routed_output(logits, outputs, a, k, normalize))(masks)
+    return jnp.sqrt(jnp.sum((z - full[None]) ** 2, axis=(1, 2)))
+
+
+def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
+    """NAEE-style plan: per MoE layer, the keep-set minimising ||Z - Z_S||_F on calibration tokens.
+
+    Z is the layer's routed output with all experts, Z_S with only the experts in S (the dropped
+    logits set to -inf and tokens re-routed). Every keep-set is tried when there are at most
+    ``max_subsets`` of them (C(E, keep)); otherwise experts are removed greedily, one at a time,
+    each time the one whose removal raises the error least. Layer inputs come from the unpruned
+    model (the one-shot variant of Lu et al., 2024).
+    """
+    c = model.config
+    blocks = _check_moe(c)
+    n = _budget(keep, c.num_experts, c.num_experts_per_tok)
+    inputs = _moe_inputs(model, batches)  # {block: [N, D]}
+    kept = {}
+    for block in blocks:
+        mlp = model.layers[block].mlp
+        x = inputs[block][None]
+        logits = mlp.router_logits(x)[0]
+        outs = mlp.expert_outputs(x)[0].astype(jnp.float32)
+        k, norm = c.num_experts_per_tok, c.norm_topk_prob
+        full = _routed_output(logits, outs, jnp.ones(c.num_experts, bool), k, norm)
+        errors = lambda masks, lg=logits, o=outs, z=full, k=k, nm=norm: np.asarray(
+            _subset_errors(lg, o, z, jnp.asarray(masks), k, nm)
+        )
+        e = c.num_experts
+        if math.comb(e, n) <= max_subsets:
+            subsets = list(itertools.combinations(range(e), n))
+            masks = np.zeros((len(subsets), e), bool)
+            for i, s in enumerate(subsets):
+                masks[i, list(s)] = True
+            kept[block] = tuple(subsets[int(np.argmin(errors(masks)))])
+        else:
+            alive = list(range(e))
+            while len(alive) > n:
+                masks = np.zeros((len(alive), e), bool)
+                for i, drop in enumerate(alive):
+                    masks[i, [j for j in alive if j != drop]] = True
+                alive.remove(alive[int(np.argmin(errors(masks)))])
+            kept[block] = tuple(alive)
+    return {
+        "criterion": "naee",
+        "num_experts": c.num_experts,
+        "top_k": c.num_experts_per_tok,
+        "shape": stats_lib.shape_key(c),
+        "keep": kept,
+    }
+
+
+def _moe_inputs(model, batches) -> dict[int, jax.Array]:
+    """{MoE block: [N, D] inputs of its MoE FFN over the valid calibration tokens}."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def run(params, ids, pos, seg):
+        m = nnx.merge(graphdef, params)
+        captured = {}
+        x = jnp.take(m.embed[...], ids, axis=0).astype(m.config.dtype)
+        if m.config.embed_scale:
+            x = x * jnp.asarray(np.sqrt(m.config.hidden_size), x.dtype)
+        for i, block in enumerate(m.layers):
+            h, _, _ = block.attn(block.attn_norm(x), pos, seg)
+            if block.post_attn_norm is not None:
+                h = block.post_attn_norm(h)
+            x = x + h
+            m_in = block.mlp_norm(x)
+            if isinstance(block.mlp, moe_lib.MoE):
+                captured[i] = m_in
+                y, _ = block.mlp(m_in, seg != 0)
+            else:
+                y = block.mlp(m_in)
+            if block.post_mlp_norm is not None:
+                y = block.post_mlp_norm(y)
+            x = x + y
+        return captured
+
+    got: dict[int, list] = {}
+    for batch in batches:
+        ids, pos, seg = stats_lib._as_batch(batch)
+        valid = seg.reshape(-1) != 0
+        for i, v in run(params, ids, pos, seg).items():
+            got.setdefault(i, []).append(np.asarray(v).reshape(-1, v.shape[-1])[valid])
+    if not got:
+        raise ValueError("naee_plan got no calibration batches.")
+    return {i: jnp.asarray(np.concatenate(v)) for i, v in got.items()}
+
+
+# ---------------------------------------------------------------------------------- merging
+
+
+def align_expert(ref: Mapping, other: Mapping) -> tuple[dict, np.ndarray]:
+    """Permute ``other``'s hidden units to match ``ref``'s (METHODS.md 7.5).
+
+    Args:
+        ref, other: {"gate_proj": [D, F], "up_proj": [D, F], "down_proj": [F, D]}.
+
+    Returns:
+        (other with gate/up columns and down rows permuted, perm [F]) minimising
+        sum_m ||g_ref[:, m] - g[:, perm m]||^2 + ||u_ref[:, m] - u[:, perm m]||^2
+        + ||d_ref[m] - d[perm m]||^2 (an exact assignment problem; the expert's function is
+        unchanged by the permutation).
+    """
+    g0, u0, d0 = (np.asarray(ref[k], np.float64) for k in _EXPERT_KEYS)
+    g1, u1, d1 = (np.asarray(other[k], np.float64) for k in _EXPERT_KEYS)
+
+    def sq(a, b):  # [F, X], [F, X] -> [F, F] squared distances of rows
+        return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+
+    cost = sq(g0.T, g1.T) + sq(u0.T, u1.T) + sq(d0, d1)
+    _, perm = scipy.optimize.linear_sum_assignment(cost)
+    out = {
+        "gate_proj": jnp.asarray(other["gate_proj"])[:, perm],
+        "up_proj": jnp.asarray(other["up_proj"])[:, perm],
+        "down_proj": jnp.asarray(other["down_proj"])[perm],
+    }
+    return out, perm
+
+
+def plan_merge(
+    stats: Mapping,
+    keep,
+    *,
+    criterion: str = "frequency",
+    similarity: str = "router_logits",
+    preserve_fraction: float = 0.0,
+) -> dict:
+    """A merging plan: per MoE layer, ``keep`` groups of experts.
+
+    The top round(preserve_fraction * keep) experts by ``criterion`` are singleton groups
+    (preserved intact); the next-ranked ones among the rest are the dominants of the remaining
+    groups, and every other expert joins the dominant it is most similar to (``similarity``:
+    "router_logits", MC-SMoE, or "outputs", HC-SMoE). preserve_fraction = 1 is pruning by the
+    ranking; 0 is pure merging.
+
+    Returns:
+        {"num_experts", "top_k", "shape", "groups": {block: [[dominant, member, ...], ...]},
+         "weights": {block: [E] frequencies}, ...}.
+    """
+    if not 0.0 <= preserve_fraction <= 1.0:
+        raise ValueError(f"preserve_fraction={preserve_fraction} must be in [0, 1].")
+    shape = stats["shape"]
+    e, k = shape["num_experts"], shape["num_experts_per_tok"]
+    if not e:
+        raise ValueError("These statistics are of a dense model; expert plans need an MoE model.")
+    n = _budget(keep, e, k)
+    scores = stats_lib.expert_scores(stats, criterion)
+    freqs = stats_lib.expert_scores(stats, "frequency")
+    sims = {
+        "router_logits": stats_lib.router_similarity,
+        "outputs": stats_lib.output_similarity,
+    }.get(similarity)
+    if sims is None:
+        raise ValueError(f"similarity={similarity!r}: use 'router_logits' or 'outputs'.")
+    sims = sims(stats)
+    blocks = [i for i, layer in enumerate(stats["layers"]) if "tokens_per_expert" in layer]
+    groups, weights = {}, {}
+    n_keep = int(round(preserve_fraction * n))
+    for row, freq, sim, block in zip(scores, freqs, sims, blocks):
+        order = [int(j) for j in np.lexsort((np.arange(e), -row))]
+        preserved, rest = order[:n_keep], order[n_keep:]
+        dominants = rest[: n - n_keep]
+        members = {d: [d] for d in dominants}
+        if dominants:
+            for j in rest[n - n_keep :]:
+                best = max(dominants, key=lambda d: (sim[j, d], -d))
+                members[best].append(j)
+        layer_groups = [[p] for p in preserved] + [members[d] for d in dominants]
+        groups[block] = sorted(layer_groups, key=lambda g: g[0])
+        weights[block] = [float(f) for f in freq]
+    return {
+        "criterion": criterion,
+        "similarity": similarity,
+        "preserve_fraction": preserve_fraction,
+        "num_experts": e,
+        "top_k": k,
+        "shape": dict(shape),
+        "groups": groups,
+        "weights": weights,
+    }
+
+
+def _merge_group(experts: Mapping, group, weights, align: bool) -> dict:
+    """Frequency-weighted average of the group's experts, aligned to its first (dominant)."""
+    d = group[0]
+    ref = {k: experts[k][d] for k in _EXPERT_KEYS}
+    if len(group) == 1:
+        return ref
+    w = np.asarray([weights[j] for j in group], np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(group), 1.0 / len(group))
+    acc = {k: np.asarray(ref[k], np.float64) * w[0] for k in _EXPERT_KEYS}
+    for wi, j in zip(w[1:], group[1:]):
+        other = {k: experts[k][j] for k in _EXPERT_KEYS}
+        if align:
+            other, _ = align_expert(ref, other)
+        for k in _EXPERT_KEYS:
+            acc[k] += wi * np.asarray(other[k], np.float64)
+    return {k: jnp.asarray(acc[k], experts[k].dtype) for k in _EXPERT_KEYS}
+
+
+def merge_experts(
+    params: dict,
+    config: ModelConfig,
+    plan: Mapping,
+    *,
+    align: bool = True,
+    router: str = "dominant",
+) -> tuple[dict, ModelConfig]:
+    """Merge every group of ``plan`` (``plan_merge``) into one expert (module docstring).
+
+    Args:
+        align: permutation-align members to the dominant before averaging.
+        router: "dominant" (E' = number of groups experts, each routed by its dominant's
+            column) or "tie" (E slots kept, members share the merged weights).
+    """
+    if router not in ("dominant", "tie"):
+        raise ValueError(f"router={router!r}: use 'dominant' or 'tie'.")
+    blocks = _check_moe(config)
+    stats_lib.check_stats({"shape": plan["shape"]}, config)
+    groups = {int(b): [list(map(int, g)) for g in v] for b, v in plan["groups"].items()}
+    if sorted(groups) != list(blocks):
+        raise ValueError(f"The plan covers blocks {sorted(groups)}; the MoE blocks are {blocks}.")
+    out = {**params, "layers": dict(params["layers"])}
+    sizes = set()
+    for block, layer_groups in groups.items():
+        mlp = dict(out["layers"][block]["mlp"])
+        experts = {k: jnp.asarray(mlp[k]) for k in _EXPERT_KEYS}
+        merged = [_merge_group(experts, g, plan["weights"][block], align) for g in layer_groups]
+        if router == "dominant":
+            _budget(len(layer_groups), config.num_experts, config.num_experts_per_tok)
+            sizes.add(len(layer_groups))
+            for k in _EXPERT_KEYS:
+                mlp[k] = jnp.stack([m[k] for m in merged])
+            mlp["router"] = jnp.asarray(mlp["router"])[:, [g[0] for g in layer_groups]]
+        else:
+            covered = sorted(j for g in layer_groups for j in g)
+            if covered != list(range(config.num_experts)):
+                raise ValueError(
+                    f"router='tie' keeps every expert slot, so every expert must be in a group; "
+                    f"block {block} groups cover {covered}. Use router='dominant' to drop experts."
+                )
+            for k in _EXPERT_KEYS:
+                slots = list(experts[k])
+                for g, m in zip(layer_groups, merged):
+                    for j in g:
+                        slots[j] = m[k]
+                mlp[k] = jnp.stack(slots)
+        out["layers"][block] = {**out["layers"][block], "mlp": mlp}
+    if router == "tie":
+        return out, config
+    if len(sizes) != 1:
+        raise ValueError(f"The plan merges to {sorted(sizes)} experts in different layers.")
+    return out, config.replace(num_experts=sizes.pop())
