@@ -383,7 +383,10 @@ def merge_experts(
         raise ValueError(f"router={router!r}: use 'dominant' or 'tie'.")
     blocks = _check_moe(config)
     stats_lib.check_stats({"shape": plan["shape"]}, config)
-    groups = {int(b): [list(map(int, g)) for g in v] for b, v in plan["groups"].items()}
+    groups = {  # slots in the order of each group's dominant (first) expert
+        int(b): sorted(([int(j) for j in g] for g in v), key=lambda g: g[0])
+        for b, v in plan["groups"].items()
+    }
     if sorted(groups) != list(blocks):
         raise ValueError(f"The plan covers blocks {sorted(groups)}; the MoE blocks are {blocks}.")
     out = {**params, "layers": dict(params["layers"])}
