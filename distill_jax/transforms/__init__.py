@@ -13,7 +13,7 @@ from distill_jax.transforms.experts import (
     prune_experts,
     rank_experts,
 )
-from distill_jax.transforms.moefy import moefy, upcycle
+from distill_jax.transforms.moefy import moefication, upcycle
 from distill_jax.transforms.params import to_model, to_params
 from distill_jax.transforms.stats import (
     block_importance,

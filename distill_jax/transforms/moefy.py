@@ -4,8 +4,8 @@ r"""Dense FFN -> mixture of experts (METHODS.md 7.9).
   FFN becomes E identical experts plus a new router. With the top-k gates renormalised
   (``norm_topk_prob=True``) the selected gates sum to one, so the upcycled model's output equals
   the dense model's for any router; training (KD + load balancing) then lets experts diverge.
-* ``moefy``: MoEfication (Zhang et al., 2022, "MoEfication: Transformer Feed-forward Layers are
-  Mixtures of Experts", ACL Findings): the F neurons of each FFN are split into E groups of F/E
+* ``moefication``: MoEfication (Zhang et al., 2022, "MoEfication: Transformer Feed-forward Layers
+  are Mixtures of Experts", ACL Findings): the F neurons of each FFN are split into E groups of F/E
   by balanced k-means on their (normalised) gate and up weight vectors; expert e is the FFN
   restricted to group e, and the sum over all groups is the dense FFN. The router's column e
   is the mean gate vector of group e times ``router_scale`` (a token's logit is then its mean
@@ -114,7 +114,7 @@ def balanced_kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) ->
     return labels
 
 
-def moefy(
+def moefication(
     params: dict,
     config: ModelConfig,
     num_experts: int,

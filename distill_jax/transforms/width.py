@@ -91,8 +91,8 @@ def prune_heads(
     stats_lib.check_stats(stats, config)
     k_old, g_old = config.num_kv_heads, config.num_heads // config.num_kv_heads
     k_new = k_old if num_kv_heads is None else int(num_kv_heads)
-    _divides("num_kv_heads", k_new, tensor_parallel)
     _divides("num_heads", num_heads, tensor_parallel)
+    _divides("num_kv_heads", k_new, tensor_parallel)
     if k_new > k_old or num_heads % k_new or num_heads // k_new > g_old:
         raise ValueError(
             f"num_heads={num_heads}, num_kv_heads={k_new}: need num_kv_heads <= {k_old} and "
