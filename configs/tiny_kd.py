@@ -2,7 +2,9 @@ r"""Tiny random teacher -> tinier random student on KJV bytes: the trainer's tes
 
     python -m distill_jax.main --config configs/tiny_kd.py:steps=8 --workdir /tmp/tiny
 
-Seconds on a CPU. Presets: steps, teacher (online | ema | none), micro_batches.
+Seconds on a CPU. Presets: steps, teacher (online | ema | none), micro_batches, prune (a
+2-block student pruned progressively while it is distilled: FFN 128 -> 96 after step 3, 4 -> 2
+query heads after step 5, 2 -> 1 blocks after step 7).
 """
 
 import ml_collections as mlc
@@ -11,7 +13,7 @@ from distill_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, steps=8, teacher="online", micro_batches=1)
+    arg = config_lib.parse_arg(arg, steps=8, teacher="online", micro_batches=1, prune=False)
     c = mlc.ConfigDict()
     c.seed = 0
     arch = dict(
@@ -25,7 +27,14 @@ def get_config(arg=None):
         max_position_embeddings=512,
     )
     c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2), decay=0.9)
-    c.student = dict(init="random", config=dict(arch, num_layers=1))
+    c.student = dict(init="random", config=dict(arch, num_layers=2 if arg.prune else 1))
+    if arg.prune:
+        c.prune_schedule = [
+            dict(step=3, kind="ffn", intermediate_size=96),
+            dict(step=5, kind="heads", num_heads=2),
+            dict(step=7, kind="blocks", keep_layers=1),
+        ]
+        c.calibration_batches = 2
     c.data = dict(
         source="kjv",
         tokenizer="byte",

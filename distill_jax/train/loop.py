@@ -46,6 +46,9 @@ from distill_jax.models.transformer import Transformer
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 from distill_jax.transforms import drop_layers
+from distill_jax.transforms import params as transform_params
+from distill_jax.transforms import schedule as prune_schedule
+from distill_jax.transforms import stats as transform_stats
 
 ASSETS = {"smollm2": _assets.smollm2_gguf_path, "gemma3": _assets.gemma3_gguf_path}
 TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "none")
@@ -324,11 +327,37 @@ def train(config, workdir: str) -> dict:
     # --- loss spec (unknown terms fail here, before anything is loaded)
     options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
     spec = compose.LossSpec.from_config(c.losses, options)
+    stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
+    tensor_size = int(mesh.shape["tensor"])
+    if stages and c.teacher.get("kind") == "ema":
+        raise ValueError(
+            "prune_schedule with an EMA teacher: the teacher would change shape with the "
+            "student; use an online teacher (the unpruned model) for progressive pruning."
+        )
 
     # --- models and data
     split, tokenizer, train_batches = _data(c)
     student = build_model(c.student, "student", seed)
     bridge = train_batches.collator if c.get("bridge") else None
+
+    def calibration_batches():  # fixed training batches: the same on every (re)start
+        if bridge is not None:
+            raise ValueError("Pruning by calibration statistics is not wired to config.bridge.")
+        return make_batches(
+            c.data,
+            split["train"],
+            tokenizer,
+            num_epochs=1,
+            num_batches=int(c.get("calibration_batches", 4)),
+            seed=seed + 1000,
+        )
+
+    for stage in c.student.get("prune") or ():  # one-shot pruning before distillation
+        stats = transform_stats.calibrate(student, calibration_batches())
+        plan = prune_schedule.make_plan(stage, stats, student.config, tensor_size)
+        student = transform_params.to_model(
+            *prune_schedule.apply_plan(*transform_params.to_params(student), plan)
+        )
     data_settings = train_batches.config if bridge else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
     vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
@@ -336,7 +365,7 @@ def train(config, workdir: str) -> dict:
     # --- state
     tokens_per_step = shape[0] * shape[1]
     tx, schedule = state_lib.make_optimizer(c.optimizer, c.train.steps, tokens_per_step)
-    graphdef, student_params = teachers.split_model(student)
+    _, student_params = teachers.split_model(student)
     loss_params = compose.init_params(
         spec,
         jax.random.key(seed + 7),
@@ -356,35 +385,43 @@ def train(config, workdir: str) -> dict:
         ema=teacher is not None and teacher.kind == "ema",
     )
 
-    # --- shard
-    axes = sharding.param_logical_axes(student)
-    state_sharding = step_lib.state_shardings(state, mesh, rules, axes)
-    state = jax.device_put(state, state_sharding)
+    # --- shard and compile (again after each progressive pruning stage)
     teacher_params = teacher.params() if teacher is not None else None
     teacher_sharding = None
     if teacher_params is not None:  # the teacher may have its own rules (e.g. plain FSDP)
         teacher_rules = tuple(tuple(r) for r in c.teacher.get("rules", rules))
         teacher_sharding = teacher.shardings(mesh, teacher_rules)
         teacher_params = jax.device_put(teacher_params, teacher_sharding)
-
-    # --- step
-    step_fn = step_lib.make_distill_step(
-        student_graphdef=graphdef,
-        teacher=teacher,
-        spec=spec,
-        tx=tx,
-        micro_batches=c.train.get("micro_batches", 1),
-        remat=c.train.get("remat", False),
-        vocab_mask=vocab_mask,
-    )
     cached = teacher is not None and teacher.kind == "cached"
     batch_shardings = _batch_shardings(mesh, rules, cached, bridge is not None)
-    jitted = step_lib.jit_step(
-        step_fn,
-        state_sharding=state_sharding,
-        teacher_sharding=teacher_sharding,
-        batch_sharding=batch_shardings,
-    )
+
+    def compile_for(student_config, state_like):
+        """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
+        state (or its shapes) ``state_like``."""
+        abstract = nnx.eval_shape(lambda: Transformer(student_config, rngs=nnx.Rngs(0)))
+        graphdef, _ = teachers.split_model(abstract)
+        axes = sharding.param_logical_axes(abstract)
+        state_sharding = step_lib.state_shardings(state_like, mesh, rules, axes)
+        step_fn = step_lib.make_distill_step(
+            student_graphdef=graphdef,
+            teacher=teacher,
+            spec=spec,
+            tx=tx,
+            micro_batches=c.train.get("micro_batches", 1),
+            remat=c.train.get("remat", False),
+            vocab_mask=vocab_mask,
+        )
+        jitted = step_lib.jit_step(
+            step_fn,
+            state_sharding=state_sharding,
+            teacher_sharding=teacher_sharding,
+            batch_sharding=batch_shardings,
+        )
+        return graphdef, state_sharding, jitted
+
+    graphdef, state_sharding, jitted = compile_for(student.config, state)
+    state = jax.device_put(state, state_sharding)
+    student_config, plans = student.config, []
 
     # --- checkpoint
     manager = ocp.CheckpointManager(
@@ -401,7 +438,7 @@ def train(config, workdir: str) -> dict:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(train_batches.get_state()),
-                meta=ocp.args.JsonSave(meta),
+                meta=ocp.args.JsonSave({**meta, "prune_plans": plans}),
             ),
             force=True,
         )
@@ -416,8 +453,14 @@ def train(config, workdir: str) -> dict:
                 f"The checkpoints in {workdir!r} are of another student model "
                 f"({saved_meta['student']}); use a new workdir for this config."
             )
+        plans = list(saved_meta.get("prune_plans") or [])
+        if plans:  # the checkpoint is of the student after these pruning stages
+            shapes, student_config = prune_schedule.replay(state, student.config, plans)
+            graphdef, state_sharding, jitted = compile_for(student_config, shapes)
+        else:
+            shapes = state
         abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding
         )
         restored = manager.restore(
             start,
@@ -438,9 +481,12 @@ def train(config, workdir: str) -> dict:
 
     # --- eval
     held_out = split["validation"]
-    eval_fn = make_eval_fn(graphdef, teacher, vocab_mask)
+    eval_fns = {}
 
     def evaluate(state) -> dict:
+        if graphdef not in eval_fns:
+            eval_fns[graphdef] = make_eval_fn(graphdef, teacher, vocab_mask)
+        eval_fn = eval_fns[graphdef]
         num_batches = c.eval.get("num_batches", 4)
         if bridge is not None:
             batches = itertools.islice(
@@ -456,6 +502,17 @@ def train(config, workdir: str) -> dict:
             sums = eval_fn(state.params["student"], teacher_params, state, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         return summarize_eval(totals)
+
+    def apply_stage(stage, state, config):
+        """Calibrate the current student, plan the stage, slice the state, compile again."""
+        host = jax.device_get(state.params["student"])
+        model = transform_params.to_model(host, config)
+        stats = transform_stats.calibrate(model, calibration_batches())
+        plan = prune_schedule.make_plan(stage, stats, config, tensor_size)
+        plans.append(plan)
+        state, new_config = prune_schedule.transform_state(jax.device_get(state), config, plan)
+        graphdef, state_sharding, jitted = compile_for(new_config, state)
+        return jax.device_put(state, state_sharding), new_config, graphdef, state_sharding, jitted
 
     # --- loop
     is_main = jax.process_index() == 0
@@ -486,6 +543,11 @@ def train(config, workdir: str) -> dict:
             logger.advance(metrics)
             if step % c.train.get("log_every_steps", 1) == 0 or step == c.train.steps:
                 logger.log(step, metrics)
+            for stage in (st for st in stages if int(st["step"]) == step):
+                state, student_config, graphdef, state_sharding, jitted = apply_stage(
+                    stage, state, student_config
+                )
+                logger.log(step, {"prune_params": float(num_student_params(state))}, "event")
             if c.eval.get("every_steps") and step % c.eval.every_steps == 0:
                 result = evaluate(state)
                 logger.log(step, result, "eval")
@@ -507,9 +569,13 @@ def train(config, workdir: str) -> dict:
 
     # --- export
     if c.train.get("export", False) and is_main:
-        model = nnx.merge(graphdef, nnx.State(jax.device_get(state.params["student"])))
+        model = transform_params.to_model(jax.device_get(state.params["student"]), student_config)
         save_pretrained(model, os.path.join(workdir, "export"))
     return result
+
+
+def num_student_params(state) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(state.params["student"]))
 
 
 # ---------------------------------------------------------------------------------- eval

@@ -74,16 +74,15 @@ def _slice(params: dict, axes: Mapping[str, tuple], prefix: str, name: str, idx)
     return walk(params, "")
 
 
-def prune_heads(
-    params: dict,
-    config: ModelConfig,
+def head_plan(
     stats: Mapping,
+    config: ModelConfig,
     num_heads: int,
     *,
     num_kv_heads: int | None = None,
     tensor_parallel: int = 1,
-) -> tuple[dict, ModelConfig]:
-    """Keep ``num_heads`` query heads (and ``num_kv_heads`` KV heads, default all) per layer.
+) -> dict:
+    """{"kind": "heads", "heads": {layer: kept query heads}, "kv_heads": {layer: kept KV heads}}.
 
     Within each kept KV group the group's num_heads / num_kv_heads most important query heads
     stay, in their original order; KV groups are ranked by the sum of their heads' importance.
@@ -100,27 +99,19 @@ def prune_heads(
         )
     g_new = num_heads // k_new
     imp = stats_lib.head_importance(stats)  # [L, N]
-    axes = param_axes(config)
-    out = params
+    heads, kvs = {}, {}
     for layer in range(config.num_layers):
         groups = imp[layer].reshape(k_old, g_old)
         kv = _top(groups.sum(1), k_new)
-        heads = np.concatenate([kv_i * g_old + _top(groups[kv_i], g_new) for kv_i in kv])
-        prefix = f"layers/{layer}/attn/"
-        out = _slice(out, axes, prefix, "heads", heads)
-        out = _slice(out, axes, prefix, "kv_heads", kv)
-    return out, config.replace(num_heads=num_heads, num_kv_heads=k_new)
+        kvs[layer] = [int(i) for i in kv]
+        heads[layer] = [int(i * g_old + h) for i in kv for h in _top(groups[i], g_new)]
+    return {"kind": "heads", "heads": heads, "kv_heads": kvs}
 
 
-def prune_ffn(
-    params: dict,
-    config: ModelConfig,
-    stats: Mapping,
-    intermediate_size: int,
-    *,
-    tensor_parallel: int = 1,
-) -> tuple[dict, ModelConfig]:
-    """Keep the ``intermediate_size`` most important FFN neurons of every (dense) block."""
+def ffn_plan(
+    stats: Mapping, config: ModelConfig, intermediate_size: int, *, tensor_parallel: int = 1
+) -> dict:
+    """{"kind": "ffn", "keep": {layer: the intermediate_size most important neurons}}."""
     stats_lib.check_stats(stats, config)
     _divides("intermediate_size", intermediate_size, tensor_parallel)
     if intermediate_size > config.intermediate_size:
@@ -128,27 +119,64 @@ def prune_ffn(
             f"intermediate_size={intermediate_size} exceeds the model's {config.intermediate_size}."
         )
     imp = stats_lib.ffn_importance(stats)  # [L, F]
-    axes = param_axes(config)
-    out = params
-    for layer in range(config.num_layers):
-        out = _slice(out, axes, f"layers/{layer}/mlp/", "mlp", _top(imp[layer], intermediate_size))
-    return out, config.replace(intermediate_size=intermediate_size)
+    return {
+        "kind": "ffn",
+        "keep": {i: [int(j) for j in _top(imp[i], intermediate_size)] for i in range(len(imp))},
+    }
 
 
-def prune_embed(
-    params: dict,
-    config: ModelConfig,
-    stats: Mapping,
-    hidden_size: int,
-    *,
-    tensor_parallel: int = 1,
-) -> tuple[dict, ModelConfig]:
-    """Keep the ``hidden_size`` most important embedding channels everywhere."""
+def embed_plan(
+    stats: Mapping, config: ModelConfig, hidden_size: int, *, tensor_parallel: int = 1
+) -> dict:
+    """{"kind": "embed", "keep": the hidden_size most important embedding channels}."""
     stats_lib.check_stats(stats, config)
     _divides("hidden_size", hidden_size, tensor_parallel)
     if hidden_size > config.hidden_size:
         raise ValueError(f"hidden_size={hidden_size} exceeds the model's {config.hidden_size}.")
     keep = _top(stats_lib.embed_importance(stats), hidden_size)
-    return _slice(params, param_axes(config), "", "embed", keep), config.replace(
-        hidden_size=hidden_size
+    return {"kind": "embed", "keep": [int(j) for j in keep]}
+
+
+def apply_width(params: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
+    """Slice ``params`` (or any tree shaped like them, e.g. Adam moments) by a width plan."""
+    axes = param_axes(config)
+    kind = plan["kind"]
+    if kind == "heads":
+        out = params
+        for layer, heads in plan["heads"].items():
+            prefix = f"layers/{layer}/attn/"
+            out = _slice(out, axes, prefix, "heads", heads)
+            out = _slice(out, axes, prefix, "kv_heads", plan["kv_heads"][layer])
+        some = next(iter(plan["heads"].values()))
+        k = len(next(iter(plan["kv_heads"].values())))
+        return out, config.replace(num_heads=len(some), num_kv_heads=k)
+    if kind == "ffn":
+        out = params
+        for layer, keep in plan["keep"].items():
+            out = _slice(out, axes, f"layers/{layer}/mlp/", "mlp", keep)
+        size = len(next(iter(plan["keep"].values())))
+        return out, config.replace(intermediate_size=size)
+    if kind == "embed":
+        out = _slice(params, axes, "", "embed", plan["keep"])
+        return out, config.replace(hidden_size=len(plan["keep"]))
+    raise ValueError(f"Not a width plan: kind={kind!r}.")
+
+
+def prune_heads(params, config, stats, num_heads, *, num_kv_heads=None, tensor_parallel=1):
+    """``head_plan`` then ``apply_width``: keep ``num_heads`` (and ``num_kv_heads``) per layer."""
+    plan = head_plan(
+        stats, config, num_heads, num_kv_heads=num_kv_heads, tensor_parallel=tensor_parallel
     )
+    return apply_width(params, config, plan)
+
+
+def prune_ffn(params, config, stats, intermediate_size, *, tensor_parallel=1):
+    """``ffn_plan`` then ``apply_width``: the most important FFN neurons of every block."""
+    plan = ffn_plan(stats, config, intermediate_size, tensor_parallel=tensor_parallel)
+    return apply_width(params, config, plan)
+
+
+def prune_embed(params, config, stats, hidden_size, *, tensor_parallel=1):
+    """``embed_plan`` then ``apply_width``: the most important embedding channels everywhere."""
+    plan = embed_plan(stats, config, hidden_size, tensor_parallel=tensor_parallel)
+    return apply_width(params, config, plan)

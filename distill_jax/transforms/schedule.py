@@ -1,0 +1,121 @@
+r"""Structural transforms as index plans, and progressive pruning schedules (METHODS.md 7.10).
+
+Every pruning transform here is split into a *plan* (computed from calibration statistics: which
+indices survive; JSON data) and an *application* that only slices. Because the application
+depends on the indices alone, the same plan slices the student's parameters, its Adam moments
+(``transform_state``: the optimizer state stays aligned with the parameters) and an EMA copy,
+and a checkpoint that records the plans applied so far can be restored exactly: the trainer
+replays them on the initial model's shapes and restores into the result.
+
+A schedule is a list of stages ``{"step": s, "kind": ..., target}``: after optimizer step s the
+student is calibrated, the stage is planned and applied, and the train step is compiled again for
+the new shapes. Kinds and targets:
+
+    blocks   keep_layers=n       (depth.rank_blocks: block importance)
+    ffn      intermediate_size=F (width.ffn_plan)
+    heads    num_heads=N [, num_kv_heads=K]
+    embed    hidden_size=D
+    experts  keep=E' [, criterion="reap"]  (experts.rank_experts)
+
+Staged pruning reaches the target shape in steps with distillation in between; SlimQwen reports
+that it beats one-shot pruning at equal tokens (arXiv:2605.08738); Minitron advises <= 1/3 of the
+parameters per step (Muralidharan et al., 2024, arXiv:2407.14679).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from distill_jax.models.config import ModelConfig
+from distill_jax.transforms import depth, experts, width
+
+KINDS = ("blocks", "ffn", "heads", "embed", "experts")
+
+
+def make_plan(stage: Mapping, stats: Mapping, config: ModelConfig, tensor_parallel: int = 1):
+    """The index plan of one stage for a model of ``config`` measured by ``stats``."""
+    kind = stage.get("kind")
+    tp = dict(tensor_parallel=tensor_parallel)
+    if kind == "blocks":
+        return {"kind": "blocks", "keep": list(depth.rank_blocks(stats, int(stage["keep_layers"])))}
+    if kind == "ffn":
+        return width.ffn_plan(stats, config, int(stage["intermediate_size"]), **tp)
+    if kind == "heads":
+        return width.head_plan(
+            stats, config, int(stage["num_heads"]), num_kv_heads=stage.get("num_kv_heads"), **tp
+        )
+    if kind == "embed":
+        return width.embed_plan(stats, config, int(stage["hidden_size"]), **tp)
+    if kind == "experts":
+        plan = experts.rank_experts(stats, int(stage["keep"]), stage.get("criterion", "reap"))
+        return {"kind": "experts", **{k: plan[k] for k in ("num_experts", "keep", "shape")}}
+    raise ValueError(f"Unknown pruning stage kind {kind!r}; use one of {KINDS}.")
+
+
+def apply_plan(tree: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
+    """Slice a parameter-shaped tree by an index plan; returns (tree, new config)."""
+    kind = plan["kind"]
+    if kind == "blocks":
+        return depth.prune_blocks(tree, config, [int(i) for i in plan["keep"]])
+    if kind in ("ffn", "heads", "embed"):
+        return width.apply_width(tree, config, plan)
+    if kind == "experts":
+        return experts.prune_experts(tree, config, plan)
+    raise ValueError(f"Unknown plan kind {kind!r}; use one of {KINDS}.")
+
+
+def _is_student_slot(x) -> bool:
+    return isinstance(x, dict) and "student" in x and "loss" in x
+
+
+def transform_state(state, config: ModelConfig, plan: Mapping):
+    """(TrainState with the student's parameters, every parameter-shaped optimizer slot and the
+    EMA sliced by ``plan``, new student config). Step, rng and loss state are unchanged."""
+    new_config = None
+
+    def slot(x):
+        nonlocal new_config
+        if _is_student_slot(x):
+            tree, new_config = apply_plan(x["student"], config, plan)
+            return {**x, "student": tree}
+        return x
+
+    params = slot(state.params)
+    opt_state = jax.tree.map(slot, state.opt_state, is_leaf=_is_student_slot)
+    ema = apply_plan(state.ema, config, plan)[0] if state.ema is not None else None
+    return state.replace(params=params, opt_state=opt_state, ema=ema), new_config
+
+
+def check_schedule(stages: Sequence[Mapping], total_steps: int) -> list[dict]:
+    """Validate a schedule before anything is built: kinds, increasing steps inside the run."""
+    out, last = [], 0
+    for i, stage in enumerate(stages):
+        stage = dict(stage)
+        if stage.get("kind") not in KINDS:
+            raise ValueError(f"prune_schedule[{i}].kind={stage.get('kind')!r}: use one of {KINDS}.")
+        step = int(stage.get("step", -1))
+        if not last < step < total_steps:
+            raise ValueError(
+                f"prune_schedule[{i}].step={step}: stages need increasing steps in "
+                f"(0, train.steps={total_steps}); give each stage a later step than the last."
+            )
+        last = step
+        out.append(stage)
+    return out
+
+
+def replay(state_shapes, config: ModelConfig, plans: Sequence[Mapping]):
+    """Abstract state and config after ``plans`` (for restoring a checkpoint taken after them)."""
+    for plan in plans:
+        new = []
+
+        def run(s, p=plan, c=config, out=new):
+            state, cfg = transform_state(s, c, p)
+            out.append(cfg)
+            return state
+
+        state_shapes = jax.eval_shape(run, state_shapes)
+        config = new[0]
+    return state_shapes, config
