@@ -352,11 +352,17 @@ def train(config, workdir: str) -> dict:
             seed=seed + 1000,
         )
 
-    for stage in c.student.get("prune") or ():  # one-shot pruning before distillation
-        stats = transform_stats.calibrate(student, calibration_batches())
-        plan = prune_schedule.make_plan(stage, stats, student.config, tensor_size)
-        student = transform_params.to_model(
-            *prune_schedule.apply_plan(*transform_params.to_params(student), plan)
+    for i, stage in enumerate(c.student.get("prune") or ()):  # one-shot, before distillation
+        if stage.get("kind") not in prune_schedule.ONCE_KINDS:
+            raise ValueError(
+                f"student.prune[{i}].kind={stage.get('kind')!r}: use one of "
+                f"{prune_schedule.ONCE_KINDS}."
+            )
+        student = prune_schedule.apply_once(
+            student,
+            stage,
+            lambda m: transform_stats.calibrate(m, calibration_batches()),
+            tensor_size,
         )
     data_settings = train_batches.config if bridge else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)

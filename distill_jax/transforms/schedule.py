@@ -32,6 +32,8 @@ from distill_jax.models.config import ModelConfig
 from distill_jax.transforms import depth, experts, width
 
 KINDS = ("blocks", "ffn", "heads", "embed", "experts")
+# One-shot only (before training): value-dependent transforms whose results are not index plans.
+ONCE_KINDS = KINDS + ("moefication", "upcycle", "merge_experts")
 
 
 def make_plan(stage: Mapping, stats: Mapping, config: ModelConfig, tensor_parallel: int = 1):
@@ -86,6 +88,39 @@ def transform_state(state, config: ModelConfig, plan: Mapping):
     opt_state = jax.tree.map(slot, state.opt_state, is_leaf=_is_student_slot)
     ema = apply_plan(state.ema, config, plan)[0] if state.ema is not None else None
     return state.replace(params=params, opt_state=opt_state, ema=ema), new_config
+
+
+def apply_once(model, stage: Mapping, stats_fn, tensor_parallel: int = 1):
+    """One stage of ``config.student.prune`` (before distillation) on a model: the plan kinds,
+    and ``moefication`` / ``upcycle`` (num_experts, top_k) and ``merge_experts`` (keep,
+    criterion, similarity, preserve_fraction, router). ``stats_fn(model)`` calibrates."""
+    from distill_jax.transforms import moefy, params
+
+    kind = stage.get("kind")
+    p, config = params.to_params(model)
+    if kind == "moefication":
+        return params.to_model(
+            *moefy.moefication(p, config, int(stage["num_experts"]), int(stage["top_k"]))
+        )
+    if kind == "upcycle":
+        return params.to_model(
+            *moefy.upcycle(p, config, int(stage["num_experts"]), int(stage["top_k"]))
+        )
+    stats = stats_fn(model)
+    if kind == "merge_experts":
+        plan = experts.plan_merge(
+            stats,
+            int(stage["keep"]),
+            criterion=stage.get("criterion", "frequency"),
+            similarity=stage.get("similarity", "router_logits"),
+            preserve_fraction=float(stage.get("preserve_fraction", 0.0)),
+        )
+        return params.to_model(
+            *experts.merge_experts(p, config, plan, router=stage.get("router", "dominant"))
+        )
+    if kind not in KINDS:
+        raise ValueError(f"student.prune kind {kind!r}: use one of {ONCE_KINDS}.")
+    return params.to_model(*apply_plan(p, config, make_plan(stage, stats, config, tensor_parallel)))
 
 
 def check_schedule(stages: Sequence[Mapping], total_steps: int) -> list[dict]:
