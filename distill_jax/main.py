@@ -52,6 +52,8 @@ def main(argv):
         result = {"eval": loop.train(_CONFIG.value, _WORKDIR.value)}
     if jax.process_index() == 0:
         print(json.dumps(result))
+        if _MODE.value == "train":
+            print(loop.before_after_table(_WORKDIR.value))
 
 
 if __name__ == "__main__":

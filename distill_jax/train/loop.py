@@ -580,6 +580,28 @@ def train(config, workdir: str) -> dict:
     return result
 
 
+def before_after_table(workdir: str) -> str:
+    """A markdown table of the held-out eval at step 0 and at the last eval of ``workdir``'s
+    metrics (perplexity, NLL, teacher agreement and KL, the teacher's perplexity), or ""."""
+    evals = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "eval/nll" in row:
+                evals[row["step"]] = {k.split("/", 1)[1]: v for k, v in row.items() if "/" in k}
+    if 0 not in evals or len(evals) < 2:
+        return ""
+    keys = [k for k in ("perplexity", "nll", "agreement", "kl") if k in evals[0]]
+    lines = ["| held-out | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    if "teacher_perplexity" in evals[0]:
+        t = evals[0]
+        lines.append(f"| teacher | {t['teacher_perplexity']:.2f} | {t['teacher_nll']:.4f} |")
+    for step in (0, max(evals)):
+        name = "student before training" if step == 0 else f"student after {step} steps"
+        lines.append(f"| {name} | " + " | ".join(f"{evals[step][k]:.4g}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def num_student_params(state) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(state.params["student"]))
 
