@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/alignment.py
+	$(PY) benchmarks/transforms.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -283,7 +283,7 @@ def test_bad_plans_fail_clearly():
 # ------------------------------------------------------------------- transformers parity
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_pruned_model_exports_and_equals_the_same_slice_in_transformers(case, tmp_path):
     ref = hf_reference.build_reference(case, tmp_path / "ref")
     model = dj.models.from_pretrained(tmp_path / "ref")
