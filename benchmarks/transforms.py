@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 from _measure import peak_rss
+from flax import nnx
 
 import distill_jax as dj
 from distill_jax.data import sources
@@ -97,8 +98,9 @@ def main():
     rows = []
     stats = {}
     for name, m in (("SmolLM2-135M (dense)", model), ("MoEfied, 8 experts, top-2", moe)):
-        forward = jax.jit(lambda ids, g=m: g(ids))
-        fwd = _rate(forward, calib)
+        graphdef, state = nnx.split(m)
+        forward = jax.jit(lambda s, ids, g=graphdef: nnx.merge(g, s)(ids))
+        fwd = _rate(lambda ids, s=state, f=forward: f(s, ids), calib)
         t0 = time.perf_counter()
         stats[name] = dj.transforms.calibrate(m, calib[:1])  # compiles
         first = time.perf_counter() - t0

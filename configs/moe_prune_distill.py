@@ -25,7 +25,7 @@ from distill_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, method="reap", steps=30, smoke=False)
+    arg = config_lib.parse_arg(arg, method="reap", steps=20, smoke=False)
     if arg.method not in ("reap", "frequency", "merge"):
         raise ValueError(f"method={arg.method!r}: choose reap, frequency or merge.")
     reduce = (
