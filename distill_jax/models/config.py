@@ -81,6 +81,9 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # >0: shared expert with a sigmoid gate (Qwen2-MoE)
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to one
     moe_layers: tuple[bool, ...] = ()  # per layer; () = every layer is MoE when num_experts > 0
+    # Per-layer expert counts after non-uniform expert pruning (0 on dense layers); () = every
+    # MoE layer has num_experts. transformers has one count per model: such models do not export.
+    experts_per_layer: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.0
     # Numerics: parameters stored in param_dtype, matmuls run in dtype, softmax/norms in float32.
     dtype: str = "float32"
@@ -112,11 +115,32 @@ class ModelConfig:
                 raise ValueError("Sliding-window layers need sliding_window > 0.")
         if self.moe_layers and len(self.moe_layers) != self.num_layers:
             raise ValueError(f"moe_layers needs one flag per layer ({self.num_layers}).")
+        if self.experts_per_layer:
+            if len(self.experts_per_layer) != self.num_layers:
+                raise ValueError(
+                    f"experts_per_layer needs one count per layer ({self.num_layers})."
+                )
+            small = [
+                i
+                for i in range(self.num_layers)
+                if self.is_moe(i) and self.experts_per_layer[i] < self.num_experts_per_tok
+            ]
+            if small:
+                raise ValueError(
+                    f"experts_per_layer gives blocks {small} fewer experts than "
+                    f"num_experts_per_tok={self.num_experts_per_tok}."
+                )
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in "
                 f"[1, num_experts={self.num_experts}]."
             )
+
+    def experts_in(self, layer: int) -> int:
+        """Number of experts of block ``layer`` (0 for a dense block)."""
+        if not self.is_moe(layer):
+            return 0
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.num_experts
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"

@@ -60,12 +60,18 @@ def router_stats(router_logits, top_idx, combine, valid) -> dict[str, jax.Array]
     }
 
 
-def load_balancing_loss(stats: list[dict[str, jax.Array]], num_experts: int) -> jax.Array:
+def load_balancing_loss(stats: list[dict[str, jax.Array]]) -> jax.Array:
     """E * sum_e f_e * P_e over all MoE layers' tokens (Switch Transformer; transformers' form).
 
     f_e = top-k assignments to e / rows and P_e = mean router probability of e, both taken over
-    the concatenation of every MoE layer's valid tokens; so sum_e f_e = k.
+    the concatenation of every MoE layer's valid tokens; so sum_e f_e = k. Layers with different
+    numbers of experts (after non-uniform pruning) cannot be concatenated: then the loss is the
+    mean over layers of each layer's E_l * sum_e f_e P_e.
     """
+    sizes = {s["tokens_per_expert"].shape[0] for s in stats}
+    if len(sizes) > 1:
+        return sum(load_balancing_loss([s]) for s in stats) / len(stats)
+    num_experts = sizes.pop()
     rows = sum(s["num_tokens"] for s in stats)
     f = sum(s["tokens_per_expert"] for s in stats) / rows
     p = sum(s["router_prob_sum"] for s in stats) / rows
@@ -75,9 +81,10 @@ def load_balancing_loss(stats: list[dict[str, jax.Array]], num_experts: int) -> 
 class MoE(nnx.Module):
     """router [D, E]; experts gate, up [E, D, F], down [E, F, D]; optional shared expert."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs, num_experts: int | None = None):
         c = config
-        d, e, f, pd = c.hidden_size, c.num_experts, c.moe_intermediate_size, c.param_dtype
+        e = num_experts or c.num_experts
+        d, f, pd = c.hidden_size, c.moe_intermediate_size, c.param_dtype
         self.k, self.normalize, self.act, self.dtype = (
             c.num_experts_per_tok,
             c.norm_topk_prob,

@@ -57,7 +57,7 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
         if c.is_moe(layer):
-            self.mlp = moe_lib.MoE(c, rngs=rngs)
+            self.mlp = moe_lib.MoE(c, rngs=rngs, num_experts=c.experts_in(layer))
         else:
             self.mlp = MLP(
                 c.hidden_size,
@@ -192,7 +192,7 @@ class Transformer(nnx.Module):
                 index=cache.index + t,
             )
         hidden = self.final_norm(x)
-        aux = moe_lib.load_balancing_loss(stats, c.num_experts) if stats else jnp.zeros(())
+        aux = moe_lib.load_balancing_loss(stats) if stats else jnp.zeros(())
         return ModelOutput(
             logits=self.logits_from_hidden(hidden) if compute_logits else None,
             hidden=hidden,

@@ -65,5 +65,8 @@ def prune_blocks(params: dict, config, keep) -> tuple[dict, object]:
         num_layers=len(keep),
         layer_types=tuple(config.layer_types[i] for i in keep) if config.layer_types else (),
         moe_layers=tuple(config.moe_layers[i] for i in keep) if config.moe_layers else (),
+        experts_per_layer=(
+            tuple(config.experts_per_layer[i] for i in keep) if config.experts_per_layer else ()
+        ),
     )
     return dict(params, layers={j: params["layers"][i] for j, i in enumerate(keep)}), new_config

@@ -72,32 +72,63 @@ def _check_moe(config: ModelConfig) -> tuple[int, ...]:
     return layers
 
 
-def rank_experts(stats: Mapping, keep, criterion: str = "reap") -> dict:
-    """A pruning plan keeping the ``keep`` highest-scoring experts of every MoE layer.
+def _layer_budgets(keep, sizes: Mapping[int, int], top_k: int, scores, global_budget: bool):
+    """{block: experts to keep} from ``keep`` (int, fraction, or {block: int})."""
+    if isinstance(keep, Mapping):
+        keep = {int(b): n for b, n in keep.items()}
+        if sorted(keep) != sorted(sizes):
+            raise ValueError(
+                f"keep lists blocks {sorted(keep)}; the MoE blocks are {sorted(sizes)}."
+            )
+        return {b: _budget(keep[b], sizes[b], top_k) for b in sizes}
+    per = {b: _budget(keep, e, top_k) for b, e in sizes.items()}
+    if not global_budget:
+        return per
+    # One threshold for all layers: every layer keeps its top_k, the rest of the total budget
+    # goes to the highest scores overall, each layer's scores divided by its mean first.
+    total = sum(per.values())
+    pool = []
+    for (b, e), row in zip(sizes.items(), scores):
+        order = np.lexsort((np.arange(e), -row))
+        norm = row / max(float(np.mean(row)), 1e-30)
+        pool += [(-norm[j], b, int(j)) for j in order[top_k:]]
+    out = {b: top_k for b in sizes}
+    for _, b, _ in sorted(pool)[: total - top_k * len(sizes)]:
+        out[b] += 1
+    return out
+
+
+def rank_experts(stats: Mapping, keep, criterion: str = "reap", *, global_budget=False) -> dict:
+    """A pruning plan keeping the highest-scoring experts of every MoE layer.
 
     Args:
         stats: ``transforms.calibrate`` output of the model to prune.
-        keep: experts per layer (int) or a fraction of E (float < 1).
+        keep: experts per layer (int), a fraction of each layer's E (float < 1), or per-layer
+            budgets {block: int}.
         criterion: a ``stats.expert_scores`` criterion; ties keep the lower index.
+        global_budget: with an int or fraction, keep the same total but let layers differ:
+            every layer keeps its top_k, the remaining budget goes to the highest scores
+            overall (each layer's scores divided by their mean); non-uniform budgets.
 
     Returns:
-        {"criterion", "num_experts": E, "top_k", "layers": MoE block indices,
-         "keep": {block index: sorted kept expert indices}, "scores": {block: [E] scores}}.
+        {"criterion", "num_experts": [E_l per block], "top_k", "shape",
+         "keep": {block index: sorted kept expert indices}, "scores": {block: [E_l] scores}}.
     """
     shape = stats["shape"]
-    e, k = shape["num_experts"], shape["num_experts_per_tok"]
-    if not e:
+    k = shape["num_experts_per_tok"]
+    if not shape["num_experts"]:
         raise ValueError("These statistics are of a dense model; expert plans need an MoE model.")
-    n = _budget(keep, e, k)
-    scores = stats_lib.expert_scores(stats, criterion)
     blocks = [i for i, layer in enumerate(stats["layers"]) if "tokens_per_expert" in layer]
+    sizes = {b: len(stats["layers"][b]["tokens_per_expert"]) for b in blocks}
+    scores = stats_lib.expert_scores(stats, criterion)
+    budgets = _layer_budgets(keep, sizes, k, scores, global_budget)
     kept = {}
     for row, block in zip(scores, blocks):
-        order = np.lexsort((np.arange(e), -row))  # score descending, then index ascending
-        kept[block] = tuple(sorted(int(j) for j in order[:n]))
+        order = np.lexsort((np.arange(len(row)), -row))  # score descending, then index ascending
+        kept[block] = tuple(sorted(int(j) for j in order[: budgets[block]]))
     return {
         "criterion": criterion,
-        "num_experts": e,
+        "num_experts": [sizes[b] for b in blocks],
         "top_k": k,
         "shape": dict(shape),
         "keep": kept,
@@ -105,35 +136,36 @@ def rank_experts(stats: Mapping, keep, criterion: str = "reap") -> dict:
     }
 
 
+def _with_expert_counts(config: ModelConfig, counts: Mapping[int, int]) -> ModelConfig:
+    """``config`` whose MoE block b has counts[b] experts (one num_experts when all agree)."""
+    values = set(counts.values())
+    if len(values) == 1:
+        return config.replace(num_experts=values.pop(), experts_per_layer=())
+    per = tuple(counts.get(i, 0) for i in range(config.num_layers))
+    return config.replace(num_experts=max(per), experts_per_layer=per)
+
+
 def _check_plan(plan: Mapping, config: ModelConfig) -> list[tuple[int, tuple[int, ...]]]:
     layers = _check_moe(config)
     if plan.get("shape") is not None:
         stats_lib.check_stats({"shape": plan["shape"]}, config)
-    if plan["num_experts"] != config.num_experts:
-        raise ValueError(
-            f"The plan is for {plan['num_experts']} experts per layer; the model has "
-            f"{config.num_experts}. Rank the experts on this model's statistics."
-        )
     keep = {int(b): tuple(int(j) for j in v) for b, v in plan["keep"].items()}
     if sorted(keep) != list(layers):
         raise ValueError(f"The plan covers blocks {sorted(keep)}; the MoE blocks are {layers}.")
-    sizes = {len(v) for v in keep.values()}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"The plan keeps {sorted(sizes)} experts in different layers; a model has one "
-            "num_experts, so keep the same number in every layer."
-        )
     for b, v in keep.items():
-        _budget(len(v), config.num_experts, config.num_experts_per_tok)
-        if len(set(v)) != len(v) or min(v) < 0 or max(v) >= config.num_experts:
-            raise ValueError(f"Block {b}: kept experts {v} must be distinct indices < E.")
+        e = config.experts_in(b)
+        _budget(len(v), e, config.num_experts_per_tok)
+        if len(set(v)) != len(v) or min(v) < 0 or max(v) >= e:
+            raise ValueError(f"Block {b}: kept experts {v} must be distinct indices < {e}.")
     return sorted(keep.items())
 
 
 def prune_experts(params: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
     """Keep ``plan["keep"][block]`` experts of every MoE block: router columns and the leading
     expert axis of gate/up [E, D, F] and down [E, F, D] are sliced in sorted order; shared
-    experts, attention and dense blocks are unchanged. ``params`` is not modified."""
+    experts, attention and dense blocks are unchanged. Different counts per layer give a config
+    with ``experts_per_layer`` (runs and trains; transformers cannot load it). ``params`` is
+    not modified."""
     out = {**params, "layers": dict(params["layers"])}
     keep = _check_plan(plan, config)
     for block, kept in keep:
@@ -143,7 +175,7 @@ def prune_experts(params: dict, config: ModelConfig, plan: Mapping) -> tuple[dic
         for name in _EXPERT_KEYS:
             mlp[name] = jnp.asarray(mlp[name])[idx]
         out["layers"][block] = {**out["layers"][block], "mlp": mlp}
-    return out, config.replace(num_experts=len(keep[0][1]))
+    return out, _with_expert_counts(config, {b: len(v) for b, v in keep})
 
 
 # ------------------------------------------------------------------------------------- NAEE
@@ -175,7 +207,6 @@ def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
     """
     c = model.config
     blocks = _check_moe(c)
-    n = _budget(keep, c.num_experts, c.num_experts_per_tok)
     inputs = _moe_inputs(model, batches)  # {block: [N, D]}
     kept = {}
     for block in blocks:
@@ -184,11 +215,12 @@ def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
         logits = mlp.router_logits(x)[0]
         outs = mlp.expert_outputs(x)[0].astype(jnp.float32)
         k, norm = c.num_experts_per_tok, c.norm_topk_prob
-        full = _routed_output(logits, outs, jnp.ones(c.num_experts, bool), k, norm)
+        e = c.experts_in(block)
+        n = _budget(keep, e, k)
+        full = _routed_output(logits, outs, jnp.ones(e, bool), k, norm)
         errors = lambda masks, lg=logits, o=outs, z=full, k=k, nm=norm: np.asarray(
             _subset_errors(lg, o, z, jnp.asarray(masks), k, nm)
         )
-        e = c.num_experts
         if math.comb(e, n) <= max_subsets:
             subsets = list(itertools.combinations(range(e), n))
             masks = np.zeros((len(subsets), e), bool)
@@ -205,7 +237,7 @@ def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
             kept[block] = tuple(alive)
     return {
         "criterion": "naee",
-        "num_experts": c.num_experts,
+        "num_experts": [c.experts_in(b) for b in blocks],
         "top_k": c.num_experts_per_tok,
         "shape": stats_lib.shape_key(c),
         "keep": kept,
@@ -306,10 +338,9 @@ def plan_merge(
     if not 0.0 <= preserve_fraction <= 1.0:
         raise ValueError(f"preserve_fraction={preserve_fraction} must be in [0, 1].")
     shape = stats["shape"]
-    e, k = shape["num_experts"], shape["num_experts_per_tok"]
-    if not e:
+    k = shape["num_experts_per_tok"]
+    if not shape["num_experts"]:
         raise ValueError("These statistics are of a dense model; expert plans need an MoE model.")
-    n = _budget(keep, e, k)
     scores = stats_lib.expert_scores(stats, criterion)
     freqs = stats_lib.expert_scores(stats, "frequency")
     sims = {
@@ -321,8 +352,11 @@ def plan_merge(
     sims = sims(stats)
     blocks = [i for i, layer in enumerate(stats["layers"]) if "tokens_per_expert" in layer]
     groups, weights = {}, {}
-    n_keep = int(round(preserve_fraction * n))
+    sizes = {b: len(stats["layers"][b]["tokens_per_expert"]) for b in blocks}
+    budgets = _layer_budgets(keep, sizes, k, scores, False)
     for row, freq, sim, block in zip(scores, freqs, sims, blocks):
+        e, n = sizes[block], budgets[block]
+        n_keep = int(round(preserve_fraction * n))
         order = [int(j) for j in np.lexsort((np.arange(e), -row))]
         preserved, rest = order[:n_keep], order[n_keep:]
         dominants = rest[: n - n_keep]
@@ -338,7 +372,7 @@ def plan_merge(
         "criterion": criterion,
         "similarity": similarity,
         "preserve_fraction": preserve_fraction,
-        "num_experts": e,
+        "num_experts": [sizes[b] for b in blocks],
         "top_k": k,
         "shape": dict(shape),
         "groups": groups,
@@ -390,20 +424,20 @@ def merge_experts(
     if sorted(groups) != list(blocks):
         raise ValueError(f"The plan covers blocks {sorted(groups)}; the MoE blocks are {blocks}.")
     out = {**params, "layers": dict(params["layers"])}
-    sizes = set()
+    counts = {}
     for block, layer_groups in groups.items():
         mlp = dict(out["layers"][block]["mlp"])
         experts = {k: jnp.asarray(mlp[k]) for k in _EXPERT_KEYS}
         merged = [_merge_group(experts, g, plan["weights"][block], align) for g in layer_groups]
         if router == "dominant":
-            _budget(len(layer_groups), config.num_experts, config.num_experts_per_tok)
-            sizes.add(len(layer_groups))
+            _budget(len(layer_groups), config.experts_in(block), config.num_experts_per_tok)
+            counts[block] = len(layer_groups)
             for k in _EXPERT_KEYS:
                 mlp[k] = jnp.stack([m[k] for m in merged])
             mlp["router"] = jnp.asarray(mlp["router"])[:, [g[0] for g in layer_groups]]
         else:
             covered = sorted(j for g in layer_groups for j in g)
-            if covered != list(range(config.num_experts)):
+            if covered != list(range(config.experts_in(block))):
                 raise ValueError(
                     f"router='tie' keeps every expert slot, so every expert must be in a group; "
                     f"block {block} groups cover {covered}. Use router='dominant' to drop experts."
@@ -417,6 +451,4 @@ def merge_experts(
         out["layers"][block] = {**out["layers"][block], "mlp": mlp}
     if router == "tie":
         return out, config
-    if len(sizes) != 1:
-        raise ValueError(f"The plan merges to {sorted(sizes)} experts in different layers.")
-    return out, config.replace(num_experts=sizes.pop())
+    return out, _with_expert_counts(config, counts)

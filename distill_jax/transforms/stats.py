@@ -56,6 +56,7 @@ def shape_key(config: ModelConfig) -> dict[str, int]:
         intermediate_size=config.intermediate_size,
         num_experts=config.num_experts,
         num_experts_per_tok=config.num_experts_per_tok,
+        experts_per_layer=[config.experts_in(i) for i in range(config.num_layers)],
     )
 
 
@@ -238,8 +239,8 @@ def calibration_hidden(model: Transformer, input_ids, positions=None, segment_id
 # ------------------------------------------------------------------------------ derived scores
 
 
-def expert_scores(stats: Mapping, criterion: str) -> np.ndarray:
-    """[num MoE layers, E] scores, higher = more important.
+def expert_scores(stats: Mapping, criterion: str) -> list[np.ndarray]:
+    """Per MoE layer, [E_l] scores, higher = more important.
 
     criterion: "frequency" (|X_j| / N), "gate_mass", "ean" (sum of output norms), "reap"
     (mean over routed tokens of g ||f||), "output_norm" (mean ||f|| over routed tokens),
@@ -266,7 +267,7 @@ def expert_scores(stats: Mapping, criterion: str) -> np.ndarray:
             f"Unknown expert criterion {criterion!r}; use one of frequency, gate_mass, ean, "
             "reap, output_norm, max_activation (or naee via transforms.naee_plan)."
         )
-    return np.stack(rows).astype(np.float64) if rows else np.zeros((0, 0))
+    return [np.asarray(r, np.float64) for r in rows]
 
 
 def block_importance(stats: Mapping) -> np.ndarray:

@@ -269,9 +269,10 @@ def test_bad_plans_fail_clearly():
     other = _model(num_experts=6)
     with pytest.raises(ValueError, match="another shape"):
         dj.transforms.prune_experts(*dj.transforms.to_params(other), plan)
-    uneven = dict(plan, keep={0: (0, 1, 2), 1: (0, 1, 2, 3)})
-    with pytest.raises(ValueError, match="same number in every layer"):
-        dj.transforms.prune_experts(*dj.transforms.to_params(model), uneven)
+    with pytest.raises(ValueError, match="fewer than num_experts_per_tok=2"):
+        dj.transforms.rank_experts(stats, keep={0: 4, 1: 1})
+    with pytest.raises(ValueError, match="Cannot keep 9 experts"):
+        dj.transforms.rank_experts(stats, keep={0: 9, 1: 4})
     dense = dj.transforms.calibrate(
         dj.models.Transformer(dj.models.make_config("llama", **{**TINY, "num_experts": 0})),
         [_ids()],
@@ -334,3 +335,59 @@ def test_merged_model_exports_to_transformers(case, tmp_path):
     np.testing.assert_allclose(
         hf_reference.run_reference(loaded, ids).logits, _logits(merged, ids), atol=1e-4
     )
+
+
+def test_per_layer_budgets(tmp_path):
+    model = _model()
+    ids = _ids(n=24)
+    stats = dj.transforms.calibrate(model, [ids])
+    params, config = dj.transforms.to_params(model)
+    plan = dj.transforms.rank_experts(stats, keep={0: 3, 1: 6}, criterion="reap")
+    assert [len(plan["keep"][b]) for b in (0, 1)] == [3, 6]
+    pruned_params, pruned_config = dj.transforms.prune_experts(params, config, plan)
+    assert pruned_config.experts_per_layer == (3, 6) and pruned_config.num_experts == 6
+    for b in (0, 1):
+        np.testing.assert_array_equal(
+            pruned_params["layers"][b]["mlp"]["router"],
+            np.asarray(params["layers"][b]["mlp"]["router"])[:, list(plan["keep"][b])],
+        )
+    pruned = dj.transforms.to_model(pruned_params, pruned_config)
+    out = pruned.forward(jnp.asarray(ids))
+    assert [lg.shape[-1] for lg in out.router_logits] == [3, 6]
+    # Load balancing over layers of different sizes: the mean of each layer's Switch loss.
+    want = 0.0
+    for lg in out.router_logits:
+        lg = np.asarray(lg, np.float64).reshape(-1, lg.shape[-1])
+        p = np.exp(lg - lg.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top = np.argsort(-p, axis=-1, kind="stable")[:, :2]
+        f = np.bincount(top.ravel(), minlength=lg.shape[-1]) / len(lg)
+        want += lg.shape[-1] * np.sum(f * p.mean(0)) / 2
+    np.testing.assert_allclose(out.aux_loss, want, rtol=1e-5)
+    # Statistics, plans and depth pruning follow the per-layer counts; export refuses clearly.
+    again = dj.transforms.calibrate(pruned, [ids])
+    assert again["shape"]["experts_per_layer"] == [3, 6]
+    small = dj.transforms.rank_experts(again, keep=2, criterion="frequency")
+    assert dj.transforms.prune_experts(pruned_params, pruned_config, small)[1].num_experts == 2
+    assert dj.transforms.prune_blocks(pruned_params, pruned_config, [1])[1].experts_in(0) == 6
+    with pytest.raises(ValueError, match=r"\[3, 6\] experts in different layers"):
+        dj.models.save_pretrained(pruned, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_global_budget_keeps_the_best_normalised_scores_across_layers():
+    model = _model(num_layers=3)
+    stats = dj.transforms.calibrate(model, [_ids(n=24)])
+    plan = dj.transforms.rank_experts(stats, keep=4, criterion="reap", global_budget=True)
+    counts = {b: len(v) for b, v in plan["keep"].items()}
+    assert sum(counts.values()) == 12 and min(counts.values()) >= 2
+    scores = dj.transforms.expert_scores(stats, "reap")
+    kept_norm, dropped_norm = [], []
+    for b, row in enumerate(scores):
+        norm = row / row.mean()
+        protected = set(np.argsort(-row, kind="stable")[:2].tolist())
+        for j in range(8):
+            if j in protected:
+                continue
+            (kept_norm if j in plan["keep"][b] else dropped_norm).append(norm[j])
+    assert min(kept_norm) >= max(dropped_norm)

@@ -182,6 +182,14 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
                 f"transformers' {MODEL_TYPES[mt][1]} does not apply {name}, so the exported model "
                 f"would compute different logits; set {name}=None before exporting."
             )
+    counts = {c.experts_in(i) for i in range(c.num_layers) if c.is_moe(i)}
+    if len(counts) > 1:
+        raise ValueError(
+            f"This model has {sorted(counts)} experts in different layers (experts_per_layer) and "
+            "transformers has one num_experts per model; prune the same number of experts in every "
+            "layer to export, or keep it in distill_jax's own checkpoints."
+        )
+    num_experts = counts.pop() if counts else c.num_experts
     hf: dict[str, Any] = dict(
         model_type=mt,
         architectures=[MODEL_TYPES[mt][1]],
@@ -227,10 +235,10 @@ def config_to_hf(c: ModelConfig) -> dict[str, Any]:
             router_aux_loss_coef=c.router_aux_loss_coef,
         )
         if c.family == "mixtral":
-            hf.update(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size)
+            hf.update(num_local_experts=num_experts, intermediate_size=c.moe_intermediate_size)
         else:
             hf.update(
-                num_experts=c.num_experts,
+                num_experts=num_experts,
                 moe_intermediate_size=c.moe_intermediate_size,
                 norm_topk_prob=c.norm_topk_prob,
                 decoder_sparse_step=1,
@@ -314,7 +322,7 @@ def _ffn_entries(c: ModelConfig, i: int, ours: tuple) -> list:
             (ours + (f"{x}_proj",), hf + f"{x}_proj.weight", _LINEAR)
             for x in ("gate", "up", "down")
         ]
-    experts = range(c.num_experts)
+    experts = range(c.experts_in(i))
     if c.family == "mixtral":
         hf = f"model.layers.{i}.block_sparse_moe."
         names = {"gate": "w1", "up": "w3", "down": "w2"}
@@ -443,8 +451,8 @@ def save_hf_dir(
 ) -> None:
     """Write config.json and safetensors (sharded with an index when over ``max_shard_bytes``)."""
     out_dir = os.fspath(out_dir)
+    config = config_to_hf(model.config)  # refuses what transformers cannot load, before writing
     os.makedirs(out_dir, exist_ok=True)
-    config = config_to_hf(model.config)
     if dtype is not None:
         config["torch_dtype"] = dtype
     tensors = tensors_from_model(model, dtype)
