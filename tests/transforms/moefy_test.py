@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
+import hf_reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,9 +10,6 @@ from flax import nnx
 
 import distill_jax as dj
 from distill_jax.transforms import moefy as moefy_lib
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-import hf_reference  # noqa: E402
 
 TINY = dict(
     vocab_size=96,
