@@ -39,13 +39,17 @@ def check_length(config, length: int) -> None:
         )
 
 
-def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
+def init_cache(config, batch_size: int, max_length: int, dtype=None, *, check=True) -> KVCache:
     """An empty cache for ``config`` holding ``max_length`` tokens per row.
 
+    ``check=False`` allows more slots than positions (speculative decoding writes rejected draft
+    tokens to slots it then empties, so slots run ahead of positions).
+
     Raises:
-        ValueError: max_length exceeds the model's max_position_embeddings.
+        ValueError: max_length exceeds the model's max_position_embeddings (with ``check``).
     """
-    check_length(config, max_length)
+    if check:
+        check_length(config, max_length)
     dtype = dtype or config.dtype
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
@@ -62,3 +66,11 @@ def write(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
     """Write new [B, T, ...] into cache_array [B, S, ...] at slots index .. index+T-1."""
     start = (0, index) + (0,) * (cache_array.ndim - 2)
     return jax.lax.dynamic_update_slice(cache_array, new.astype(cache_array.dtype), start)
+
+
+def clear_slots(cache: KVCache, clear: jax.Array) -> KVCache:
+    """Empty the slots where ``clear`` [B, S] is True: attention no longer sees them."""
+    return cache.replace(
+        positions=jnp.where(clear, EMPTY_POSITION, cache.positions),
+        segment_ids=jnp.where(clear, 0, cache.segment_ids),
+    )

@@ -56,10 +56,16 @@ def sample_logits(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> jax.Array:
-    """Next tokens [B] int32 from logits [B, V]; temperature 0 is greedy (argmax)."""
+    """Next tokens [B] int32 from logits [B, V]; temperature 0 is greedy (argmax).
+
+    ``rng`` is one key for the batch, or [B] keys (one per row: a row's draw then does not depend
+    on which other rows share its batch).
+    """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    if jnp.ndim(rng) == 1:
+        return jax.vmap(lambda k, r: jax.random.categorical(k, r))(rng, x).astype(jnp.int32)
     return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
 
 
@@ -109,7 +115,7 @@ def generate(
         prompt_ids: [B, P] int; rows of different lengths are left-padded.
         max_new_tokens: N, the number of tokens to generate (static).
         prompt_mask: [B, P] bool, True on real tokens; default all True.
-        rng: a PRNG key (needed when temperature > 0).
+        rng: a PRNG key, or [B] keys (one per row), needed when temperature > 0.
         temperature, top_k, top_p: see ``sample_logits``.
         eos_id: once a row emits it, the row keeps emitting it.
         return_logits: also return the model's logits for every generated token.
@@ -139,6 +145,13 @@ def generate(
     )
 
 
+def _fold(rng: jax.Array, step) -> jax.Array:
+    """fold_in for one key or for [B] keys."""
+    if jnp.ndim(rng) == 1:
+        return jax.vmap(lambda k: jax.random.fold_in(k, step))(rng)
+    return jax.random.fold_in(rng, step)
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id", "return_logits")
 )
@@ -154,7 +167,38 @@ def _generate(
     eos_id,
     return_logits,
 ):
-    model = nnx.merge(graphdef, state)
+    return decode(
+        nnx.merge(graphdef, state),
+        prompt_ids,
+        prompt_mask,
+        rng,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_id=eos_id,
+        return_logits=return_logits,
+    )
+
+
+def decode(
+    model,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens: int,
+    sampling: tuple[float, int, float],
+    eos_id: int | None,
+    return_logits: bool = False,
+) -> Generation:
+    """The traceable body of ``generate`` (call it inside a jitted function, e.g. a train step).
+
+    Args:
+        model: a Transformer (merged inside the trace).
+        prompt_ids, prompt_mask: [B, P].
+        rng: one key, or [B] keys (one per row); step i uses ``fold_in(key, i)``.
+        max_new_tokens, eos_id, return_logits: see ``generate``.
+        sampling: (temperature, top_k, top_p).
+    """
     temperature, top_k, top_p = sampling
     b, p = prompt_ids.shape
     positions, segments = prompt_layout(prompt_mask)
@@ -165,7 +209,7 @@ def _generate(
     def pick(step, logits, done):
         tok = sample_logits(
             logits,
-            jax.random.fold_in(rng, step),
+            _fold(rng, step),
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,

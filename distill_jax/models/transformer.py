@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
         """
         c = self.config
         b, t = input_ids.shape
-        cache_lib.check_length(c, t if cache is None else cache.max_length)
+        cache_lib.check_length(c, t)  # a cache's slots may outnumber positions (speculative)
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

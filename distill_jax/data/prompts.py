@@ -1,0 +1,186 @@
+r"""Prompt / completion batches: what generation-based distillation trains on.
+
+On-policy distillation (GKD), DistillSpec and sequence-level KD need the prompt apart from the
+completion: the student continues the prompt, the teacher scores the continuation. Every batch
+has static shapes, prompts left-padded to P tokens and completions right-padded to N tokens, so
+that all rows start their completions at column P (what ``train.rollout.sequence_batch`` and the
+KV cache rely on):
+
+    prompt_ids [B, P]       prompt_mask [B, P]       (True on real tokens, padding on the left)
+    completion_ids [B, N]   completion_mask [B, N]   (the dataset's completion, EOS included)
+    example_ids [B]         the example's index in the corpus (per-example sampling seeds)
+
+Prompts longer than P are an error (never silently cut); completions longer than N are an error
+unless ``long_completions="truncate"`` says to keep their first N tokens (what TRL's GKD trainer
+does with ``max_length``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "example_ids")
+
+
+def encode_example(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    prompt_len: int,
+    completion_len: int,
+    add_bos: bool = True,
+    long_completions: str = "error",
+    where: str = "example",
+) -> tuple[list[int], list[int]]:
+    """(prompt ids with BOS, completion ids with EOS), checked against the static lengths.
+
+    Raises:
+        ValueError: the prompt has more than ``prompt_len`` tokens, or the completion more than
+            ``completion_len`` with ``long_completions="error"``.
+    """
+    p = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.bos_id is not None)
+    c = tokenizer.encode(completion) if completion else []
+    if tokenizer.eos_id is not None:
+        c = c + [tokenizer.eos_id]
+    if len(p) > prompt_len:
+        raise ValueError(
+            f"{where}: the prompt has {len(p)} tokens, more than prompt_len={prompt_len} (the "
+            "prompt part of the KV cache); raise prompt_len or drop long prompts from the data."
+        )
+    if len(c) > completion_len:
+        if long_completions != "truncate":
+            raise ValueError(
+                f"{where}: the completion has {len(c)} tokens, more than completion_len="
+                f"{completion_len}; raise completion_len or set long_completions='truncate'."
+            )
+        c = c[:completion_len]
+    return p, c
+
+
+def pad_example(
+    prompt: Sequence[int], completion: Sequence[int], prompt_len: int, completion_len: int, pad: int
+) -> dict[str, np.ndarray]:
+    """One row: the prompt left-padded to P, the completion right-padded to N."""
+    pi = np.full(prompt_len, pad, np.int32)
+    pm = np.zeros(prompt_len, bool)
+    if len(prompt):
+        pi[-len(prompt) :], pm[-len(prompt) :] = prompt, True
+    ci = np.full(completion_len, pad, np.int32)
+    cm = np.zeros(completion_len, bool)
+    ci[: len(completion)], cm[: len(completion)] = completion, True
+    return dict(prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm)
+
+
+class PromptBatches(Iterator[dict[str, np.ndarray]]):
+    """This process's rows of shuffled prompt / completion batches, resumable.
+
+    Args:
+        examples: a sequence of (prompt text, completion text).
+        tokenizer: a ``data.tokenizers.Tokenizer`` (the student's).
+        prompt_len, completion_len: P and N.
+        global_batch_size: rows per step over all processes (divisible by the process count).
+        seed: the order of every epoch; ``num_epochs`` None = forever.
+        long_completions: "error" or "truncate" (see the module docstring).
+        process_index, process_count: this process's block of every global batch.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[tuple[str, str]],
+        tokenizer,
+        *,
+        prompt_len: int,
+        completion_len: int,
+        global_batch_size: int,
+        seed: int = 0,
+        num_epochs: int | None = None,
+        long_completions: str = "error",
+        process_index: int = 0,
+        process_count: int = 1,
+        name: str = "data",
+    ):
+        if not examples:
+            raise ValueError(f"{name}: no prompt / completion examples.")
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by the {process_count} "
+                "processes."
+            )
+        if long_completions not in ("error", "truncate"):
+            raise ValueError(f"long_completions={long_completions!r}: use 'error' or 'truncate'.")
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        self.rows = []
+        for i, (prompt, completion) in enumerate(examples):
+            p, c = encode_example(
+                tokenizer,
+                prompt,
+                completion,
+                prompt_len=prompt_len,
+                completion_len=completion_len,
+                long_completions=long_completions,
+                where=f"{name}[{i}]",
+            )
+            self.rows.append(pad_example(p, c, prompt_len, completion_len, pad))
+        self.global_batch_size = global_batch_size
+        self.local = global_batch_size // process_count
+        self.process_index = process_index
+        self.seed, self.num_epochs = seed, num_epochs
+        self.epoch, self.position, self.emitted = 0, 0, 0
+        self.config = dict(
+            prompt_len=prompt_len,
+            completion_len=completion_len,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            examples=len(examples),
+            long_completions=long_completions,
+        )
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
+
+    @property
+    def batches_emitted(self) -> int:
+        return self.emitted
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ids = []
+        while len(ids) < self.global_batch_size:
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                if not ids:
+                    raise StopIteration
+                ids.append(ids[-1])  # the last batch repeats a row rather than change shape
+                continue
+            order = self._order(self.epoch)
+            take = order[self.position : self.position + self.global_batch_size - len(ids)]
+            ids.extend(int(i) for i in take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        mine = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
+        batch = {k: np.stack([self.rows[i][k] for i in mine]) for k in FIELDS[:-1]}
+        batch["example_ids"] = np.asarray(mine, np.int32)
+        self.emitted += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "emitted": self.emitted,
+            "config": self.config,
+        }
+
+    def set_state(self, state: dict) -> None:
+        if state.get("config") != self.config:
+            raise ValueError(
+                f"The saved data state is of other prompt batches ({state.get('config')} vs "
+                f"{self.config}); use a new workdir for changed data settings."
+            )
+        self.epoch, self.position, self.emitted = (
+            state["epoch"],
+            state["position"],
+            state["emitted"],
+        )
