@@ -4,7 +4,9 @@ r"""Tiny random teacher -> tinier random student on KJV bytes: the trainer's tes
 
 Seconds on a CPU. Presets: steps, teacher (online | ema | none), micro_batches, prune (a
 2-block student pruned progressively while it is distilled: FFN 128 -> 96 after step 3, 4 -> 2
-query heads after step 5, 2 -> 1 blocks after step 7).
+query heads after step 5, 2 -> 1 blocks after step 7), onpolicy = lambda (GKD: the first ~20
+characters of a chapter are the prompt, the student continues it for 16 bytes with probability
+lambda, else the chapter's next bytes; generalized JSD), replay = capacity of DistiLLM's buffer.
 """
 
 import ml_collections as mlc
@@ -13,7 +15,9 @@ from distill_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, steps=8, teacher="online", micro_batches=1, prune=False)
+    arg = config_lib.parse_arg(
+        arg, steps=8, teacher="online", micro_batches=1, prune=False, onpolicy=-1.0, replay=0
+    )
     c = mlc.ConfigDict()
     c.seed = 0
     arch = dict(
@@ -46,6 +50,14 @@ def get_config(arg=None):
     )
     kd = dict(forward_kl=dict(temperature=2.0, weight=0.5), ce=dict(weight=0.5))
     c.losses = dict(ce=dict()) if arg.teacher == "none" else kd
+    if arg.onpolicy >= 0:
+        del c.data.seq_len  # rows are prompt_len + max_new_tokens
+        c.data.prompt_chars = 20
+        c.data.long_completions = "truncate"
+        c.onpolicy = dict(lmbda=arg.onpolicy, prompt_len=24, max_new_tokens=16, temperature=1.0)
+        if arg.replay:
+            c.onpolicy.replay = dict(capacity=arg.replay, init_threshold=0.5, loss_eps=0.0)
+        c.losses = dict(jsd=dict(beta=0.5))
     c.loss_options = dict(chunk_size=32)
     c.optimizer = dict(learning_rate=3e-3, warmup_steps=2, weight_decay=0.01, grad_clip_norm=1.0)
     c.train = dict(

@@ -38,11 +38,14 @@ from distill_jax import bridges, sharding, teachers
 from distill_jax.bridges import alm as bridge_alm
 from distill_jax.bridges import batches as bridge_batches
 from distill_jax.data import pipeline, sources, teacher_cache
+from distill_jax.data import prompts as prompts_lib
 from distill_jax.data.tokenizers import load_tokenizer
+from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
 from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
 from distill_jax.models.transformer import Transformer
+from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 from distill_jax.transforms import drop_layers
@@ -153,6 +156,44 @@ def load_documents(c: Any) -> list[str]:
     raise ValueError(f"data.source={source!r}: choose kjv, botchan, gsm, text or jsonl.")
 
 
+def load_examples(c: Any) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of ``config.data`` for generation-based training
+    (``config.onpolicy``): gsm -> ("Question: ...\nAnswer:", " <worked solution>"); jsonl ->
+    the ``prompt_field`` / ``completion_field`` of each record; a text source (kjv, botchan,
+    text) -> each document cut at the last space before ``prompt_chars`` characters."""
+    if c.source == "gsm":
+        problems = sources.gsm_problems(c.get("num_problems", 1000), seed=c.get("gsm_seed", 0))
+        return [(f"Question: {p['question']}\nAnswer:", " " + p["solution"]) for p in problems]
+    if c.source == "jsonl":
+        fields = (c.get("prompt_field", "prompt"), c.get("completion_field", "completion"))
+        return [(r[fields[0]], r[fields[1]]) for r in sources.jsonl_records(c.paths, fields)]
+    n = int(c.get("prompt_chars", 200))
+    out = []
+    for doc in load_documents(c):
+        cut = doc.rfind(" ", 0, n + 1)
+        cut = cut if cut > 0 else min(n, len(doc))
+        out.append((doc[:cut], doc[cut:]))
+    return out
+
+
+def make_prompt_batches(c: Any, examples, tokenizer, *, num_epochs=None, seed=0):
+    """``data.prompts.PromptBatches`` with the static lengths of ``config.onpolicy``."""
+    o = c.onpolicy
+    return prompts_lib.PromptBatches(
+        examples,
+        tokenizer,
+        prompt_len=o.prompt_len,
+        completion_len=o.max_new_tokens,
+        global_batch_size=c.data.global_batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        long_completions=c.data.get("long_completions", "error"),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        name=c.data.source,
+    )
+
+
 def make_batches(c: Any, documents, tokenizer, *, num_epochs=None, num_batches=None, seed=0):
     return pipeline.ShardedTokenBatches(
         documents,
@@ -180,6 +221,19 @@ def _tokenizer(c, spec: str):
 
 def _data(c):
     """(train/validation split, tokenizer, the training iterator) of a config."""
+    if c.get("onpolicy"):
+        examples = load_examples(c.data)
+        split = sources.split_corpus(
+            examples,
+            fraction=c.data.get("held_out_fraction", 0.02),
+            seed=c.data.get("split_seed", 0),
+        )
+        tokenizer = _tokenizer(c, c.data.get("tokenizer", "student"))
+        return (
+            split,
+            tokenizer,
+            make_prompt_batches(c, split["train"], tokenizer, seed=c.data.get("seed", 0)),
+        )
     documents = load_documents(c.data)
     split = sources.split_corpus(
         documents, fraction=c.data.get("held_out_fraction", 0.02), seed=c.data.get("split_seed", 0)
@@ -260,6 +314,48 @@ def _batch_shardings(mesh, rules, cached: bool, bridge: bool = False) -> dict:
     return out
 
 
+ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite")
+
+
+def check_onpolicy(c) -> Any:
+    """``config.onpolicy`` checked before anything is loaded (None when absent).
+
+    Fields: lmbda (probability of student samples per step), prompt_len, max_new_tokens,
+    temperature / top_k / top_p (sampling only; the loss has its own temperature), seq_kd
+    (fixed-data steps train on teacher samples), replay (capacity, init_threshold, loss_eps).
+    """
+    o = c.get("onpolicy")
+    if not o:
+        return None
+    for key in ("lmbda", "prompt_len", "max_new_tokens"):
+        if key not in o:
+            raise ValueError(f"config.onpolicy needs {key!r} (see train/rollout.py).")
+    rollout.use_student_samples(0, 0, float(o.lmbda))  # checks the range
+    if int(o.prompt_len) < 1 or int(o.max_new_tokens) < 1:
+        raise ValueError("onpolicy.prompt_len and onpolicy.max_new_tokens must be >= 1.")
+    kind = c.teacher.get("kind", "online")
+    if c.get("bridge"):
+        raise ValueError(
+            "config.onpolicy with config.bridge: cross-tokenizer on-policy runs are not wired "
+            "to the trainer yet; use a teacher with the student's tokenizer."
+        )
+    if kind not in ONPOLICY_TEACHERS:
+        raise ValueError(
+            f"config.onpolicy with teacher.kind={kind!r}: student samples need a teacher that "
+            f"scores new text in the step; use one of {ONPOLICY_TEACHERS}."
+        )
+    if o.get("seq_kd") and kind != "online":
+        raise ValueError("onpolicy.seq_kd samples from the teacher: use teacher.kind='online'.")
+    if c.get("prune_schedule") or c.student.get("prune"):
+        raise ValueError("config.onpolicy cannot be combined with pruning in one run yet.")
+    if "seq_len" in c.data and c.data.seq_len != o.prompt_len + o.max_new_tokens:
+        raise ValueError(
+            f"data.seq_len={c.data.seq_len} but on-policy rows hold prompt_len + max_new_tokens "
+            f"= {o.prompt_len + o.max_new_tokens} tokens; remove data.seq_len or make them equal."
+        )
+    return o
+
+
 def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
     v = student.config.vocab_size
     if teacher is not None and teacher.vocab_size != v:
@@ -321,7 +417,11 @@ def train(config, workdir: str) -> dict:
     # --- mesh
     mesh = sharding.make_mesh(tuple(tuple(a) for a in c.mesh))
     rules = tuple(tuple(r) for r in c.get("rules", sharding.DEFAULT_RULES))
-    shape = (c.data.global_batch_size, c.data.seq_len)
+    onpolicy = check_onpolicy(c)
+    if onpolicy is not None:  # prompt + completion, static lengths
+        shape = (c.data.global_batch_size, onpolicy.prompt_len + onpolicy.max_new_tokens)
+    else:
+        shape = (c.data.global_batch_size, c.data.seq_len)
     sharding.batch_sharding(mesh, rules, shape=shape)  # a batch the mesh cannot divide fails here
 
     # --- loss spec (unknown terms fail here, before anything is loaded)
@@ -364,9 +464,20 @@ def train(config, workdir: str) -> dict:
             lambda m: transform_stats.calibrate(m, calibration_batches()),
             tensor_size,
         )
-    data_settings = train_batches.config if bridge else train_batches.streams[0].config
+    data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
     vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
+    if onpolicy is not None:
+        settings = rollout.RolloutSettings(
+            onpolicy.max_new_tokens,
+            temperature=onpolicy.get("temperature", 1.0),
+            top_k=onpolicy.get("top_k", 0),
+            top_p=onpolicy.get("top_p", 1.0),
+            eos_id=tokenizer.eos_id,
+        )
+        rollout.check_settings(settings, student.config, onpolicy.prompt_len)
+        if onpolicy.get("seq_kd"):
+            rollout.check_settings(settings, teacher.config, onpolicy.prompt_len)
 
     # --- state
     tokens_per_step = shape[0] * shape[1]
@@ -400,6 +511,12 @@ def train(config, workdir: str) -> dict:
         teacher_params = jax.device_put(teacher_params, teacher_sharding)
     cached = teacher is not None and teacher.kind == "cached"
     batch_shardings = _batch_shardings(mesh, rules, cached, bridge is not None)
+    prompt_shardings = {
+        k: sharding.named_sharding(
+            mesh, ("batch",) if k == "example_ids" else ("batch", "length"), rules
+        )
+        for k in prompts_lib.FIELDS
+    }
 
     def compile_for(student_config, state_like):
         """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
@@ -437,17 +554,55 @@ def train(config, workdir: str) -> dict:
         ),
     )
     meta = {"student": repr(student.config), "losses": sorted(c.losses.keys())}
+    # On-policy: fixed-data and sampled batches, the replay buffer and DistiLLM's threshold.
+    replay = {"buffer": None, "threshold": 1.0, "previous_loss": None}
+    if onpolicy is not None:
+        graphdef0, _ = teachers.split_model(student)
+        student_rollout = rollout.make_rollout(graphdef0, settings, out_shardings=batch_shardings)
+        teacher_rollout = None
+        if onpolicy.get("seq_kd"):
+            teacher_rollout = rollout.make_rollout(
+                teacher.graphdef, settings, out_shardings=batch_shardings
+            )
+        supervised = jax.jit(rollout.supervised_batch, out_shardings=batch_shardings)
+        sample_key = jax.random.key(seed + 4242)
+        capacity = int(onpolicy.get("replay", {}).get("capacity", 0))
+        if capacity:
+            example = {
+                k: jnp.zeros(shape, jnp.bool_ if k == "loss_mask" else jnp.int32)
+                for k in step_lib.BATCH_FIELDS
+            }
+            buffer = rollout.replay_init(example, capacity)
+            replicated = sharding.named_sharding(mesh, (), rules)
+            replay["buffer"] = jax.device_put(
+                buffer,
+                rollout.ReplayBuffer(
+                    {
+                        k: sharding.named_sharding(mesh, (None, "batch", "length"), rules)
+                        for k in buffer.batches
+                    },
+                    replicated,
+                    replicated,
+                ),
+            )
+            replay["threshold"] = float(onpolicy.replay.get("init_threshold", 0.2))
 
     def save(step: int):
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(train_batches.get_state()),
-                meta=ocp.args.JsonSave({**meta, "prune_plans": plans}),
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(train_batches.get_state()),
+            meta=ocp.args.JsonSave(
+                {
+                    **meta,
+                    "prune_plans": plans,
+                    "replay_threshold": replay["threshold"],
+                    "replay_previous_loss": replay["previous_loss"],
+                }
             ),
-            force=True,
         )
+        if replay["buffer"] is not None:
+            items["replay"] = ocp.args.StandardSave(replay["buffer"])
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     start = manager.latest_step()
     if start is not None:
@@ -476,14 +631,40 @@ def train(config, workdir: str) -> dict:
         )
         state = restored.state
         train_batches.set_state(restored.data)
+        replay["threshold"] = saved_meta.get("replay_threshold", replay["threshold"])
+        replay["previous_loss"] = saved_meta.get("replay_previous_loss")
+        if replay["buffer"] is not None:
+            replay["buffer"] = manager.restore(
+                start, args=ocp.args.Composite(replay=ocp.args.StandardRestore(replay["buffer"]))
+            ).replay
     start = start or 0
 
-    def to_device(local: dict) -> dict:
+    def to_device(local: dict, shardings=None) -> dict:
         """This process's rows [B_local, ...] -> global arrays [B, ...] on the mesh."""
+        shardings = shardings or batch_shardings
         return {
-            k: jax.make_array_from_process_local_data(batch_shardings[k], v)
-            for k, v in local.items()
+            k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()
         }
+
+    def onpolicy_batch(state, prompts: dict, step: int) -> tuple[dict, float]:
+        """The step's batch (GKD: student samples with probability lambda, else the dataset's
+        completions or, with seq_kd, the teacher's samples) and 1.0 if it is the student's."""
+        if not rollout.use_student_samples(seed, step, onpolicy.lmbda):
+            if teacher_rollout is not None:
+                return teacher_rollout(teacher_params, prompts, sample_key, step), 0.0
+            return supervised(prompts), 0.0
+        buf = replay["buffer"]
+        if (
+            buf is not None
+            and int(buf.filled)
+            and not rollout.use_fresh_samples(seed, step, replay["threshold"])
+        ):
+            slot = rollout.replay_slot(seed, step, int(buf.filled))
+            return rollout.replay_get(buf, slot), 1.0
+        batch = student_rollout(state.params["student"], prompts, sample_key, step)
+        if buf is not None:
+            replay["buffer"] = rollout.replay_add(buf, batch)
+        return batch, 1.0
 
     # --- eval
     held_out = split["validation"]
@@ -494,7 +675,13 @@ def train(config, workdir: str) -> dict:
             eval_fns[graphdef] = make_eval_fn(graphdef, teacher, vocab_mask)
         eval_fn = eval_fns[graphdef]
         num_batches = c.eval.get("num_batches", 4)
-        if bridge is not None:
+        if onpolicy is not None:  # the dataset completions of held-out prompts
+            batches = list(
+                itertools.islice(
+                    make_prompt_batches(c, held_out, tokenizer, num_epochs=1, seed=0), num_batches
+                )
+            )
+        elif bridge is not None:
             batches = itertools.islice(
                 make_bridge_batches(c, held_out, tokenizer, num_epochs=1, seed=0), num_batches
             )
@@ -504,10 +691,33 @@ def train(config, workdir: str) -> dict:
             )
         totals = None
         for local in batches:
-            batch = to_device(local)
+            if onpolicy is not None:
+                batch = supervised(to_device(local, prompt_shardings))
+            else:
+                batch = to_device(local)
             sums = eval_fn(state.params["student"], teacher_params, state, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        return summarize_eval(totals)
+        out = summarize_eval(totals)
+        if onpolicy is not None and c.eval.get("acceptance"):
+            out.update(acceptance_eval(state, batches))
+        return out
+
+    def acceptance_eval(state, batches) -> dict:
+        """DistillSpec's alpha of the student as a draft for the teacher (held-out prompts)."""
+        if teacher is None or teacher.kind != "online":
+            raise ValueError("eval.acceptance needs an online teacher (the target model).")
+        draft = transform_params.to_model(jax.device_get(state.params["student"]), student_config)
+        target = transform_params.to_model(jax.device_get(teacher_params), teacher.config)
+        a = speculative.acceptance(
+            target,
+            draft,
+            batches,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=c.eval.get("acceptance_temperature", 1.0),
+            eos_id=settings.eos_id,
+            seed=seed,
+        )
+        return {"acceptance": a["alpha"], "greedy_match": a["greedy_match"]}
 
     def apply_stage(stage, state, config):
         """Calibrate the current student, plan the stage, slice the state, compile again."""
@@ -535,8 +745,15 @@ def train(config, workdir: str) -> dict:
             local = next(train_batches)
             if cached:  # this process's cache entry for the batch it just read
                 local = teacher.host_batch(local, train_batches.batches_emitted - 1)
-            batch = to_device(local)
+            extra = {}
+            if onpolicy is not None:
+                batch, extra["student_samples"] = onpolicy_batch(
+                    state, to_device(local, prompt_shardings), step
+                )
+            else:
+                batch = to_device(local)
             state, metrics = jitted(state, teacher_params, batch)
+            metrics = {**metrics, **extra}
             step += 1
             loss = float(metrics["loss"])
             if not np.isfinite(loss):
@@ -557,6 +774,14 @@ def train(config, workdir: str) -> dict:
             if c.eval.get("every_steps") and step % c.eval.every_steps == 0:
                 result = evaluate(state)
                 logger.log(step, result, "eval")
+                if replay["buffer"] is not None:  # DistiLLM: fresh samples when val loss rises
+                    replay["threshold"] = rollout.replay_threshold(
+                        replay["threshold"],
+                        replay["previous_loss"],
+                        result["nll"],
+                        eps=float(onpolicy.replay.get("loss_eps", 0.1)),
+                    )
+                    replay["previous_loss"] = result["nll"]
             periodic = step % c.train.get("checkpoint_every_steps", 100) == 0
             # One save per step: a SIGTERM that lands on a periodic step must not save it twice.
             if periodic or step == c.train.steps or stop["sigterm"]:
@@ -591,7 +816,8 @@ def before_after_table(workdir: str) -> str:
                 evals[row["step"]] = {k.split("/", 1)[1]: v for k, v in row.items() if "/" in k}
     if 0 not in evals or len(evals) < 2:
         return ""
-    keys = [k for k in ("perplexity", "nll", "agreement", "kl") if k in evals[0]]
+    names = ("perplexity", "nll", "agreement", "kl", "acceptance", "greedy_match")
+    keys = [k for k in names if k in evals[0]]
     lines = ["| held-out | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     if "teacher_perplexity" in evals[0]:
         t = evals[0]

@@ -76,8 +76,8 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 @pytest.mark.parametrize(
     "config,extra",
-    [(CONFIG, ""), (ALM_CONFIG, ""), (CONFIG, ",prune=True")],
-    ids=["kd", "cross_tokenizer_alm", "progressive_pruning"],
+    [(CONFIG, ""), (ALM_CONFIG, ""), (CONFIG, ",prune=True"), (CONFIG, ",onpolicy=0.5,replay=2")],
+    ids=["kd", "cross_tokenizer_alm", "progressive_pruning", "onpolicy_replay"],
 )
 def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path, config, extra):
     steps = 12 if config == CONFIG else 8
@@ -171,6 +171,14 @@ def test_two_processes_equal_one(tmp_path):
     )
 
 
+def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None):
+    del c.data.seq_len
+    c.data.long_completions = "truncate"
+    if prompt_chars:
+        c.data.prompt_chars = prompt_chars
+    c.onpolicy = dict(lmbda=lmbda, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+
+
 @pytest.mark.parametrize(
     "change,error,match",
     [
@@ -183,6 +191,26 @@ def test_two_processes_equal_one(tmp_path):
         ),
         (lambda c: c.losses.update(fkl={}), ValueError, "unknown kind 'fkl'"),
         (lambda c: c.teacher.update(kind="oracle"), ValueError, "teacher.kind='oracle'"),
+        (
+            lambda c: _onpolicy(c, lmbda=1.5),
+            ValueError,
+            r"lmbda=1.5 must be in \[0, 1\]",
+        ),
+        (
+            lambda c: c.update(onpolicy=dict(lmbda=0.5, prompt_len=24, max_new_tokens=30)),
+            ValueError,
+            "data.seq_len=64 but on-policy rows hold prompt_len \\+ max_new_tokens = 54",
+        ),
+        (
+            lambda c: _onpolicy(c, prompt_len=500, max_new_tokens=20, prompt_chars=20),
+            ValueError,
+            "cache of 520 positions, more than the model's max_position_embeddings=512",
+        ),
+        (
+            lambda c: _onpolicy(c, prompt_len=4),
+            ValueError,
+            r"kjv\[\d+\]: the prompt has \d+ tokens, more than prompt_len=4",
+        ),
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplog):
@@ -284,3 +312,96 @@ def test_cached_teacher_run_reads_the_cache_it_was_built_for(tmp_path):
     c.data.seq_len = 32
     with pytest.raises(ValueError, match="data: cache has"):
         loop.train(c, str(tmp_path / "other"))
+
+
+def _supervised_reference(c, make_batch, steps):
+    """The KD loss curve of ``steps`` optimizer steps built from the library's parts, outside
+    the trainer: ``make_batch(student_params, prompts, step)`` gives each step's batch."""
+    from distill_jax import teachers
+    from distill_jax.data import sources
+    from distill_jax.losses import compose
+    from distill_jax.train import state as state_lib
+    from distill_jax.train import step as step_lib
+
+    tok = dj.data.load_tokenizer("byte")
+    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.02, seed=0)
+    batches = loop.make_prompt_batches(c, split["train"], tok, seed=0)
+    student = loop.build_model(c.student, "student", 0)
+    teacher = teachers.OnlineTeacher(loop.build_model(c.teacher, "teacher", 1))
+    spec = compose.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=steps))
+    length = c.onpolicy.prompt_len + c.onpolicy.max_new_tokens
+    tx, _ = state_lib.make_optimizer(c.optimizer, steps, c.data.global_batch_size * length)
+    graphdef, params = teachers.split_model(student)
+    state = state_lib.create({"student": params, "loss": {}}, tx, compose.init_state(spec), seed=0)
+    step_fn = jax.jit(
+        step_lib.make_distill_step(
+            student_graphdef=graphdef,
+            teacher=teacher,
+            spec=spec,
+            tx=tx,
+            vocab_mask=jnp.arange(264) < tok.vocab_size,
+        )
+    )
+    losses = []
+    for i in range(steps):
+        batch = make_batch(state.params["student"], next(batches), i)
+        state, metrics = step_fn(state, teacher.params(), batch)
+        losses.append(float(metrics["loss"]))
+    return losses, graphdef
+
+
+def _train_rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "train/loss" in r]
+
+
+def test_onpolicy_lambda_zero_is_supervised_kd_on_the_same_batches(tmp_path):
+    from distill_jax.train import rollout
+
+    c = _tiny(steps=3, onpolicy=0.0)
+    loop.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    assert [r["train/student_samples"] for r in rows] == [0.0, 0.0, 0.0]
+    want, _ = _supervised_reference(
+        c, lambda params, prompts, i: rollout.supervised_batch(prompts), 3
+    )
+    np.testing.assert_allclose([r["train/loss"] for r in rows], want, rtol=2e-5)
+
+
+def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
+    """Every step's batch is the student's continuation of the prompts (sampled here with
+    ``dj.models.generate`` from the current student, per-example keys), scored by the teacher."""
+    from distill_jax.train import rollout
+
+    c = _tiny(steps=3, onpolicy=1.0)
+    loop.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    assert [r["train/student_samples"] for r in rows] == [1.0, 1.0, 1.0]
+    graph = {}
+
+    def student_samples(params, prompts, i):
+        model = nnx.merge(graph["g"], nnx.State(params))
+        keys = rollout.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), i)
+        gen = dj.models.generate(
+            model,
+            jnp.asarray(prompts["prompt_ids"]),
+            prompt_mask=jnp.asarray(prompts["prompt_mask"]),
+            max_new_tokens=16,
+            rng=keys,
+            temperature=1.0,
+            eos_id=dj.data.load_tokenizer("byte").eos_id,
+        )
+        done = jnp.arange(16)[None] < gen.lengths[:, None]
+        return rollout.sequence_batch(
+            prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens, done
+        )
+
+    from distill_jax import teachers
+
+    graph["g"], _ = teachers.split_model(loop.build_model(c.student, "student", 0))
+    want, _ = _supervised_reference(c, student_samples, 3)
+    np.testing.assert_allclose([r["train/loss"] for r in rows], want, rtol=2e-5)
+    supervised, _ = _supervised_reference(
+        c, lambda params, prompts, i: rollout.supervised_batch(prompts), 1
+    )
+    assert abs(supervised[0] - want[0]) > 1e-4  # the two kinds of batch differ
