@@ -268,3 +268,50 @@ class CachedTeacher:
             *(batch[f"teacher/{k}"] for k in self.FIELDS), jnp.asarray(self.temperature)
         )
         return dict(sparse_teacher=jax.lax.stop_gradient(sparse))
+
+
+class WithReference:
+    """A teacher plus a frozen reference model run on the same batch, for the selection rules
+    that compare the student with a reference: Rho-1 (excess loss over a reference LM; Lin et
+    al., 2024) and AdaSPEC (tokens where the draft lags a reference draft; Hu et al., 2025). The
+    reference's final hidden states and head become ``reference_hidden`` / ``reference_head``.
+
+    Args:
+        teacher: the teacher it wraps (its ``kind``, ``config`` and the rest are the teacher's).
+        reference: the reference model (the student's vocabulary).
+    """
+
+    def __init__(self, teacher, reference):
+        if reference.config.vocab_size != teacher.vocab_size:
+            raise ValueError(
+                f"The reference model's vocabulary ({reference.config.vocab_size}) differs from "
+                f"the teacher's ({teacher.vocab_size}); use a reference of the student's family."
+            )
+        self.inner = teacher
+        self.reference_graphdef, self._reference = split_model(reference)
+        self.reference_axes = sharding.param_logical_axes(reference)
+
+    def __getattr__(self, name):  # kind, config, vocab_size, graphdef, ... are the teacher's
+        return getattr(self.inner, name)
+
+    def params(self):
+        return {"teacher": self.inner.params(), "reference": self._reference}
+
+    def shardings(self, mesh, rules):
+        return {
+            "teacher": self.inner.shardings(mesh, rules),
+            "reference": sharding.tree_shardings(self._reference, mesh, rules, self.reference_axes),
+        }
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        return self.inner.host_batch(batch, index)
+
+    def loss_inputs(self, params, batch, state=None) -> dict:
+        hidden, head, _ = _forward(self.reference_graphdef, params["reference"], batch, False)
+        out = self.inner.loss_inputs(params["teacher"], batch, state)
+        return dict(out, reference_hidden=hidden, reference_head=head)
+
+
+def target_params(teacher, params):
+    """The teacher's own parameters inside ``params`` (without a ``WithReference`` reference)."""
+    return params["teacher"] if isinstance(teacher, WithReference) else params

@@ -466,6 +466,10 @@ def train(config, workdir: str) -> dict:
         )
     data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
+    if c.get("reference"):  # Rho-1 / AdaSPEC selection: a frozen reference beside the teacher
+        if teacher is None or teacher.kind not in ("online", "ensemble", "composite"):
+            raise ValueError("config.reference needs an online teacher (or ensemble/composite).")
+        teacher = teachers.WithReference(teacher, build_model(c.reference, "reference", seed + 2))
     vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
     if onpolicy is not None:
         settings = rollout.RolloutSettings(
@@ -651,7 +655,8 @@ def train(config, workdir: str) -> dict:
         completions or, with seq_kd, the teacher's samples) and 1.0 if it is the student's."""
         if not rollout.use_student_samples(seed, step, onpolicy.lmbda):
             if teacher_rollout is not None:
-                return teacher_rollout(teacher_params, prompts, sample_key, step), 0.0
+                params = teachers.target_params(teacher, teacher_params)
+                return teacher_rollout(params, prompts, sample_key, step), 0.0
             return supervised(prompts), 0.0
         buf = replay["buffer"]
         if (
@@ -707,7 +712,9 @@ def train(config, workdir: str) -> dict:
         if teacher is None or teacher.kind != "online":
             raise ValueError("eval.acceptance needs an online teacher (the target model).")
         draft = transform_params.to_model(jax.device_get(state.params["student"]), student_config)
-        target = transform_params.to_model(jax.device_get(teacher_params), teacher.config)
+        target = transform_params.to_model(
+            jax.device_get(teachers.target_params(teacher, teacher_params)), teacher.config
+        )
         a = speculative.acceptance(
             target,
             draft,
