@@ -21,7 +21,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "cache"], "train, or write teacher.cache_dir (an offline teacher)."
+    "mode",
+    "train",
+    ["train", "cache", "eval_gsm", "eval_speculative", "seqkd"],
+    "train; cache: write teacher.cache_dir (an offline teacher); eval_gsm: pass@k on held-out "
+    "GSM-style problems; eval_speculative: the student as a speculative draft for the teacher; "
+    "seqkd: write a verified sequence-level KD dataset (distill_jax/eval/run.py).",
 )
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
@@ -48,6 +53,10 @@ def main(argv):
     if _MODE.value == "cache":
         cache = loop.build_cache(_CONFIG.value)
         result = {"cache": cache.directory, "bytes_per_token": cache.bytes_per_token}
+    elif _MODE.value in ("eval_gsm", "eval_speculative", "seqkd"):
+        from distill_jax.eval import run
+
+        result = getattr(run, _MODE.value)(_CONFIG.value, _WORKDIR.value)
     else:
         result = {"eval": loop.train(_CONFIG.value, _WORKDIR.value)}
     if jax.process_index() == 0:

@@ -339,10 +339,12 @@ def check_onpolicy(c) -> Any:
             "config.onpolicy with config.bridge: cross-tokenizer on-policy runs are not wired "
             "to the trainer yet; use a teacher with the student's tokenizer."
         )
-    if kind not in ONPOLICY_TEACHERS:
+    sft = kind == "none" and float(o.lmbda) == 0.0 and not o.get("seq_kd")
+    if kind not in ONPOLICY_TEACHERS and not sft:
         raise ValueError(
             f"config.onpolicy with teacher.kind={kind!r}: student samples need a teacher that "
-            f"scores new text in the step; use one of {ONPOLICY_TEACHERS}."
+            f"scores new text in the step; use one of {ONPOLICY_TEACHERS} (or 'none' with "
+            "lmbda=0: supervised training on the completions, e.g. sequence-level KD data)."
         )
     if o.get("seq_kd") and kind != "online":
         raise ValueError("onpolicy.seq_kd samples from the teacher: use teacher.kind='online'.")
