@@ -19,6 +19,13 @@ Every teacher answers ``loss_inputs(teacher_params, batch, state) -> dict`` of
 * ``EMATeacher``: an exponential moving average of the student itself (mean teacher, Tarvainen &
   Valpola, 2017), theta_T <- d theta_T + (1 - d) theta_S after every optimizer step; its
   parameters live in ``TrainState.ema`` and are checkpointed, because resume needs them.
+* ``SelfTeacher``: self-distillation with a privileged context (OPSD, SD-Zero, UniSD): the
+  student's own current weights, its EMA, or a frozen copy of its initial weights read the
+  batch's ``teacher_input_ids`` [B, K, L] (K contexts, e.g. the question with its reference
+  solution), whose completions sit at the same columns as the student's (``train.rollout``);
+  with K > 1 the contexts' probabilities are averaged and ``agreement_weights`` down-weights
+  tokens on which they disagree (UniSD).
+* ``WithReference``: any of these plus a frozen reference model (Rho-1, AdaSPEC selection).
 """
 
 from __future__ import annotations
@@ -315,3 +322,139 @@ class WithReference:
 def target_params(teacher, params):
     """The teacher's own parameters inside ``params`` (without a ``WithReference`` reference)."""
     return params["teacher"] if isinstance(teacher, WithReference) else params
+
+
+# ------------------------------------------------------------------------ self-distillation
+
+
+def agreement_weights(
+    logprobs: jax.Array, mask: jax.Array, *, gamma: float, level: str = "token"
+) -> jax.Array:
+    """UniSD's multi-context agreement weights [B, T] (METHODS.md 3.7).
+
+    Args:
+        logprobs: [K, B, T] log p_T(y_t | context k) of the sampled / target token.
+        mask: [B, T] valid tokens.
+        gamma: strength; 0 gives all-ones weights.
+        level: "token": d = Var_k(lp_k), d~ = min(d / quantile_0.95(d over valid tokens), 10),
+            w = max(1 / (1 + gamma d~), 0.01); "sequence": s_k = masked mean of lp_k per row,
+            w = exp(-gamma Var_k(s_k)) for every token of the row.
+    """
+    from distill_jax.losses import selection
+
+    m = mask.astype(jnp.float32)
+    # Var_k computed after subtracting context 0, so identical contexts give exactly 0 (and w 1).
+    var = lambda x: jnp.var(x - x[:1], axis=0)  # noqa: E731
+    if level == "token":
+        d = var(logprobs)
+        q = selection.masked_quantile(d, mask, 0.95)
+        d_norm = jnp.minimum(d / jnp.maximum(q, 1e-12), 10.0)
+        return jnp.maximum(1.0 / (1.0 + gamma * d_norm), 0.01) * m
+    if level == "sequence":
+        s = jnp.sum(logprobs * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)  # [K, B]
+        return jnp.exp(-gamma * var(s))[:, None] * m
+    raise ValueError(f"agreement level={level!r}: use 'token' or 'sequence'.")
+
+
+class SelfTeacher:
+    """The student as its own teacher on privileged contexts.
+
+    Args:
+        student: the student model (its graph; parameters come from the train state).
+        source: "student" (the current weights under stop_gradient: OPSD), "ema" (an EMA of
+            the student in ``TrainState.ema``), or "initial" (a frozen copy of the weights the
+            run starts from: OPSD's recommended fixed teacher).
+        decay: the EMA decay (source "ema").
+        agreement_gamma: UniSD agreement strength (K > 1 contexts), None = off.
+        agreement_level: "token" or "sequence".
+    """
+
+    FIELDS = ("teacher_input_ids", "teacher_positions", "teacher_segment_ids")
+
+    def __init__(
+        self,
+        student,
+        *,
+        source: str = "student",
+        decay: float = 0.999,
+        agreement_gamma: float | None = None,
+        agreement_level: str = "token",
+        chunk_size: int = 128,
+    ):
+        if source not in ("student", "ema", "initial"):
+            raise ValueError(f"teacher.source={source!r}: use 'student', 'ema' or 'initial'.")
+        if source == "ema" and not 0 <= decay < 1:
+            raise ValueError(f"self teacher: decay={decay} must be in [0, 1).")
+        self.kind = "ema" if source == "ema" else "self"
+        self.source, self.decay = source, decay
+        self.config = student.config
+        self.vocab_size = student.config.vocab_size
+        self.graphdef, params = split_model(student)
+        self._params = params if source == "initial" else None
+        self.param_axes = sharding.param_logical_axes(student)
+        self.agreement_gamma, self.agreement_level = agreement_gamma, agreement_level
+        self.chunk_size = chunk_size
+
+    def params(self):
+        return self._params
+
+    def shardings(self, mesh, rules):
+        if self._params is None:
+            return None
+        return sharding.tree_shardings(self._params, mesh, rules, self.param_axes)
+
+    def host_batch(self, batch: dict, index: int) -> dict:
+        return batch
+
+    def _weights(self, params, state):
+        if self.source == "initial":
+            return params
+        if self.source == "ema":
+            return state.ema
+        return jax.lax.stop_gradient(state.params["student"])
+
+    def loss_inputs(self, params, batch, state) -> dict:
+        weights = self._weights(params, state)
+        if "teacher_input_ids" in batch:
+            contexts = [
+                dict(
+                    input_ids=batch["teacher_input_ids"][:, k],
+                    positions=batch["teacher_positions"][:, k],
+                    segment_ids=batch["teacher_segment_ids"][:, k],
+                )
+                for k in range(batch["teacher_input_ids"].shape[1])
+            ]
+        else:  # no privileged context: the student's own batch
+            contexts = [batch]
+        outs = [_forward(self.graphdef, weights, ctx, False) for ctx in contexts]
+        cap = self.config.final_logit_softcapping
+        if len(outs) == 1:
+            out = dict(teacher_hidden=outs[0][0], teacher_head=outs[0][1], teacher_softcap=cap)
+        else:  # the contexts' probabilities averaged
+            k = len(outs)
+            out = dict(
+                teacher_hidden=tuple(h for h, _, _ in outs),
+                teacher_head=tuple(w for _, w, _ in outs),
+                teacher_softcap=(cap,) * k,
+                teacher_combine=("probs", (1.0 / k,) * k),
+            )
+        if self.agreement_gamma is not None and len(outs) > 1:
+            lp = jnp.stack(
+                [
+                    alm.token_and_boundary_logprobs(
+                        h, w, batch["targets"], softcap=cap, chunk_size=self.chunk_size
+                    )[0]
+                    for h, w, _ in outs
+                ]
+            )
+            out["token_weights"] = jax.lax.stop_gradient(
+                agreement_weights(
+                    lp, batch["loss_mask"], gamma=self.agreement_gamma, level=self.agreement_level
+                )
+            )
+        return out
+
+    def update(self, ema, student_params):
+        """theta_T <- d theta_T + (1 - d) theta_S (source "ema")."""
+        d = self.decay
+        return jax.tree.map(lambda t, s: (d * t + (1 - d) * s).astype(t.dtype), ema, student_params)

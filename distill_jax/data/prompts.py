@@ -9,6 +9,9 @@ KV cache rely on):
     prompt_ids [B, P]       prompt_mask [B, P]       (True on real tokens, padding on the left)
     completion_ids [B, N]   completion_mask [B, N]   (the dataset's completion, EOS included)
     example_ids [B]         the example's index in the corpus (per-example sampling seeds)
+    privileged_ids [B, K, P], privileged_mask [B, K, P]   (only when examples carry them)
+                            K privileged prompts of the same example (self-distillation: the
+                            question with its reference solution, demonstrations, ...)
 
 Prompts longer than P are an error (never silently cut); completions longer than N are an error
 unless ``long_completions="truncate"`` says to keep their first N tokens (what TRL's GKD trainer
@@ -78,7 +81,8 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
     """This process's rows of shuffled prompt / completion batches, resumable.
 
     Args:
-        examples: a sequence of (prompt text, completion text).
+        examples: a sequence of (prompt text, completion text), or of (prompt, completion,
+            [K privileged prompts]) with the same K for every example.
         tokenizer: a ``data.tokenizers.Tokenizer`` (the student's).
         prompt_len, completion_len: P and N.
         global_batch_size: rows per step over all processes (divisible by the process count).
@@ -113,17 +117,34 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
             raise ValueError(f"long_completions={long_completions!r}: use 'error' or 'truncate'.")
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
         self.rows = []
-        for i, (prompt, completion) in enumerate(examples):
+        ks = {len(e[2]) if len(e) > 2 else 0 for e in examples}
+        if len(ks) != 1:
+            raise ValueError(f"{name}: every example needs the same number of privileged prompts.")
+        self.fields = FIELDS + (("privileged_ids", "privileged_mask") if ks.pop() else ())
+        for i, example in enumerate(examples):
+            prompt, completion = example[0], example[1]
+            where = f"{name}[{i}]"
+            kw = dict(prompt_len=prompt_len, completion_len=completion_len, where=where)
             p, c = encode_example(
-                tokenizer,
-                prompt,
-                completion,
-                prompt_len=prompt_len,
-                completion_len=completion_len,
-                long_completions=long_completions,
-                where=f"{name}[{i}]",
+                tokenizer, prompt, completion, long_completions=long_completions, **kw
             )
-            self.rows.append(pad_example(p, c, prompt_len, completion_len, pad))
+            row = pad_example(p, c, prompt_len, completion_len, pad)
+            if len(example) > 2:
+                priv = [
+                    pad_example(
+                        encode_example(tokenizer, x, "", **dict(kw, where=f"{where} privileged"))[
+                            0
+                        ],
+                        [],
+                        prompt_len,
+                        1,
+                        pad,
+                    )
+                    for x in example[2]
+                ]
+                row["privileged_ids"] = np.stack([r["prompt_ids"] for r in priv])
+                row["privileged_mask"] = np.stack([r["prompt_mask"] for r in priv])
+            self.rows.append(row)
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // process_count
         self.process_index = process_index
@@ -160,7 +181,9 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         mine = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
-        batch = {k: np.stack([self.rows[i][k] for i in mine]) for k in FIELDS[:-1]}
+        batch = {
+            k: np.stack([self.rows[i][k] for i in mine]) for k in self.fields if k != "example_ids"
+        }
         batch["example_ids"] = np.asarray(mine, np.int32)
         self.emitted += 1
         return batch

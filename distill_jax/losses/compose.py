@@ -120,6 +120,9 @@ class LossInputs:
     student_chunk: jax.Array | None = None
     student_boundary_mask: jax.Array | None = None
     teacher_token_hidden: jax.Array | None = None  # [B, U, D_t]: the teacher's, on its tokens
+    # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers.py);
+    # multiplied into the selection weights, so the normaliser is sum(mask * weights).
+    token_weights: jax.Array | None = None
     # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
     # (see fused.fused_distill_loss).
     student_softcap: float | None = struct.field(pytree_node=False, default=None)
@@ -490,6 +493,9 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
     """
     terms = _fused_terms(spec, state, step)
     weights, terms, metrics = _select(inputs, spec, state, terms)
+    if inputs.token_weights is not None:
+        tw = jax.lax.stop_gradient(inputs.token_weights.astype(jnp.float32))
+        weights = tw if weights is None else weights * tw
     total = jnp.zeros((), jnp.float32)
     if spec.logit_terms:
         total, count, fused_metrics = fused.fused_distill_loss(

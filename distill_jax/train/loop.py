@@ -54,7 +54,7 @@ from distill_jax.transforms import schedule as prune_schedule
 from distill_jax.transforms import stats as transform_stats
 
 ASSETS = {"smollm2": _assets.smollm2_gguf_path, "gemma3": _assets.gemma3_gguf_path}
-TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "none")
+TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "self", "none")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,6 +120,14 @@ def build_teacher(
         return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1))
     if kind == "ema":
         return teachers.EMATeacher(student, decay=c.get("decay", 0.999))
+    if kind == "self":
+        return teachers.SelfTeacher(
+            student,
+            source=c.get("source", "student"),
+            decay=c.get("decay", 0.999),
+            agreement_gamma=c.get("agreement_gamma"),
+            agreement_level=c.get("agreement_level", "token"),
+        )
     if kind in ("ensemble", "composite"):
         models = [
             build_model(m, f"teacher.models[{i}]", seed + 1 + i) for i, m in enumerate(c.models)
@@ -163,7 +171,13 @@ def load_examples(c: Any) -> list[tuple[str, str]]:
     text) -> each document cut at the last space before ``prompt_chars`` characters."""
     if c.source == "gsm":
         problems = sources.gsm_problems(c.get("num_problems", 1000), seed=c.get("gsm_seed", 0))
-        return [(f"Question: {p['question']}\nAnswer:", " " + p["solution"]) for p in problems]
+        out = [(f"Question: {p['question']}\nAnswer:", " " + p["solution"]) for p in problems]
+        if c.get("privileged_contexts"):
+            return [
+                (*pair, privileged_prompts(problems, i, c.privileged_contexts))
+                for i, pair in enumerate(out)
+            ]
+        return out
     if c.source == "jsonl":
         fields = (c.get("prompt_field", "prompt"), c.get("completion_field", "completion"))
         return [(r[fields[0]], r[fields[1]]) for r in sources.jsonl_records(c.paths, fields)]
@@ -173,6 +187,22 @@ def load_examples(c: Any) -> list[tuple[str, str]]:
         cut = doc.rfind(" ", 0, n + 1)
         cut = cut if cut > 0 else min(n, len(doc))
         out.append((doc[:cut], doc[cut:]))
+    return out
+
+
+def privileged_prompts(problems: list[dict], i: int, k: int) -> list[str]:
+    """K privileged prompts of GSM problem i for self-distillation (OPSD / UniSD): context 0 is
+    the question with its reference solution; context j > 0 puts a worked demonstration (problem
+    i + j, cyclically) before it."""
+    p = problems[i]
+    base = (
+        f"Question: {p['question']}\nReference solution: {p['solution']}\n"
+        f"Now answer the question yourself.\nQuestion: {p['question']}\nAnswer:"
+    )
+    out = [base]
+    for j in range(1, k):
+        d = problems[(i + j) % len(problems)]
+        out.append(f"Question: {d['question']}\nAnswer: {d['solution']}\n\n{base}")
     return out
 
 
@@ -314,7 +344,7 @@ def _batch_shardings(mesh, rules, cached: bool, bridge: bool = False) -> dict:
     return out
 
 
-ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite")
+ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
 
 
 def check_onpolicy(c) -> Any:
@@ -517,12 +547,19 @@ def train(config, workdir: str) -> dict:
         teacher_params = jax.device_put(teacher_params, teacher_sharding)
     cached = teacher is not None and teacher.kind == "cached"
     batch_shardings = _batch_shardings(mesh, rules, cached, bridge is not None)
+    privileged = onpolicy is not None and "privileged_ids" in train_batches.fields
+    prompt_axes = {"example_ids": ("batch",), "privileged_ids": ("batch", None, "length")}
+    prompt_axes["privileged_mask"] = prompt_axes["privileged_ids"]
     prompt_shardings = {
-        k: sharding.named_sharding(
-            mesh, ("batch",) if k == "example_ids" else ("batch", "length"), rules
-        )
-        for k in prompts_lib.FIELDS
+        k: sharding.named_sharding(mesh, prompt_axes.get(k, ("batch", "length")), rules)
+        for k in (train_batches.fields if onpolicy is not None else ())
     }
+    if privileged:  # the teacher's view under K privileged prompts
+        if onpolicy.get("replay", {}).get("capacity"):
+            raise ValueError("onpolicy.replay with privileged contexts is not supported.")
+        for k in teachers.SelfTeacher.FIELDS:
+            batch_shardings[k] = prompt_shardings["privileged_ids"]
+        add_privileged = jax.jit(rollout.with_privileged, out_shardings=batch_shardings)
 
     def compile_for(student_config, state_like):
         """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
@@ -563,14 +600,15 @@ def train(config, workdir: str) -> dict:
     # On-policy: fixed-data and sampled batches, the replay buffer and DistiLLM's threshold.
     replay = {"buffer": None, "threshold": 1.0, "previous_loss": None}
     if onpolicy is not None:
+        sequence_shardings = {k: batch_shardings[k] for k in step_lib.BATCH_FIELDS}
         graphdef0, _ = teachers.split_model(student)
-        student_rollout = rollout.make_rollout(graphdef0, settings, out_shardings=batch_shardings)
+        student_rollout = rollout.make_rollout(graphdef0, settings, out_shardings=sequence_shardings)
         teacher_rollout = None
         if onpolicy.get("seq_kd"):
             teacher_rollout = rollout.make_rollout(
-                teacher.graphdef, settings, out_shardings=batch_shardings
+                teacher.graphdef, settings, out_shardings=sequence_shardings
             )
-        supervised = jax.jit(rollout.supervised_batch, out_shardings=batch_shardings)
+        supervised = jax.jit(rollout.supervised_batch, out_shardings=sequence_shardings)
         sample_key = jax.random.key(seed + 4242)
         capacity = int(onpolicy.get("replay", {}).get("capacity", 0))
         if capacity:
@@ -653,6 +691,12 @@ def train(config, workdir: str) -> dict:
         }
 
     def onpolicy_batch(state, prompts: dict, step: int) -> tuple[dict, float]:
+        batch, student_samples = _onpolicy_batch(state, prompts, step)
+        if privileged:
+            batch = add_privileged(batch, prompts["privileged_ids"], prompts["privileged_mask"])
+        return batch, student_samples
+
+    def _onpolicy_batch(state, prompts: dict, step: int) -> tuple[dict, float]:
         """The step's batch (GKD: student samples with probability lambda, else the dataset's
         completions or, with seq_kd, the teacher's samples) and 1.0 if it is the student's."""
         if not rollout.use_student_samples(seed, step, onpolicy.lmbda):
@@ -699,7 +743,12 @@ def train(config, workdir: str) -> dict:
         totals = None
         for local in batches:
             if onpolicy is not None:
-                batch = supervised(to_device(local, prompt_shardings))
+                prompts = to_device(local, prompt_shardings)
+                batch = supervised(prompts)
+                if privileged:
+                    batch = add_privileged(
+                        batch, prompts["privileged_ids"], prompts["privileged_mask"]
+                    )
             else:
                 batch = to_device(local)
             sums = eval_fn(state.params["student"], teacher_params, state, batch)

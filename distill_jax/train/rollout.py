@@ -130,6 +130,37 @@ def supervised_batch(prompts: dict) -> dict:
     )
 
 
+def with_privileged(batch: dict, privileged_ids, privileged_mask) -> dict:
+    """Add the teacher's view of ``batch`` under K privileged prompts (self-distillation).
+
+    The completion (columns P.. of ``batch``) follows each privileged prompt, left-padded to the
+    same P, so completion token i sits at column P + i in every context and the teacher's
+    prediction at column j is for the same token as the student's: the two contexts are aligned
+    by construction, whatever their lengths (OPSD gathers at per-example offsets instead).
+
+    Args:
+        batch: a ``sequence_batch`` [B, P + N].
+        privileged_ids, privileged_mask: [B, K, P].
+
+    Returns:
+        batch plus teacher_input_ids, teacher_positions, teacher_segment_ids [B, K, P + N].
+    """
+    p = privileged_ids.shape[-1]
+    completion = batch["input_ids"][:, p:]
+    real = batch["segment_ids"][:, p:] > 0
+    views = [
+        sequence_batch(privileged_ids[:, k], privileged_mask[:, k], completion, real)
+        for k in range(privileged_ids.shape[1])
+    ]
+    stack = lambda key: jnp.stack([v[key] for v in views], axis=1)  # noqa: E731
+    return dict(
+        batch,
+        teacher_input_ids=stack("input_ids"),
+        teacher_positions=stack("positions"),
+        teacher_segment_ids=stack("segment_ids"),
+    )
+
+
 def make_rollout(graphdef, settings: RolloutSettings, *, out_shardings=None):
     """jit(params, prompts, rng, step) -> the step batch of the model's samples for ``prompts``
     (a ``data.prompts`` batch on the mesh); the result keeps ``out_shardings`` (the step's)."""
