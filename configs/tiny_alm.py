@@ -6,7 +6,9 @@ pieces, aligned by ``bridges.ChunkCollator``; the loss is ALM (``bridges.alm``).
 
     python -m distill_jax.main --config configs/tiny_alm.py:steps=8 --workdir /tmp/tiny_alm
 
-Seconds on a CPU. Presets: steps.
+Seconds on a CPU. Presets: steps, onpolicy = lambda (cross-tokenizer on-policy: the student
+continues the first ~30 characters of a chapter for 24 bytes with probability lambda, the text
+its bytes spell is re-tokenized for the teacher and aligned; ALM on the completion's chunks).
 """
 
 import ml_collections as mlc
@@ -15,7 +17,7 @@ from distill_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, steps=8)
+    arg = config_lib.parse_arg(arg, steps=8, onpolicy=-1.0)
     c = mlc.ConfigDict()
     c.seed = 0
     arch = dict(
@@ -52,6 +54,11 @@ def get_config(arg=None):
         ce=dict(weight=0.0),  # the student's next-byte NLL, a metric
     )
     c.loss_options = dict(chunk_size=64)
+    if arg.onpolicy >= 0:
+        del c.data.seq_len  # rows are prompt_len + max_new_tokens
+        c.data.prompt_chars = 30
+        c.data.long_completions = "truncate"
+        c.onpolicy = dict(lmbda=arg.onpolicy, prompt_len=40, max_new_tokens=24)
     c.optimizer = dict(learning_rate=3e-3, warmup_steps=2, weight_decay=0.01, grad_clip_norm=1.0)
     c.train = dict(
         steps=arg.steps,

@@ -244,6 +244,94 @@ class ChunkCollator:
             chunks = word_chunks(chunks, t_bytes)
         return t_ids, s_ids, chunks, t_valid, s_valid
 
+    def align_student_ids(self, student_ids: Sequence[int]):
+        """Like ``align`` for a given student token sequence (e.g. the student's own samples,
+        which need not be how the student's tokenizer would split their text): the teacher
+        tokenizes the text those tokens spell. The text ends before the first token whose bytes
+        are not valid UTF-8 (a sample can stop inside a character) or spell a character the
+        teacher's vocabulary cannot (SmolLM2 has no token for some control bytes); later
+        tokens stay in the row without chunks (no loss).
+
+        Returns:
+            (teacher ids, the student ids aligned, chunks [C, 4], teacher valid, student valid,
+            the text).
+        """
+        tok, teacher = self.student.tokenizer, self.teacher.tokenizer
+        ids = list(student_ids)
+        while True:
+            while ids:  # the longest prefix of whole characters
+                try:
+                    text = b"".join(tok.text_bytes(ids)).decode("utf-8")
+                    break
+                except UnicodeDecodeError:
+                    ids.pop()
+            else:
+                text = ""
+            t_ids = teacher.encode(text, add_bos=self.teacher_bos)
+            spelt = byteify.spelt_prefix(teacher, t_ids, text)
+            if spelt == len(text.encode()):
+                break
+            # Keep the student tokens that lie wholly before the first unspellable byte.
+            lengths = np.cumsum([len(b) for b in tok.text_bytes(ids)])
+            ids = ids[: int(np.searchsorted(lengths, spelt, side="right"))]
+        t_bytes, t_valid, s_bytes, s_valid = byteify.byteify_pair(
+            self.teacher, t_ids, self.student, ids
+        )
+        chunks = align_chunks(t_bytes, s_bytes)
+        if self.coarsen == "words":
+            chunks = word_chunks(chunks, t_bytes)
+        return t_ids, ids, chunks, t_valid, s_valid, text
+
+    def collate_student_ids(
+        self, rows: Sequence[Sequence[int]], loss_from: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        """``__call__``'s batch for given student token rows (prompt + completion), where the
+        chunks that lie wholly inside the first ``loss_from[i]`` student tokens of row i (the
+        prompt) get chunk id -1 on both sides: on-policy cross-tokenizer distillation scores the
+        completion only."""
+        b, u, t = len(rows), self.teacher_len, self.student_len
+        out = self._empty(b)
+        for row, ids in enumerate(rows):
+            t_ids, s_ids, chunks, t_valid, s_valid, text = self.align_student_ids(ids)
+            keep = chunks[(chunks[:, 1] <= u) & (chunks[:, 3] <= t)]
+            keep = keep[keep[:, 3] > loss_from[row]]  # chunks with completion tokens
+            self._fill(out, row, t_ids, s_ids, keep, t_valid, s_valid)
+            out["student_ids"][row, : min(len(ids), t)] = list(ids)[:t]  # incl. an unspelt tail
+            out["student_segment"][row, : min(len(ids), t)] = 1
+            if len(keep):
+                kept = sum(len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]]))
+                out["dropped_bytes"][row] = len(text.encode()) - kept
+        return out
+
+    def _empty(self, b: int) -> dict[str, np.ndarray]:
+        u, t = self.teacher_len, self.student_len
+        return {
+            "teacher_ids": np.full((b, u), _pad(self.teacher.tokenizer), np.int32),
+            "student_ids": np.full((b, t), _pad(self.student.tokenizer), np.int32),
+            "teacher_chunk": np.full((b, u), -1, np.int32),
+            "student_chunk": np.full((b, t), -1, np.int32),
+            "teacher_segment": np.zeros((b, u), np.int32),
+            "student_segment": np.zeros((b, t), np.int32),
+            "num_chunks": np.zeros(b, np.int32),
+            "dropped_bytes": np.zeros(b, np.int32),
+        }
+
+    def _fill(self, out, row, t_ids, s_ids, keep, t_valid, s_valid) -> None:
+        """Write one row's ids, segments and the chunk ids of the ``keep`` chunks."""
+        u, t = self.teacher_len, self.student_len
+        t_n, s_n = min(len(t_ids), u), min(len(s_ids), t)
+        out["teacher_ids"][row, :t_n] = t_ids[:t_n]
+        out["student_ids"][row, :s_n] = s_ids[:s_n]
+        out["teacher_segment"][row, :t_n] = 1
+        out["student_segment"][row, :s_n] = 1
+        if len(keep) == 0:
+            return
+        for side, valid, n in (("teacher", t_valid, t_n), ("student", s_valid, s_n)):
+            ids = chunk_ids(keep, n, 0 if side == "teacher" else 1)
+            ids[~np.asarray(valid[:n], bool)] = -1
+            out[f"{side}_chunk"][row, :n] = ids
+        out["num_chunks"][row] = len(keep)
+
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """A batch: ``teacher_ids`` [B, U], ``student_ids`` [B, T], ``teacher_chunk`` [B, U],
         ``student_chunk`` [B, T] (int32, -1 outside chunks), ``teacher_segment``/
@@ -254,16 +342,7 @@ class ChunkCollator:
             ValueError: a text has no common boundary within the lengths (no chunk would fit).
         """
         b, u, t = len(texts), self.teacher_len, self.student_len
-        out = {
-            "teacher_ids": np.full((b, u), _pad(self.teacher.tokenizer), np.int32),
-            "student_ids": np.full((b, t), _pad(self.student.tokenizer), np.int32),
-            "teacher_chunk": np.full((b, u), -1, np.int32),
-            "student_chunk": np.full((b, t), -1, np.int32),
-            "teacher_segment": np.zeros((b, u), np.int32),
-            "student_segment": np.zeros((b, t), np.int32),
-            "num_chunks": np.zeros(b, np.int32),
-            "dropped_bytes": np.zeros(b, np.int32),
-        }
+        out = self._empty(b)
         for row, text in enumerate(texts):
             if not text:  # an empty row (the end of an epoch): padding only, no chunks
                 continue
@@ -275,16 +354,7 @@ class ChunkCollator:
                     f"{u} teacher / {t} student tokens; raise teacher_len/student_len or "
                     "split the text."
                 )
-            t_n, s_n = min(len(t_ids), u), min(len(s_ids), t)
-            out["teacher_ids"][row, :t_n] = t_ids[:t_n]
-            out["student_ids"][row, :s_n] = s_ids[:s_n]
-            out["teacher_segment"][row, :t_n] = 1
-            out["student_segment"][row, :s_n] = 1
-            for side, valid, n in (("teacher", t_valid, t_n), ("student", s_valid, s_n)):
-                ids = chunk_ids(keep, n, 0 if side == "teacher" else 1)
-                ids[~np.asarray(valid[:n], bool)] = -1
-                out[f"{side}_chunk"][row, :n] = ids
-            out["num_chunks"][row] = len(keep)
+            self._fill(out, row, t_ids, s_ids, keep, t_valid, s_valid)
             kept_bytes = sum(
                 len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]])
             )

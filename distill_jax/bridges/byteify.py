@@ -93,6 +93,16 @@ def check_byte_exact(tok: Tokenizer) -> None:
             )
 
 
+def spelt_prefix(tok: Tokenizer, ids: Sequence[int], text: str) -> int:
+    """How many leading UTF-8 bytes of ``text`` the tokens ``ids`` reproduce exactly."""
+    data, want = b"".join(tok.text_bytes(ids)), text.encode()
+    if data == want:
+        return len(want)
+    return next(
+        (i for i, (x, y) in enumerate(zip(data, want)) if x != y), min(len(data), len(want))
+    )
+
+
 def check_spelt(tok: Tokenizer, ids: Sequence[int], text: str) -> None:
     """Raise unless the text bytes of ``ids`` are exactly ``text``'s UTF-8 bytes.
 

@@ -194,6 +194,7 @@ def sample_answers(
             temperature=temperature,
             top_p=top_p,
             eos_id=tokenizer.eos_id,
+            vocab_limit=tokenizer.vocab_size,
         )
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
         for (i, j), t, length in zip(chunk, tokens, lengths):

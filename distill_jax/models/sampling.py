@@ -104,6 +104,7 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     return_logits: bool = False,
+    vocab_limit: int | None = None,
 ) -> Generation:
     """Sample ``max_new_tokens`` continuations with a KV cache, in one jitted program.
 
@@ -119,6 +120,7 @@ def generate(
         temperature, top_k, top_p: see ``sample_logits``.
         eos_id: once a row emits it, the row keeps emitting it.
         return_logits: also return the model's logits for every generated token.
+        vocab_limit: never emit ids >= this (a model vocabulary padded beyond the tokenizer's).
 
     Returns:
         Generation.
@@ -142,6 +144,7 @@ def generate(
         sampling=(float(temperature), int(top_k), float(top_p)),
         eos_id=eos_id,
         return_logits=return_logits,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -153,7 +156,15 @@ def _fold(rng: jax.Array, step) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id", "return_logits")
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "sampling",
+        "eos_id",
+        "return_logits",
+        "vocab_limit",
+    ),
 )
 def _generate(
     graphdef,
@@ -166,6 +177,7 @@ def _generate(
     sampling,
     eos_id,
     return_logits,
+    vocab_limit=None,
 ):
     return decode(
         nnx.merge(graphdef, state),
@@ -176,6 +188,7 @@ def _generate(
         sampling=sampling,
         eos_id=eos_id,
         return_logits=return_logits,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -189,6 +202,7 @@ def decode(
     sampling: tuple[float, int, float],
     eos_id: int | None,
     return_logits: bool = False,
+    vocab_limit: int | None = None,
 ) -> Generation:
     """The traceable body of ``generate`` (call it inside a jitted function, e.g. a train step).
 
@@ -196,7 +210,7 @@ def decode(
         model: a Transformer (merged inside the trace).
         prompt_ids, prompt_mask: [B, P].
         rng: one key, or [B] keys (one per row); step i uses ``fold_in(key, i)``.
-        max_new_tokens, eos_id, return_logits: see ``generate``.
+        max_new_tokens, eos_id, return_logits, vocab_limit: see ``generate``.
         sampling: (temperature, top_k, top_p).
     """
     temperature, top_k, top_p = sampling
@@ -207,6 +221,8 @@ def decode(
     cache, logits = out.cache, out.logits[:, -1]  # [B, V]
 
     def pick(step, logits, done):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, _NEG)
         tok = sample_logits(
             logits,
             _fold(rng, step),

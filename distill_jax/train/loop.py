@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from distill_jax import bridges, sharding, teachers
@@ -276,19 +277,45 @@ def _data(c):
     return split, tokenizer, batches
 
 
-def make_bridge_batches(c, documents, student_tokenizer, *, num_epochs=None, seed=0):
-    """Cross-tokenizer batches (``config.bridge``): the teacher's tokenization of each text piece
-    beside the student's, with per-token chunk ids (``bridges.batches``)."""
+def make_collator(c, student_tokenizer, student_len: int) -> bridges.ChunkCollator:
+    """``config.bridge``'s teacher/student ``ChunkCollator`` (student rows of ``student_len``)."""
     b = c.bridge
-    collator = bridges.ChunkCollator(
+    return bridges.ChunkCollator(
         _tokenizer(c, b.get("teacher_tokenizer", "teacher")),
         student_tokenizer,
         teacher_len=b.teacher_len,
-        student_len=c.data.seq_len,
+        student_len=student_len,
         coarsen=b.get("coarsen", "none"),
         teacher_bos=b.get("teacher_bos", True),
         student_bos=b.get("student_bos", False),
     )
+
+
+def host_bridge_batch(collator, prompts: dict, tokens, token_mask) -> dict:
+    """A cross-tokenizer step batch for prompts + completions in the student's tokens (its own
+    samples or the dataset's): the teacher re-tokenizes the text they spell, the collator aligns
+    the two, and only chunks with completion tokens carry the loss (on-policy ALM).
+
+    Args:
+        prompts: this process's ``data.prompts`` batch (NumPy).
+        tokens, token_mask: [B_local, N] completions and their valid tokens (NumPy).
+    """
+    rows, starts = [], []
+    for pid, pm, tok, tm in zip(prompts["prompt_ids"], prompts["prompt_mask"], tokens, token_mask):
+        prompt = [int(x) for x in pid[np.asarray(pm, bool)]]
+        rows.append(prompt + [int(x) for x in tok[np.asarray(tm, bool)]])
+        starts.append(len(prompt))
+    batch = bridge_batches.to_step_batch(collator.collate_student_ids(rows, starts))
+    for i, start in enumerate(starts):  # the student's own terms (e.g. CE) skip the prompt too
+        batch["loss_mask"][i, : max(start - 1, 0)] = False
+    return batch
+
+
+def make_bridge_batches(c, documents, student_tokenizer, *, num_epochs=None, seed=0):
+    """Cross-tokenizer batches (``config.bridge``): the teacher's tokenization of each text piece
+    beside the student's, with per-token chunk ids (``bridges.batches``)."""
+    collator = make_collator(c, student_tokenizer, c.data.seq_len)
+    b = c.bridge
     return bridge_batches.BridgeBatches(
         documents,
         collator,
@@ -364,10 +391,12 @@ def check_onpolicy(c) -> Any:
     if int(o.prompt_len) < 1 or int(o.max_new_tokens) < 1:
         raise ValueError("onpolicy.prompt_len and onpolicy.max_new_tokens must be >= 1.")
     kind = c.teacher.get("kind", "online")
-    if c.get("bridge"):
+    if c.get("bridge") and (
+        o.get("seq_kd") or o.get("replay", {}).get("capacity") or c.data.get("privileged_contexts")
+    ):
         raise ValueError(
-            "config.onpolicy with config.bridge: cross-tokenizer on-policy runs are not wired "
-            "to the trainer yet; use a teacher with the student's tokenizer."
+            "config.onpolicy with config.bridge (cross-tokenizer on-policy) supports student "
+            "samples and dataset completions; drop seq_kd, replay and privileged_contexts."
         )
     sft = kind == "none" and float(o.lmbda) == 0.0 and not o.get("seq_kd")
     if kind not in ONPOLICY_TEACHERS and not sft:
@@ -386,6 +415,16 @@ def check_onpolicy(c) -> Any:
             f"= {o.prompt_len + o.max_new_tokens} tokens; remove data.seq_len or make them equal."
         )
     return o
+
+
+def _local_rows(*arrays) -> list[np.ndarray]:
+    """This process's block of rows of global [B, ...] arrays, as NumPy."""
+    out = []
+    for x in arrays:
+        full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        n = full.shape[0] // jax.process_count()
+        out.append(full[jax.process_index() * n : (jax.process_index() + 1) * n])
+    return out
 
 
 def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
@@ -470,7 +509,9 @@ def train(config, workdir: str) -> dict:
     # --- models and data
     split, tokenizer, train_batches = _data(c)
     student = build_model(c.student, "student", seed)
-    bridge = train_batches.collator if c.get("bridge") else None
+    bridge = None
+    if c.get("bridge"):
+        bridge = make_collator(c, tokenizer, shape[1]) if onpolicy else train_batches.collator
 
     def calibration_batches():  # fixed training batches: the same on every (re)start
         if bridge is not None:
@@ -510,6 +551,7 @@ def train(config, workdir: str) -> dict:
             top_k=onpolicy.get("top_k", 0),
             top_p=onpolicy.get("top_p", 1.0),
             eos_id=tokenizer.eos_id,
+            vocab_limit=tokenizer.vocab_size,
         )
         rollout.check_settings(settings, student.config, onpolicy.prompt_len)
         if onpolicy.get("seq_kd"):
@@ -602,13 +644,22 @@ def train(config, workdir: str) -> dict:
     if onpolicy is not None:
         sequence_shardings = {k: batch_shardings[k] for k in step_lib.BATCH_FIELDS}
         graphdef0, _ = teachers.split_model(student)
-        student_rollout = rollout.make_rollout(graphdef0, settings, out_shardings=sequence_shardings)
+        student_rollout = rollout.make_rollout(
+            graphdef0, settings, out_shardings=sequence_shardings
+        )
         teacher_rollout = None
         if onpolicy.get("seq_kd"):
             teacher_rollout = rollout.make_rollout(
                 teacher.graphdef, settings, out_shardings=sequence_shardings
             )
         supervised = jax.jit(rollout.supervised_batch, out_shardings=sequence_shardings)
+
+        @jax.jit
+        def student_sample(params, prompts, rng, step):
+            keys = rollout.example_keys(rng, prompts["example_ids"], step)
+            ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
+            return rollout.sample(graphdef0, params, ids, mask, keys, settings)
+
         sample_key = jax.random.key(seed + 4242)
         capacity = int(onpolicy.get("replay", {}).get("capacity", 0))
         if capacity:
@@ -690,7 +741,13 @@ def train(config, workdir: str) -> dict:
             k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()
         }
 
-    def onpolicy_batch(state, prompts: dict, step: int) -> tuple[dict, float]:
+    def onpolicy_batch(state, prompts: dict, step: int, local: dict) -> tuple[dict, float]:
+        if bridge is not None:  # cross-tokenizer: decode, re-tokenize, align on the host
+            if rollout.use_student_samples(seed, step, onpolicy.lmbda):
+                tokens, mask = student_sample(state.params["student"], prompts, sample_key, step)
+                return to_device(host_bridge_batch(bridge, local, *_local_rows(tokens, mask))), 1.0
+            comp = (local["completion_ids"], local["completion_mask"])
+            return to_device(host_bridge_batch(bridge, local, *comp)), 0.0
         batch, student_samples = _onpolicy_batch(state, prompts, step)
         if privileged:
             batch = add_privileged(batch, prompts["privileged_ids"], prompts["privileged_mask"])
@@ -742,7 +799,10 @@ def train(config, workdir: str) -> dict:
             )
         totals = None
         for local in batches:
-            if onpolicy is not None:
+            if onpolicy is not None and bridge is not None:
+                comp = (local["completion_ids"], local["completion_mask"])
+                batch = to_device(host_bridge_batch(bridge, local, *comp))
+            elif onpolicy is not None:
                 prompts = to_device(local, prompt_shardings)
                 batch = supervised(prompts)
                 if privileged:
@@ -806,7 +866,7 @@ def train(config, workdir: str) -> dict:
             extra = {}
             if onpolicy is not None:
                 batch, extra["student_samples"] = onpolicy_batch(
-                    state, to_device(local, prompt_shardings), step
+                    state, to_device(local, prompt_shardings), step, local
                 )
             else:
                 batch = to_device(local)

@@ -30,13 +30,16 @@ from distill_jax.models import sampling
 
 
 class RolloutSettings(NamedTuple):
-    """Static sampling settings: N new tokens, temperature (0 = greedy), top-k, top-p, EOS id."""
+    """Static sampling settings: N new tokens, temperature (0 = greedy), top-k, top-p, EOS id,
+    and vocab_limit (the tokenizer's size where the model's vocabulary is padded beyond it:
+    padded ids are never sampled)."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     eos_id: int | None = None
+    vocab_limit: int | None = None
 
 
 def check_settings(settings: RolloutSettings, config, prompt_len: int) -> None:
@@ -83,6 +86,7 @@ def sample(graphdef, params, prompt_ids, prompt_mask, keys, settings: RolloutSet
         max_new_tokens=settings.max_new_tokens,
         sampling=(float(settings.temperature), int(settings.top_k), float(settings.top_p)),
         eos_id=settings.eos_id,
+        vocab_limit=settings.vocab_limit,
     )
     mask = jnp.arange(settings.max_new_tokens)[None, :] < gen.lengths[:, None]
     return gen.tokens, mask

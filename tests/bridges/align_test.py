@@ -286,3 +286,45 @@ def test_every_real_tokenizer_here_is_byte_exact(tokenizers):
     smol = tokenizers["smollm2"]
     assert byteify.special_roles(smol)[smol.special_token_id("<|im_start|>")] == "turn_start"
     assert align.chunk_ids(np.array([[0, 2, 0, 1]], np.int32), 3, 0).tolist() == [0, 0, -1]
+
+
+def test_student_samples_are_aligned_to_the_teachers_retokenization(tokenizers):
+    """On-policy cross-tokenizer rows: the student's own token sequence (not its tokenizer's
+    split of the text) against the teacher's tokenization of the text those tokens spell; the
+    prompt's chunks carry no loss and a trailing partial UTF-8 character is left out."""
+    byte, smol = tokenizers["byte"], tokenizers["smollm2"]
+    collator = align.ChunkCollator(smol, byte, teacher_len=40, student_len=80)
+    prompt = byte.encode("In the beginning God")
+    # The student's sample ends inside a character: the first byte of "é".
+    sample = byte.encode(" created the heaven, café") + list("é".encode())[:1]
+    out = collator.collate_student_ids([prompt + sample], [len(prompt)])
+    text = "In the beginning God created the heaven, café"
+    want = smol.encode(text)
+    np.testing.assert_array_equal(out["teacher_ids"][0, : len(want)], want)
+    t_chunk, s_chunk = out["teacher_chunk"][0], out["student_chunk"][0]
+    t_bytes = smol.text_bytes(out["teacher_ids"][0, : len(want)].tolist())
+    s_ids = prompt + sample
+    chunks = sorted(set(s_chunk[s_chunk >= 0].tolist()))
+    assert chunks == list(range(out["num_chunks"][0])) and len(chunks) > 0
+    for c in chunks:
+        tb = b"".join(b for b, k in zip(t_bytes, t_chunk) if k == c)
+        sb = b"".join(byte.token_bytes(i) for i, k in zip(s_ids, s_chunk) if k == c)
+        assert tb == sb and tb
+        assert np.max(np.nonzero(s_chunk == c)[0]) >= len(prompt)  # a completion token in it
+    assert s_chunk[len(s_ids) - 1] == -1  # the partial character
+    assert np.all(s_chunk[: len(prompt) - 3] == -1)  # prompt-only chunks: no loss
+    np.testing.assert_array_equal(out["student_ids"][0, : len(s_ids)], s_ids)
+
+
+def test_a_sample_with_a_character_the_teacher_cannot_spell_stops_there(tokenizers):
+    byte, smol = tokenizers["byte"], tokenizers["smollm2"]
+    collator = align.ChunkCollator(smol, byte, teacher_len=40, student_len=80)
+    prompt = byte.encode("And God said")
+    sample = byte.encode(", Let there\x13 be light")  # SmolLM2 has no token for 0x13
+    out = collator.collate_student_ids([prompt + sample], [len(prompt)])
+    cut = len(prompt) + len(byte.encode(", Let there"))
+    want = smol.encode("And God said, Let there")
+    np.testing.assert_array_equal(out["teacher_ids"][0, : len(want)], want)
+    assert out["teacher_segment"][0].sum() == len(want)
+    s_chunk = out["student_chunk"][0]
+    assert np.all(s_chunk[cut:] == -1) and np.any(s_chunk[len(prompt) : cut] >= 0)

@@ -119,7 +119,9 @@ def test_sampled_answers_do_not_depend_on_the_batch_size_and_fit_the_model():
     )
     assert a == b and len(a) == 3 and all(len(s) == 2 for s in a)
     assert a[0][0] != a[0][1] or a[1][0] != a[1][1]  # the samples of a question differ
-    with pytest.raises(ValueError, match="question 0: the prompt has 25 tokens, more than prompt_len=20"):
+    with pytest.raises(
+        ValueError, match="question 0: the prompt has 25 tokens, more than prompt_len=20"
+    ):
         gsm.sample_answers(model, tok, questions, max_new_tokens=8, prompt_len=20)
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
         gsm.sample_answers(model, tok, questions, max_new_tokens=100, prompt_len=40)

@@ -390,6 +390,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
             rng=keys,
             temperature=1.0,
             eos_id=dj.data.load_tokenizer("byte").eos_id,
+            vocab_limit=dj.data.load_tokenizer("byte").vocab_size,  # 259 of the model's 264
         )
         done = jnp.arange(16)[None] < gen.lengths[:, None]
         return rollout.sequence_batch(
@@ -405,3 +406,66 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
         c, lambda params, prompts, i: rollout.supervised_batch(prompts), 1
     )
     assert abs(supervised[0] - want[0]) > 1e-4  # the two kinds of batch differ
+
+
+def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
+    """tiny_alm with lambda = 1: each step's student rows are the prompt plus the student's own
+    sample (drawn here again from the initial student for step 0), the teacher reads the text
+    they spell in its tokenizer, and ALM is computed on the completion's chunks."""
+    from distill_jax import teachers
+    from distill_jax.data import sources
+    from distill_jax.train import rollout
+
+    c = _tiny(ALM_CONFIG, steps=2, onpolicy=1.0)
+    loop.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    assert [r["train/student_samples"] for r in rows] == [1.0, 1.0]
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    # The first step's batch, rebuilt outside the trainer.
+    tok = dj.data.load_tokenizer("byte")
+    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.02, seed=0)
+    prompts = next(loop.make_prompt_batches(c, split["train"], tok, seed=0))
+    student = loop.build_model(c.student, "student", 0)
+    graphdef, params = teachers.split_model(student)
+    keys = rollout.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), 0)
+    settings = rollout.RolloutSettings(24, 1.0, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+    tokens, mask = rollout.sample(
+        graphdef,
+        params,
+        jnp.asarray(prompts["prompt_ids"]),
+        jnp.asarray(prompts["prompt_mask"]),
+        keys,
+        settings,
+    )
+    collator = loop.make_collator(c, tok, 64)
+    batch = loop.host_bridge_batch(collator, prompts, np.asarray(tokens), np.asarray(mask))
+    # Every kept chunk holds completion tokens; the prompt's own positions carry no CE.
+    for i in range(len(batch["input_ids"])):
+        start = int(prompts["prompt_mask"][i].sum())
+        chunks = batch["student_chunk"][i]
+        for ch in set(chunks[chunks >= 0].tolist()):
+            assert np.max(np.nonzero(chunks == ch)[0]) >= start
+        assert not batch["loss_mask"][i, : start - 1].any()
+    teacher = teachers.CrossTokenizerTeacher(
+        loop.build_model(c.teacher, "teacher", 1),
+        teacher_boundary_mask=dj.bridges.boundary_vocab_mask(collator.teacher.tokenizer, 49152),
+        student_boundary_mask=dj.bridges.boundary_vocab_mask(tok, 264),
+        chunk_size=32,
+    )
+    from distill_jax.losses import compose
+
+    spec = compose.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=2))
+    inputs = compose.LossInputs(
+        student_hidden=student.forward(
+            jnp.asarray(batch["input_ids"]),
+            positions=jnp.asarray(batch["positions"]),
+            segment_ids=jnp.asarray(batch["segment_ids"]),
+            compute_logits=False,
+        ).hidden,
+        student_head=student.head_weights(),
+        targets=jnp.asarray(batch["targets"]),
+        mask=jnp.asarray(batch["loss_mask"]),
+        **teacher.loss_inputs(teacher.params(), {k: jnp.asarray(v) for k, v in batch.items()}),
+    )
+    total, count, _ = compose.loss_fn(spec, inputs, {}, compose.init_state(spec), 0)
+    assert float(total / count) == pytest.approx(rows[0]["train/loss"], rel=1e-4)

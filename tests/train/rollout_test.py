@@ -55,7 +55,7 @@ def _full_forward_samples(model, ids, mask, keys, n, settings):
     for i in range(n):
         pos = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
         logits = model(seq, positions=pos, segment_ids=real.astype(jnp.int32))[:, -1]
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
         tok = sampling.sample_logits(
             logits,
             step_keys,
