@@ -469,3 +469,20 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
     )
     total, count, _ = compose.loss_fn(spec, inputs, {}, compose.init_state(spec), 0)
     assert float(total / count) == pytest.approx(rows[0]["train/loss"], rel=1e-4)
+
+
+def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
+    """config.reference runs a frozen reference beside the teacher; AdaSPEC keeps the requested
+    share of tokens (those where the student lags the reference most)."""
+    c = _tiny(steps=2)
+    c.reference = dict(init="random", config=dict(c.student.config))
+    c.losses = dict(forward_kl=dict())
+    c.loss_options.selection = dict(kind="adaspec", keep_ratio=0.25)
+    loop.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    kept = [r["train/selection/kept"] for r in rows]
+    assert all(k == pytest.approx(0.25, abs=0.02) for k in kept), kept
+    c2 = _tiny(steps=1)
+    c2.reference = dict(init="random", config=dict(c.student.config, vocab_size=300))
+    with pytest.raises(ValueError, match="reference model's vocabulary .300. differs"):
+        loop.train(c2, str(tmp_path / "bad"))
