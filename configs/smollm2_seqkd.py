@@ -34,6 +34,7 @@ def get_config(arg=None):
         tokenizer="student",
         global_batch_size=8,
         held_out_fraction=0.02,
+        gsm_held_out_fraction=0.02,  # the problems eval_gsm holds out, whatever trains
         long_completions="truncate",
         seed=0,
     )

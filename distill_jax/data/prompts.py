@@ -13,9 +13,10 @@ KV cache rely on):
                             K privileged prompts of the same example (self-distillation: the
                             question with its reference solution, demonstrations, ...)
 
-Prompts longer than P are an error (never silently cut); completions longer than N are an error
-unless ``long_completions="truncate"`` says to keep their first N tokens (what TRL's GKD trainer
-does with ``max_length``).
+Prompts longer than P are an error (never silently cut) unless ``long_prompts="drop"`` says to
+leave those examples out (their number is ``PromptBatches.dropped`` and in the data state);
+completions longer than N are an error unless ``long_completions="truncate"`` says to keep their
+first N tokens (what TRL's GKD trainer does with ``max_length``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def encode_example(
     if len(p) > prompt_len:
         raise ValueError(
             f"{where}: the prompt has {len(p)} tokens, more than prompt_len={prompt_len} (the "
-            "prompt part of the KV cache); raise prompt_len or drop long prompts from the data."
+            "prompt part of the KV cache); raise prompt_len or set data.long_prompts='drop'."
         )
     if len(c) > completion_len:
         if long_completions != "truncate":
@@ -88,6 +89,7 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
         global_batch_size: rows per step over all processes (divisible by the process count).
         seed: the order of every epoch; ``num_epochs`` None = forever.
         long_completions: "error" or "truncate" (see the module docstring).
+        long_prompts: "error" or "drop".
         process_index, process_count: this process's block of every global batch.
     """
 
@@ -102,6 +104,7 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
         seed: int = 0,
         num_epochs: int | None = None,
         long_completions: str = "error",
+        long_prompts: str = "error",
         process_index: int = 0,
         process_count: int = 1,
         name: str = "data",
@@ -121,10 +124,21 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
         if len(ks) != 1:
             raise ValueError(f"{name}: every example needs the same number of privileged prompts.")
         self.fields = FIELDS + (("privileged_ids", "privileged_mask") if ks.pop() else ())
+        if long_prompts not in ("error", "drop"):
+            raise ValueError(f"long_prompts={long_prompts!r}: use 'error' or 'drop'.")
+        self.dropped = 0
         for i, example in enumerate(examples):
             prompt, completion = example[0], example[1]
             where = f"{name}[{i}]"
             kw = dict(prompt_len=prompt_len, completion_len=completion_len, where=where)
+            if long_prompts == "drop":
+                texts = [prompt, *(example[2] if len(example) > 2 else ())]
+                lengths = [
+                    len(tokenizer.encode(t, add_bos=tokenizer.bos_id is not None)) for t in texts
+                ]
+                if max(lengths) > prompt_len:
+                    self.dropped += 1
+                    continue
             p, c = encode_example(
                 tokenizer, prompt, completion, long_completions=long_completions, **kw
             )
@@ -145,6 +159,8 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
                 row["privileged_ids"] = np.stack([r["prompt_ids"] for r in priv])
                 row["privileged_mask"] = np.stack([r["prompt_mask"] for r in priv])
             self.rows.append(row)
+        if not self.rows:
+            raise ValueError(f"{name}: every prompt is longer than prompt_len={prompt_len}.")
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // process_count
         self.process_index = process_index
@@ -157,6 +173,8 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
             seed=seed,
             examples=len(examples),
             long_completions=long_completions,
+            long_prompts=long_prompts,
+            dropped=self.dropped,
         )
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -43,14 +43,14 @@ def _student(c, workdir: str | None):
 
 
 def _gsm_split(c) -> dict:
+    """The train / held-out split of the config's GSM problems; ``data.gsm_held_out_fraction``
+    pins it when the training data is something else (e.g. the verified traces as JSONL), so
+    evaluation never sees a problem the teacher answered for the training set."""
     problems = sources.gsm_problems(
         c.data.get("num_problems", 1000), seed=c.data.get("gsm_seed", 0)
     )
-    return sources.split_corpus(
-        problems,
-        fraction=c.data.get("held_out_fraction", 0.02),
-        seed=c.data.get("split_seed", 0),
-    )
+    fraction = c.data.get("gsm_held_out_fraction", c.data.get("held_out_fraction", 0.02))
+    return sources.split_corpus(problems, fraction=fraction, seed=c.data.get("split_seed", 0))
 
 
 def eval_gsm(c, workdir: str | None = None) -> dict:

@@ -219,6 +219,7 @@ def make_prompt_batches(c: Any, examples, tokenizer, *, num_epochs=None, seed=0)
         seed=seed,
         num_epochs=num_epochs,
         long_completions=c.data.get("long_completions", "error"),
+        long_prompts=c.data.get("long_prompts", "error"),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         name=c.data.source,

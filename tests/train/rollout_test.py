@@ -243,3 +243,17 @@ def test_replay_buffer_is_a_ring_and_the_threshold_rises_on_loss_increases():
         prev = loss
         trace.append(round(t, 6))
     assert trace == [0.2, 0.2, 0.3, 0.3, 0.3, 0.4, 0.5, 0.6]
+
+
+def test_long_prompts_can_be_dropped_and_are_counted():
+    tok = dj.data.load_tokenizer("byte")
+    examples = [("short?", "yes"), ("a much longer question than fits?", "no"), ("ok?", "fine")]
+    batches = prompts_lib.PromptBatches(
+        examples, tok, prompt_len=10, completion_len=8, global_batch_size=2, long_prompts="drop"
+    )
+    assert batches.dropped == 1 and batches.config["dropped"] == 1
+    seen = {tok.decode(r["prompt_ids"][r["prompt_mask"]]) for r in batches.rows}
+    assert {s.lstrip(tok.decode([tok.bos_id]) if tok.bos_id is not None else "") for s in seen} == {
+        "short?",
+        "ok?",
+    }

@@ -1,0 +1,97 @@
+"""The --mode=eval_gsm | eval_speculative | seqkd entry points on the tiny config (random models:
+the numbers are checked for consistency, not quality)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from distill_jax.eval import run
+from distill_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _tiny(arg):
+    spec = importlib.util.spec_from_file_location(
+        "tiny", os.path.join(ROOT, "configs", "tiny_kd.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.data.source, c.data.num_problems, c.data.held_out_fraction = "gsm", 60, 0.1
+    c.onpolicy.prompt_len = 620
+    c.teacher.config.max_position_embeddings = c.student.config.max_position_embeddings = 700
+    return c
+
+
+def test_eval_speculative_reports_consistent_numbers():
+    c = _tiny("onpolicy=1.0")
+    c.eval.speculative = dict(gamma=3, num_batches=1, max_new_tokens=12)
+    out = run.eval_speculative(c)
+    assert 0 < out["alpha"] < 1 and out["positions"] > 0
+    assert 1 <= out["tokens_per_target_call"] <= 4  # at most gamma + 1 per target pass
+    size = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    want = size(loop.build_model(c.student, "s", 0)) / size(loop.build_model(c.teacher, "t", 1))
+    assert out["draft_cost_ratio"] == pytest.approx(want)  # 1 of the teacher's 2 blocks
+    assert out["simulated_speedup"] == pytest.approx(
+        out["expected_tokens_per_target_call"] / (3 * out["draft_cost_ratio"] + 1)
+    )
+
+
+def test_seqkd_and_eval_gsm_modes_from_the_command_line(tmp_path):
+    c = _tiny("onpolicy=0.0")
+    # The CLI: a config file that adds the seqkd / eval settings to the tiny config.
+    path = tmp_path / "cfg.py"
+    here = os.path.join(ROOT, "tests", "eval", "run_test.py")
+    seqkd = dict(
+        out_dir=str(tmp_path / "data"),
+        num_problems=3,
+        n=2,
+        max_new_tokens=8,
+        prompt_len=620,
+        tokenizer="byte",
+    )
+    gsm = dict(num_problems=2, n=2, ks=(1, 2), max_new_tokens=8, prompt_len=620)
+    path.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('t', {here!r})\n"
+        "m = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "def get_config():\n"
+        "    c = m._tiny('onpolicy=0.0')\n"
+        f"    c.seqkd = {seqkd!r}\n"
+        f"    c.eval.gsm = {gsm!r}\n"
+        "    return c\n"
+    )
+    del c
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for mode in ("seqkd", "eval_gsm"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distill_jax.main",
+                f"--config={path}",
+                f"--workdir={tmp_path / 'w'}",
+                f"--mode={mode}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if mode == "seqkd":
+            assert result["samples"] == 6 and result["problems"] == 3
+            assert sum(result["counts"][k] for k in ("positives", "negatives")) == 6
+            assert os.path.exists(tmp_path / "data" / "manifest.json")
+        else:
+            assert result["problems"] == 2 and 0 <= result["pass@1"] <= result["pass@2"] <= 1
