@@ -79,15 +79,9 @@ def eval_speculative(c, workdir: str | None = None) -> dict:
     batches = list(
         loop.make_prompt_batches(c, split["validation"], tokenizer, num_epochs=1, seed=0)
     )[: s.get("num_batches", 2)]
-    alpha = speculative.acceptance(
-        target,
-        draft,
-        batches,
-        max_new_tokens=new,
-        temperature=temperature,
-        eos_id=tokenizer.eos_id,
-        seed=seed,
-    )
+    kw = dict(max_new_tokens=new, temperature=temperature, eos_id=tokenizer.eos_id, seed=seed)
+    alpha = speculative.acceptance(target, draft, batches, **kw)
+    on_target = speculative.acceptance(target, draft, batches, prefixes="target", **kw)
     gamma = int(s.get("gamma", 4))
     b = batches[0]
     out = speculative.speculative_generate(
@@ -109,16 +103,17 @@ def eval_speculative(c, workdir: str | None = None) -> dict:
     return {
         "draft": name,
         "alpha": alpha["alpha"],
+        "alpha_on_target_prefixes": on_target["alpha"],
         "greedy_match": alpha["greedy_match"],
         "positions": alpha["positions"],
         "gamma": gamma,
         "accepted_fraction": measured_alpha,
         "tokens_per_target_call": tokens / max(calls, 1.0),
         "expected_tokens_per_target_call": float(
-            speculative.block_efficiency(alpha["alpha"], gamma)
+            speculative.block_efficiency(on_target["alpha"], gamma)
         ),
         "draft_cost_ratio": cost,
-        "simulated_speedup": float(speculative.speedup(alpha["alpha"], gamma, cost)),
+        "simulated_speedup": float(speculative.speedup(on_target["alpha"], gamma, cost)),
     }
 
 

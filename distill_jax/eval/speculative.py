@@ -349,12 +349,16 @@ def acceptance(
     top_p: float = 1.0,
     eos_id: int | None = None,
     seed: int = 0,
+    prefixes: str = "draft",
 ) -> dict:
     """DistillSpec's acceptance measure over prompt batches (``data.prompts`` batches).
 
-    The draft samples completions of every prompt; at each completion position (the prefixes a
-    speculative decoder would draft from), beta = sum_v min(p_v, q_v) for the sampling
-    distributions p (target) and q (draft), and the greedy match [argmax p == argmax q].
+    One model samples completions of every prompt; at each completion position,
+    beta = sum_v min(p_v, q_v) for the sampling distributions p (target) and q (draft), and the
+    greedy match [argmax p == argmax q]. ``prefixes="draft"`` samples with the draft
+    (DistillSpec's alpha, what its on-policy training optimises); ``prefixes="target"`` with the
+    target: the prefixes speculative decoding actually drafts from (its output follows the
+    target), so this alpha predicts the measured acceptance of ``speculative_generate``.
 
     Returns:
         {"alpha": mean beta, "greedy_match": mean match, "positions": count}.
@@ -362,6 +366,10 @@ def acceptance(
     from distill_jax.train import rollout
 
     check_pair(target.config, draft.config, 1)
+    if prefixes not in ("draft", "target"):
+        raise ValueError(f"prefixes={prefixes!r}: use 'draft' or 'target'.")
+    if prefixes == "target":  # beta and the greedy match are symmetric in the two models
+        target, draft = draft, target
     settings = rollout.RolloutSettings(max_new_tokens, temperature, top_k, top_p, eos_id)
     tg, ts = nnx.split(target)
     dg, ds = nnx.split(draft, nnx.Param)
