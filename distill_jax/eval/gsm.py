@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.data import prompts as prompts_lib
+from distill_jax.models import sampling
+from distill_jax.train import rollout
 
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
@@ -159,9 +161,6 @@ def sample_answers(
         ValueError: a prompt longer than ``prompt_len`` tokens; prompt + new tokens beyond the
             model's positions.
     """
-    from distill_jax.models import sampling
-    from distill_jax.train import rollout
-
     settings = rollout.RolloutSettings(max_new_tokens, temperature, 0, top_p, tokenizer.eos_id)
     rollout.check_settings(settings, model.config, prompt_len)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)

@@ -31,6 +31,7 @@ from flax import nnx, struct
 
 from distill_jax.models import cache as cache_lib
 from distill_jax.models import sampling
+from distill_jax.train import rollout
 
 
 def check_pair(target_config, draft_config, gamma: int) -> None:
@@ -320,8 +321,6 @@ def speedup(alpha, gamma: int, cost_ratio: float):
 
 @functools.partial(jax.jit, static_argnames=("tg", "dg", "settings"))
 def _acceptance_sums(tg, ts, dg, ds, prompt_ids, prompt_mask, keys, settings):
-    from distill_jax.train import rollout  # the student-sampling code path of on-policy KD
-
     target, draft = nnx.merge(tg, ts), nnx.merge(dg, nnx.State(ds))
     tokens, mask = rollout.sample(dg, ds, prompt_ids, prompt_mask, keys, settings)
     batch = rollout.sequence_batch(prompt_ids, prompt_mask, tokens, mask)
@@ -363,8 +362,6 @@ def acceptance(
     Returns:
         {"alpha": mean beta, "greedy_match": mean match, "positions": count}.
     """
-    from distill_jax.train import rollout
-
     check_pair(target.config, draft.config, 1)
     if prefixes not in ("draft", "target"):
         raise ValueError(f"prefixes={prefixes!r}: use 'draft' or 'target'.")

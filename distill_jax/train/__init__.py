@@ -1,1 +1,1 @@
-"""Training: state, the jitted distillation step, the loop."""
+"""Training: state, the jitted distillation step, rollouts (sampling in the mesh), the loop."""
