@@ -95,3 +95,42 @@ def test_seqkd_and_eval_gsm_modes_from_the_command_line(tmp_path):
             assert os.path.exists(tmp_path / "data" / "manifest.json")
         else:
             assert result["problems"] == 2 and 0 <= result["pass@1"] <= result["pass@2"] <= 1
+
+
+def test_sft_on_verified_traces_trains_on_the_completions_only(tmp_path):
+    """The positives of a sequence-level KD dataset train a student through the trainer
+    (teacher none, CE, lambda = 0): every counted token is a completion token."""
+    import numpy as np
+
+    from distill_jax.data import prompts as prompts_lib
+    from distill_jax.data import seqkd
+    from distill_jax.data.tokenizers import load_tokenizer
+
+    problems = [{"question": f"{i} + {i}?", "solution": f"#### {2 * i}"} for i in range(12)]
+    completions = [[f" {i} + {i} = {2 * i}. #### {2 * i}", " no idea"] for i in range(12)]
+    pos, neg = seqkd.split_traces(problems, completions)
+    seqkd.write_dataset(str(tmp_path / "ds"), pos, neg, {"teacher": "fixture"})
+    c = _tiny("onpolicy=0.0,teacher='none',steps=2")
+    c.data.source, c.data.paths = "jsonl", str(tmp_path / "ds" / "positives.jsonl")
+    c.data.prompt_field, c.data.completion_field = "prompt", "completion"
+    c.data.held_out_fraction = 0.2
+    c.onpolicy.prompt_len, c.onpolicy.max_new_tokens = 40, 24
+    c.losses = dict(ce=dict())
+    loop.train(c, str(tmp_path / "w"))
+    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    tokens = [r["train/tokens"] for r in rows if "train/tokens" in r]
+    # The same batches from the data pipeline: their completion tokens (EOS included).
+    from distill_jax.data import sources
+
+    tok = load_tokenizer("byte")
+    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.2, seed=0)
+    batches = prompts_lib.PromptBatches(
+        split["train"],
+        tok,
+        prompt_len=40,
+        completion_len=24,
+        global_batch_size=8,
+        long_completions="truncate",
+    )
+    want = [float(np.sum(next(batches)["completion_mask"])) for _ in range(2)]
+    assert tokens == want
