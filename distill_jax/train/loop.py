@@ -14,6 +14,12 @@ steps and returns the last eval. What it guarantees:
   and says at which step (``NonFiniteLossError``).
 * Bad configs fail before compilation with one sentence naming the problem and the fix.
 
+Generation-based runs (``config.onpolicy``, ``train/rollout.py``) read prompt / completion
+batches and, each step, train on the student's own samples with probability ``lmbda`` (GKD), on
+the dataset's completions or the teacher's samples otherwise, optionally through a replay buffer,
+a privileged-context self-teacher or a cross-tokenizer bridge; the choice, the sampling keys and
+the buffer are fixed by (seed, step) or checkpointed, so resume stays exact.
+
 Metrics go to ``workdir/metrics.jsonl`` (one line per logged step), TensorBoard event files in
 ``workdir/tensorboard`` and a console progress bar with tokens/s and ETA.
 """
@@ -406,6 +412,11 @@ def check_onpolicy(c) -> Any:
             f"scores new text in the step; use one of {ONPOLICY_TEACHERS} (or 'none' with "
             "lmbda=0: supervised training on the completions, e.g. sequence-level KD data)."
         )
+    if c.data.get("privileged_contexts") and o.get("replay", {}).get("capacity"):
+        raise ValueError(
+            "onpolicy.replay with data.privileged_contexts: a replayed batch would meet another "
+            "batch's privileged prompts; drop one of the two."
+        )
     if o.get("seq_kd") and kind != "online":
         raise ValueError("onpolicy.seq_kd samples from the teacher: use teacher.kind='online'.")
     if c.get("prune_schedule") or c.student.get("prune"):
@@ -598,8 +609,6 @@ def train(config, workdir: str) -> dict:
         for k in (train_batches.fields if onpolicy is not None else ())
     }
     if privileged:  # the teacher's view under K privileged prompts
-        if onpolicy.get("replay", {}).get("capacity"):
-            raise ValueError("onpolicy.replay with privileged contexts is not supported.")
         for k in teachers.SelfTeacher.FIELDS:
             batch_shardings[k] = prompt_shardings["privileged_ids"]
         add_privileged = jax.jit(rollout.with_privileged, out_shardings=batch_shardings)
