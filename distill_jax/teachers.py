@@ -63,6 +63,13 @@ def split_model(model) -> tuple[Any, dict]:
     return graphdef, nnx.to_pure_dict(params)
 
 
+def ema_update(ema, student_params, decay: float):
+    """theta_T <- d theta_T + (1 - d) theta_S, leaf by leaf, in the EMA's dtype."""
+    return jax.tree.map(
+        lambda t, s: (decay * t + (1 - decay) * s).astype(t.dtype), ema, student_params
+    )
+
+
 class OnlineTeacher:
     """A frozen model run inside the step.
 
@@ -241,8 +248,7 @@ class EMATeacher:
 
     def update(self, ema, student_params):
         """theta_T <- d theta_T + (1 - d) theta_S."""
-        d = self.decay
-        return jax.tree.map(lambda t, s: (d * t + (1 - d) * s).astype(t.dtype), ema, student_params)
+        return ema_update(ema, student_params, self.decay)
 
 
 class CachedTeacher:
@@ -456,5 +462,4 @@ class SelfTeacher:
 
     def update(self, ema, student_params):
         """theta_T <- d theta_T + (1 - d) theta_S (source "ema")."""
-        d = self.decay
-        return jax.tree.map(lambda t, s: (d * t + (1 - d) * s).astype(t.dtype), ema, student_params)
+        return ema_update(ema, student_params, self.decay)

@@ -295,12 +295,9 @@ class ChunkCollator:
             t_ids, s_ids, chunks, t_valid, s_valid, text = self.align_student_ids(ids)
             keep = chunks[(chunks[:, 1] <= u) & (chunks[:, 3] <= t)]
             keep = keep[keep[:, 3] > loss_from[row]]  # chunks with completion tokens
-            self._fill(out, row, t_ids, s_ids, keep, t_valid, s_valid)
-            out["student_ids"][row, : min(len(ids), t)] = list(ids)[:t]  # incl. an unspelt tail
-            out["student_segment"][row, : min(len(ids), t)] = 1
-            if len(keep):
-                kept = sum(len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]]))
-                out["dropped_bytes"][row] = len(text.encode()) - kept
+            # The whole row, incl. a tail past the spelt text (no bytes: never in a chunk).
+            tail = [False] * (len(ids) - len(s_ids))
+            self._fill(out, row, t_ids, list(ids), keep, t_valid, list(s_valid) + tail, text)
         return out
 
     def _empty(self, b: int) -> dict[str, np.ndarray]:
@@ -316,8 +313,9 @@ class ChunkCollator:
             "dropped_bytes": np.zeros(b, np.int32),
         }
 
-    def _fill(self, out, row, t_ids, s_ids, keep, t_valid, s_valid) -> None:
-        """Write one row's ids, segments and the chunk ids of the ``keep`` chunks."""
+    def _fill(self, out, row, t_ids, s_ids, keep, t_valid, s_valid, text) -> None:
+        """Write one row's ids, segments, the chunk ids of the ``keep`` chunks and the bytes of
+        ``text`` past the last kept chunk."""
         u, t = self.teacher_len, self.student_len
         t_n, s_n = min(len(t_ids), u), min(len(s_ids), t)
         out["teacher_ids"][row, :t_n] = t_ids[:t_n]
@@ -331,6 +329,8 @@ class ChunkCollator:
             ids[~np.asarray(valid[:n], bool)] = -1
             out[f"{side}_chunk"][row, :n] = ids
         out["num_chunks"][row] = len(keep)
+        kept = sum(len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]]))
+        out["dropped_bytes"][row] = len(text.encode()) - kept
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """A batch: ``teacher_ids`` [B, U], ``student_ids`` [B, T], ``teacher_chunk`` [B, U],
@@ -354,11 +354,7 @@ class ChunkCollator:
                     f"{u} teacher / {t} student tokens; raise teacher_len/student_len or "
                     "split the text."
                 )
-            self._fill(out, row, t_ids, s_ids, keep, t_valid, s_valid)
-            kept_bytes = sum(
-                len(x) for x in self.teacher.tokenizer.text_bytes(t_ids[: keep[-1, 1]])
-            )
-            out["dropped_bytes"][row] = len(text.encode()) - kept_bytes
+            self._fill(out, row, t_ids, s_ids, keep, t_valid, s_valid, text)
         return out
 
 

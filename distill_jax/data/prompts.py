@@ -28,6 +28,11 @@ import numpy as np
 FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "example_ids")
 
 
+class PromptTooLong(ValueError):
+    """A prompt has more tokens than the prompt part of the cache (``long_prompts="drop"`` skips
+    such examples)."""
+
+
 def encode_example(
     tokenizer,
     prompt: str,
@@ -42,15 +47,16 @@ def encode_example(
     """(prompt ids with BOS, completion ids with EOS), checked against the static lengths.
 
     Raises:
-        ValueError: the prompt has more than ``prompt_len`` tokens, or the completion more than
-            ``completion_len`` with ``long_completions="error"``.
+        PromptTooLong: the prompt has more than ``prompt_len`` tokens.
+        ValueError: the completion has more than ``completion_len`` tokens with
+            ``long_completions="error"``.
     """
     p = tokenizer.encode(prompt, add_bos=add_bos and tokenizer.bos_id is not None)
     c = tokenizer.encode(completion) if completion else []
     if tokenizer.eos_id is not None:
         c = c + [tokenizer.eos_id]
     if len(p) > prompt_len:
-        raise ValueError(
+        raise PromptTooLong(
             f"{where}: the prompt has {len(p)} tokens, more than prompt_len={prompt_len} (the "
             "prompt part of the KV cache); raise prompt_len or set data.long_prompts='drop'."
         )
@@ -64,14 +70,20 @@ def encode_example(
     return p, c
 
 
+def pad_prompt(prompt: Sequence[int], prompt_len: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [P] int32, mask [P] bool) of a prompt left-padded to P."""
+    ids = np.full(prompt_len, pad, np.int32)
+    mask = np.zeros(prompt_len, bool)
+    if len(prompt):
+        ids[-len(prompt) :], mask[-len(prompt) :] = prompt, True
+    return ids, mask
+
+
 def pad_example(
     prompt: Sequence[int], completion: Sequence[int], prompt_len: int, completion_len: int, pad: int
 ) -> dict[str, np.ndarray]:
     """One row: the prompt left-padded to P, the completion right-padded to N."""
-    pi = np.full(prompt_len, pad, np.int32)
-    pm = np.zeros(prompt_len, bool)
-    if len(prompt):
-        pi[-len(prompt) :], pm[-len(prompt) :] = prompt, True
+    pi, pm = pad_prompt(prompt, prompt_len, pad)
     ci = np.full(completion_len, pad, np.int32)
     cm = np.zeros(completion_len, bool)
     ci[: len(completion)], cm[: len(completion)] = completion, True
@@ -130,34 +142,29 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
         for i, example in enumerate(examples):
             prompt, completion = example[0], example[1]
             where = f"{name}[{i}]"
-            kw = dict(prompt_len=prompt_len, completion_len=completion_len, where=where)
-            if long_prompts == "drop":
-                texts = [prompt, *(example[2] if len(example) > 2 else ())]
-                lengths = [
-                    len(tokenizer.encode(t, add_bos=tokenizer.bos_id is not None)) for t in texts
+            kw = dict(prompt_len=prompt_len, completion_len=completion_len)
+            try:
+                p, c = encode_example(
+                    tokenizer,
+                    prompt,
+                    completion,
+                    long_completions=long_completions,
+                    where=where,
+                    **kw,
+                )
+                privileged = [
+                    encode_example(tokenizer, x, "", where=f"{where} privileged", **kw)[0]
+                    for x in (example[2] if len(example) > 2 else ())
                 ]
-                if max(lengths) > prompt_len:
-                    self.dropped += 1
-                    continue
-            p, c = encode_example(
-                tokenizer, prompt, completion, long_completions=long_completions, **kw
-            )
+            except PromptTooLong:
+                if long_prompts != "drop":
+                    raise
+                self.dropped += 1
+                continue
             row = pad_example(p, c, prompt_len, completion_len, pad)
-            if len(example) > 2:
-                priv = [
-                    pad_example(
-                        encode_example(tokenizer, x, "", **dict(kw, where=f"{where} privileged"))[
-                            0
-                        ],
-                        [],
-                        prompt_len,
-                        1,
-                        pad,
-                    )
-                    for x in example[2]
-                ]
-                row["privileged_ids"] = np.stack([r["prompt_ids"] for r in priv])
-                row["privileged_mask"] = np.stack([r["prompt_mask"] for r in priv])
+            if privileged:
+                ids, masks = zip(*(pad_prompt(x, prompt_len, pad) for x in privileged))
+                row["privileged_ids"], row["privileged_mask"] = np.stack(ids), np.stack(masks)
             self.rows.append(row)
         if not self.rows:
             raise ValueError(f"{name}: every prompt is longer than prompt_len={prompt_len}.")

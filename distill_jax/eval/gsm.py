@@ -174,15 +174,15 @@ def sample_answers(
             completion_len=max_new_tokens + 1,
             where=f"question {i}",
         )
-        rows.append(prompts_lib.pad_example(p, [], prompt_len, 1, pad))
+        rows.append(prompts_lib.pad_prompt(p, prompt_len, pad))
     jobs = [(i, j) for j in range(n) for i in range(len(questions))]
     out: list[list[str]] = [[""] * n for _ in questions]
     base = jax.random.key(seed)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static batch shape
-        ids = np.stack([rows[i]["prompt_ids"] for i, _ in chunk])
-        mask = np.stack([rows[i]["prompt_mask"] for i, _ in chunk])
+        ids = np.stack([rows[i][0] for i, _ in chunk])
+        mask = np.stack([rows[i][1] for i, _ in chunk])
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, j), i) for i, j in chunk])
         gen = sampling.generate(
             model,

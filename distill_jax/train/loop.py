@@ -664,11 +664,11 @@ def train(config, workdir: str) -> dict:
             )
         supervised = jax.jit(rollout.supervised_batch, out_shardings=sequence_shardings)
 
-        @jax.jit
-        def student_sample(params, prompts, rng, step):
-            keys = rollout.example_keys(rng, prompts["example_ids"], step)
-            ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
-            return rollout.sample(graphdef0, params, ids, mask, keys, settings)
+        student_sample = jax.jit(
+            lambda params, prompts, rng, step: rollout.sample_prompts(
+                graphdef0, params, prompts, rng, step, settings
+            )
+        )
 
         sample_key = jax.random.key(seed + 4242)
         capacity = int(onpolicy.get("replay", {}).get("capacity", 0))

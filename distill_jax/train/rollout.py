@@ -165,15 +165,19 @@ def with_privileged(batch: dict, privileged_ids, privileged_mask) -> dict:
     )
 
 
+def sample_prompts(graphdef, params, prompts: dict, rng, step, settings: RolloutSettings):
+    """``sample`` for a ``data.prompts`` batch at ``step``, with the keys of ``example_keys``:
+    (tokens [B, N], mask [B, N])."""
+    keys = example_keys(rng, prompts["example_ids"], step)
+    return sample(graphdef, params, prompts["prompt_ids"], prompts["prompt_mask"], keys, settings)
+
+
 def make_rollout(graphdef, settings: RolloutSettings, *, out_shardings=None):
     """jit(params, prompts, rng, step) -> the step batch of the model's samples for ``prompts``
     (a ``data.prompts`` batch on the mesh); the result keeps ``out_shardings`` (the step's)."""
 
     def rollout(params, prompts, rng, step):
-        keys = example_keys(rng, prompts["example_ids"], step)
-        tokens, mask = sample(
-            graphdef, params, prompts["prompt_ids"], prompts["prompt_mask"], keys, settings
-        )
+        tokens, mask = sample_prompts(graphdef, params, prompts, rng, step, settings)
         return sequence_batch(prompts["prompt_ids"], prompts["prompt_mask"], tokens, mask)
 
     return jax.jit(rollout, out_shardings=out_shardings)
