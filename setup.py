@@ -45,6 +45,7 @@ EXTRAS = {
         "ruff==0.17.6",
         "tiktoken==0.14.0",
         "hypothesis==6.170.17",  # generated texts for the bridge alignment tests
+        "scipy==1.17.1",  # chi-square tests of speculative sampling (also a jax dependency)
     ],
 }
 
