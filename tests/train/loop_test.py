@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 import distill_jax as dj
+from distill_jax import main
 from distill_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -101,7 +101,7 @@ def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path, config_arg=":steps=500"))
     _wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == main.EXIT_PREEMPTED  # "run me again": launchers restart
     last_logged = max(_losses(tmp_path))
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     assert manager.latest_step() == last_logged < 500
@@ -136,39 +136,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bad, good = (int(x) for x in re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
     assert good == bad - 1
     assert ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() == good
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_equal_one(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    single = tmp_path / "single"
-    subprocess.run(_cmd(single, config_arg=":steps=4"), check=True, env=env)
-    env2 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    multi, port = tmp_path / "multi", _port()
-    procs = [
-        subprocess.Popen(
-            _cmd(
-                multi,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                config_arg=":steps=4",
-            ),
-            env=env2,
-        )
-        for i in range(2)
-    ]
-    assert [p.wait(timeout=600) for p in procs] == [0, 0]
-    want, got = _losses(single), _losses(multi)
-    assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose(
-        [got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5
-    )
 
 
 def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None):
