@@ -21,7 +21,8 @@ Steps (``--dry_run`` prints each command exactly as it would run, then exits):
    queued capacity, maintenance), delete it and go back to 1; if the trainer stopped on SIGTERM
    (exit 75) on a healthy slice, run again. Each restart resumes from the latest checkpoint in
    the workdir (exact resume). At most ``--restarts`` times; any other failure stops with its
-   exit status.
+   exit status. Step 1 reuses a slice of that name that is already up (or coming up) and
+   replaces one that is preempted.
 
 Before anything is created the config is loaded as main.py will load it and checked against the
 slice (mesh over its devices, the global batch over its hosts and batch shards).
@@ -65,6 +66,8 @@ GENERATIONS = {
     "v6e": (1.0, 8, 4, "v2-alpha-tpuv6e"),
 }
 HEALTHY = ("ACTIVE", "READY")
+# Queued-resource and TPU VM states on the way to ACTIVE / READY.
+PENDING = ("ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES", "CREATING", "STARTING")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +217,18 @@ def execute(steps: dict[str, list[str]]) -> int:
 
     def wait_healthy() -> None:
         while (current := slice_state(steps["state"])) not in HEALTHY:
-            print(f"slice state {current or 'unknown'}; waiting", flush=True)
+            if current and current not in PENDING:
+                raise RuntimeError(f"The slice {NAME.value} is {current}; see gcloud for why.")
+            print(f"slice state {current or 'not visible yet'}; waiting", flush=True)
             time.sleep(30)
 
     def bring_up() -> None:
-        run("create")
+        current = slice_state(steps["state"])  # "" when there is no such slice
+        if current and current not in HEALTHY + PENDING:  # preempted, suspended, failed
+            run("delete", check=False)
+            current = ""
+        if not current:
+            run("create")
         wait_healthy()
         run("mkdir")
         run("copy")
@@ -236,7 +246,6 @@ def execute(steps: dict[str, list[str]]) -> int:
             return code
         print(f"run stopped ({code}); restart {attempt + 1}/{RESTARTS.value}", flush=True)
         if not healthy:
-            run("delete", check=False)
             bring_up()
     return 1
 

@@ -11,16 +11,13 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from main_flags import parse_main_flags as _main_flags
 
 from distill_jax import main as entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_kd.py")
 SMOL = os.path.join(ROOT, "configs", "smollm2_layerdrop_kd.py")
-MAIN_FLAGS = {"config", "workdir", "mode", "coordinator_address", "num_processes", "process_id"}
-MAIN_FLAGS |= {"distributed"}
 
 
 def _launch(script, *args, check=True):
@@ -43,25 +40,6 @@ def _losses(workdir) -> dict[int, float]:
             if "train/loss" in row:
                 out[row["step"]] = row["train/loss"]
     return out
-
-
-def _main_flags(argv: list[str], config_dir: str = ""):
-    """Parse main.py arguments as main.py does (its flags, a locked ml_collections config)."""
-    names = {a[2:].split("=", 1)[0].split(".", 1)[0] for a in argv if a.startswith("--")}
-    assert names <= MAIN_FLAGS and MAIN_FLAGS <= set(flags.FLAGS), names  # main.py's own flags
-    if config_dir:  # a worker's copy of the config: read the repository's file instead
-        argv = [re.sub(r"^--config=([^/:]+)", rf"--config={config_dir}/\1", a) for a in argv]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "", flag_values=fv, lock_config=True, sys_argv=["main", *argv]
-    )
-    for name in ("workdir", "mode", "coordinator_address"):
-        flags.DEFINE_string(name, None, "", flag_values=fv)
-    for name in ("num_processes", "process_id"):
-        flags.DEFINE_integer(name, None, "", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "", flag_values=fv)
-    fv(["main", *argv])
-    return fv
 
 
 def test_two_local_processes_equal_one(tmp_path):
