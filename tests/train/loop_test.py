@@ -453,3 +453,21 @@ def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
     c2.reference = dict(init="random", config=dict(c.student.config, vocab_size=300))
     with pytest.raises(ValueError, match="reference model's vocabulary .300. differs"):
         loop.train(c2, str(tmp_path / "bad"))
+
+
+def test_a_bucket_workdir_keeps_every_metrics_row(tmp_path, monkeypatch):
+    # Object stores cannot append: the logger rewrites the whole file, keeping a resumed run's
+    # earlier rows (the local folder stands in for the bucket; epath serves both).
+    assert loop._checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+    assert loop._checkpoint_dir("rel/run") == os.path.abspath("rel/run/checkpoints")
+    monkeypatch.setattr(loop, "_is_local", lambda workdir: False)
+    first = loop._Logger(str(tmp_path), total=3, start=0, enabled=True)
+    first.log(1, {"loss": 1.0})
+    first.log(2, {"loss": 0.5})
+    first.close()
+    resumed = loop._Logger(str(tmp_path), total=3, start=2, enabled=True)
+    resumed.log(3, {"loss": 0.25})
+    resumed.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
