@@ -1,20 +1,13 @@
-"""The training loop end to end on the tiny config: exact resume after SIGKILL, SIGTERM
-checkpoints, a non-finite loss stops cleanly, 2 processes equal 1, bad configs fail early,
-the exported student loads."""
+"""The training loop end to end on the tiny configs: bad configs fail early, the exported
+student loads, TensorBoard and metrics, on-policy runs against references built outside the
+trainer, cached teachers, AdaSPEC with a reference (resume: resume_test.py; several processes:
+tests/launch_test.py)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
-import random
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,119 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from ml_collections import config_dict
+from trainer_runs import ALM_CONFIG, losses, tiny
 
 import distill_jax as dj
-from distill_jax import main
 from distill_jax.train import loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
-ALM_CONFIG = os.path.join(ROOT, "configs", "tiny_alm.py")  # cross-tokenizer (bridges)
-
-
-def _tiny(config=CONFIG, **overrides):
-    spec = importlib.util.spec_from_file_location("tiny_config", config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(",".join(f"{k}={v!r}" for k, v in overrides.items()) or None)
-
-
-def _cmd(workdir, *flags, config_arg="", config=CONFIG):
-    return [
-        sys.executable,
-        "-m",
-        "distill_jax.main",
-        f"--config={config}{config_arg}",
-        f"--workdir={workdir}",
-        *flags,
-    ]
-
-
-def _losses(workdir) -> dict[int, float]:
-    """step -> train loss; a resumed run logs some steps again, the last entry counts."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                out[row["step"]] = row["train/loss"]
-    return out
-
-
-def _wait_for_step(workdir, step, proc, timeout=300):
-    path = os.path.join(workdir, "metrics.jsonl")
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"run ended early with {proc.returncode}")
-        if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
-@pytest.mark.parametrize(
-    "config,extra",
-    [(CONFIG, ""), (ALM_CONFIG, ""), (CONFIG, ",prune=True"), (CONFIG, ",onpolicy=0.5,replay=2")],
-    ids=["kd", "cross_tokenizer_alm", "progressive_pruning", "onpolicy_replay"],
-)
-def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path, config, extra):
-    steps = 12 if config == CONFIG else 8
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run = functools.partial(_cmd, config_arg=f":steps={steps}{extra}", config=config)
-    subprocess.run(run(straight), check=True)
-    # With pruning stages after steps 3, 5 and 7 and checkpoints every 2 steps, a kill in 4..9
-    # resumes from a checkpoint of an already pruned student.
-    kill_at = random.Random(os.getpid()).randint(4 if extra else 3, steps - 3)
-    proc = subprocess.Popen(run(broken))
-    _wait_for_step(broken, kill_at, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(run(broken), check=True)
-    want, got = _losses(straight), _losses(broken)
-    assert sorted(want) == sorted(got) == list(range(1, steps + 1))
-    assert got == want, f"killed at step >= {kill_at}"  # bit-exact on CPU
-
-
-def test_sigterm_leaves_a_checkpoint_of_the_current_step(tmp_path):
-    proc = subprocess.Popen(_cmd(tmp_path, config_arg=":steps=500"))
-    _wait_for_step(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == main.EXIT_PREEMPTED  # "run me again": launchers restart
-    last_logged = max(_losses(tmp_path))
-    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
-    assert manager.latest_step() == last_logged < 500
-
-
-def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path):
-    # Every step is a checkpoint step, so the SIGTERM always lands on one (it once saved twice).
-    c = _tiny(steps=500)
-    c.train.checkpoint_every_steps = 1
-    c.eval.every_steps = None
-
-    def terminate():
-        _wait_for_step(tmp_path, 2, proc=None)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=terminate, daemon=True).start()
-    result = loop.train(c, str(tmp_path))
-    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
-    assert manager.latest_step() == result["stopped_at"] == max(_losses(tmp_path)) < 500
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    c = _tiny(steps=30)
-    c.optimizer.learning_rate = 1e30  # diverges within a few steps
-    c.optimizer.grad_clip_norm = None
-    c.train.checkpoint_every_steps = 1
-    c.eval.every_steps = None
-    with pytest.raises(
-        loop.NonFiniteLossError, match=r"at step (\d+).*checkpoint is step (\d+)"
-    ) as e:
-        loop.train(c, str(tmp_path))
-    bad, good = (int(x) for x in re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
-    assert good == bad - 1
-    assert ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() == good
 
 
 def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None):
@@ -181,7 +65,7 @@ def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None)
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplog):
-    c = _tiny()
+    c = tiny()
     with c.unlocked():
         change(c)
     with jax.log_compiles(True), pytest.raises(error, match=match):
@@ -200,7 +84,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplo
     ],
 )
 def test_bad_bridge_configs_fail_before_compiling(tmp_path, change, match, caplog):
-    c = _tiny(ALM_CONFIG)
+    c = tiny(ALM_CONFIG)
     change(c)
     with jax.log_compiles(True), pytest.raises(ValueError, match=match):
         loop.train(c, str(tmp_path))
@@ -210,7 +94,7 @@ def test_bad_bridge_configs_fail_before_compiling(tmp_path, change, match, caplo
 def test_alm_with_chunk_end_hidden_states_and_merged_chunks_trains(tmp_path):
     """The alm term's options in the trainer: a projector for different widths (64 -> 48 here),
     the hidden-state term logged and falling with the loss, chunks merged on device."""
-    c = _tiny(ALM_CONFIG, steps=6)
+    c = tiny(ALM_CONFIG, steps=6)
     c.student.config.hidden_size = 48
     c.losses.alm = dict(hidden_weight=0.5, hidden_kind="mse", merge_threshold=0.05)
     c.eval.every_steps = None
@@ -239,7 +123,7 @@ def _tensorboard_scalars(logdir) -> dict[tuple[str, int], float]:
 
 
 def test_export_tensorboard_and_progress_bar(tmp_path, caplog, capsys):
-    c = _tiny(steps=2)
+    c = tiny(steps=2)
     c.train.export = True
     with jax.log_compiles(True):
         loop.train(c, str(tmp_path))
@@ -255,7 +139,7 @@ def test_export_tensorboard_and_progress_bar(tmp_path, caplog, capsys):
     assert "teacher" not in restored.state["params"]  # the teacher is never checkpointed
     # TensorBoard holds what metrics.jsonl holds.
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")
-    for step, loss in _losses(tmp_path).items():
+    for step, loss in losses(tmp_path).items():
         np.testing.assert_allclose(scalars[("train/loss", step)], loss, rtol=1e-6)
     assert ("eval/perplexity", 2) in scalars and ("eval/agreement", 2) in scalars
     # The progress bar shows tokens/s and an ETA (tqdm's elapsed<remaining).
@@ -265,7 +149,7 @@ def test_export_tensorboard_and_progress_bar(tmp_path, caplog, capsys):
 
 
 def test_cached_teacher_run_reads_the_cache_it_was_built_for(tmp_path):
-    c = _tiny(steps=3)
+    c = tiny(steps=3)
     with c.unlocked():
         c.teacher.update(cache_dir=str(tmp_path / "cache"), k=16, cache_dtype="float32")
     cache = loop.build_cache(c)
@@ -273,8 +157,8 @@ def test_cached_teacher_run_reads_the_cache_it_was_built_for(tmp_path):
     c.teacher.kind = "cached"
     result = loop.train(c, str(tmp_path / "run"))
     assert np.isfinite(result["nll"])
-    losses = _losses(tmp_path / "run")
-    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+    logged = losses(tmp_path / "run")
+    assert sorted(logged) == [1, 2, 3] and all(np.isfinite(list(logged.values())))
     # A run whose data differ from the cache's is refused, naming the setting.
     c.data.seq_len = 32
     with pytest.raises(ValueError, match="data: cache has"):
@@ -325,7 +209,7 @@ def _train_rows(workdir) -> list[dict]:
 def test_onpolicy_lambda_zero_is_supervised_kd_on_the_same_batches(tmp_path):
     from distill_jax.train import rollout
 
-    c = _tiny(steps=3, onpolicy=0.0)
+    c = tiny(steps=3, onpolicy=0.0)
     loop.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [0.0, 0.0, 0.0]
@@ -340,7 +224,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
     ``dj.models.generate`` from the current student, per-example keys), scored by the teacher."""
     from distill_jax.train import rollout
 
-    c = _tiny(steps=3, onpolicy=1.0)
+    c = tiny(steps=3, onpolicy=1.0)
     loop.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [1.0, 1.0, 1.0]
@@ -383,7 +267,7 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
     from distill_jax.data import sources
     from distill_jax.train import rollout
 
-    c = _tiny(ALM_CONFIG, steps=2, onpolicy=1.0)
+    c = tiny(ALM_CONFIG, steps=2, onpolicy=1.0)
     loop.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [1.0, 1.0]
@@ -441,7 +325,7 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
 def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
     """config.reference runs a frozen reference beside the teacher; AdaSPEC keeps the requested
     share of tokens (those where the student lags the reference most)."""
-    c = _tiny(steps=2)
+    c = tiny(steps=2)
     c.reference = dict(init="random", config=dict(c.student.config))
     c.losses = dict(forward_kl=dict())
     c.loss_options.selection = dict(kind="adaspec", keep_ratio=0.25)
@@ -449,7 +333,7 @@ def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
     rows = _train_rows(tmp_path)
     kept = [r["train/selection/kept"] for r in rows]
     assert all(k == pytest.approx(0.25, abs=0.02) for k in kept), kept
-    c2 = _tiny(steps=1)
+    c2 = tiny(steps=1)
     c2.reference = dict(init="random", config=dict(c.student.config, vocab_size=300))
     with pytest.raises(ValueError, match="reference model's vocabulary .300. differs"):
         loop.train(c2, str(tmp_path / "bad"))

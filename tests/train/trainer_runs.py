@@ -1,0 +1,54 @@
+"""Running the trainer on the tiny configs, shared by the loop and resume tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
+ALM_CONFIG = os.path.join(ROOT, "configs", "tiny_alm.py")  # cross-tokenizer (bridges)
+
+
+def tiny(config=CONFIG, **overrides):
+    spec = importlib.util.spec_from_file_location("tiny_config", config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(",".join(f"{k}={v!r}" for k, v in overrides.items()) or None)
+
+
+def cmd(workdir, *flags, config_arg="", config=CONFIG):
+    return [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        f"--config={config}{config_arg}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> train loss; a resumed run logs some steps again, the last entry counts."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/loss" in row:
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended early with {proc.returncode}")
+        if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
