@@ -2,7 +2,6 @@
 well-formed commands whose main.py flags load the same config; bad launches fail before
 anything starts."""
 
-import json
 import os
 import re
 import shlex
@@ -12,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 from main_flags import parse_main_flags as _main_flags
+from trainer_runs import CONFIG, ROOT, cmd, losses
 
 from distill_jax import main as entry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny_kd.py")
 SMOL = os.path.join(ROOT, "configs", "smollm2_layerdrop_kd.py")
 
 
@@ -32,29 +30,18 @@ def _launch(script, *args, check=True):
     return out
 
 
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                out[row["step"]] = row["train/loss"]
-    return out
-
-
 def test_two_local_processes_equal_one(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     single, multi = tmp_path / "single", tmp_path / "multi"
-    cmd = [sys.executable, "-m", "distill_jax.main", f"--config={TINY}:steps=4"]
-    subprocess.run([*cmd, f"--workdir={single}"], check=True, env=env, cwd=ROOT)
+    subprocess.run(cmd(single, config_arg=":steps=4"), check=True, env=env, cwd=ROOT)
     _launch(
         "local.py",
         "--num_processes=2",
         "--devices_per_process=2",
-        f"--config={TINY}:steps=4",
+        f"--config={CONFIG}:steps=4",
         f"--workdir={multi}",
     )
-    want, got = _losses(single), _losses(multi)
+    want, got = losses(single), losses(multi)
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose(
         [got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5

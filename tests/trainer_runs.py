@@ -1,4 +1,4 @@
-"""Running the trainer on the tiny configs, shared by the loop and resume tests."""
+"""Running the trainer on the tiny configs, shared by the loop, resume and launch tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
 ALM_CONFIG = os.path.join(ROOT, "configs", "tiny_alm.py")  # cross-tokenizer (bridges)
 
