@@ -174,6 +174,23 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
         _CONTEXT.reset(token)
 
 
+def current_mesh() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the enclosing ``use_mesh``, or None."""
+    return _CONTEXT.get()
+
+
+def current_platform() -> str:
+    """"cpu" / "gpu" / "tpu": the platform of the mesh in use, else JAX's default backend.
+
+    A program compiled for a TPU topology on a CPU machine (``--mode=compile``) runs under a mesh of
+    TPU devices, so kernels are chosen by the mesh, not by the machine.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is not None:
+        return ctx[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
 def shard(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's layout by logical axes; a no-op outside ``use_mesh``.
 

@@ -32,6 +32,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 LAYER_TYPES = ("full", "sliding")
+ATTENTION_IMPLS = ("auto", "reference", "splash", "cudnn")
+MOE_IMPLS = ("auto", "dense", "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,14 @@ class ModelConfig:
     # Numerics: parameters stored in param_dtype, matmuls run in dtype, softmax/norms in float32.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Execution, not architecture: how the same weights are computed (never written to
+    # config.json). attention_impl: "auto" picks by the platform of the mesh in use (splash on
+    # TPU, cudnn on GPU, reference on CPU). moe_impl: "grouped" sorts tokens by expert and runs
+    # grouped matmuls; "dense" runs every expert on every token. scan_layers: lax.scan over
+    # (repeating groups of) blocks whose parameters are stacked on a leading "layers" axis.
+    attention_impl: str = "auto"
+    moe_impl: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -96,6 +106,12 @@ class ModelConfig:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {ACTIVATIONS}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}."
+            )
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}.")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}."
