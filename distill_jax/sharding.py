@@ -180,7 +180,7 @@ def current_mesh() -> tuple[Mesh, Rules] | None:
 
 
 def current_platform() -> str:
-    """"cpu" / "gpu" / "tpu": the platform of the mesh in use, else JAX's default backend.
+    """The platform ("cpu", "gpu" or "tpu") of the mesh in use, else JAX's default backend.
 
     A program compiled for a TPU topology on a CPU machine (``--mode=compile``) runs under a mesh of
     TPU devices, so kernels are chosen by the mesh, not by the machine.
