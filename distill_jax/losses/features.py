@@ -281,7 +281,7 @@ def attention_probs(
 
     Rebuilds a layer's attention-probability map from the q, k it returns with
     ``output_attention_qkv=True``; for a model layer take ``scale``, ``softcap`` and
-    ``sliding_window`` from ``model.layers[l].attn`` (``attention_probs_from_model`` does).
+    ``sliding_window`` from the model's config (``attention_probs_from_model`` does).
 
     Args:
         q: [B, T, N, H] (after q-norm and RoPE).
@@ -309,21 +309,21 @@ def attention_probs_from_model(
     model, attention_qkv: Sequence[dict[str, jax.Array]], positions=None, segment_ids=None
 ) -> tuple[jax.Array, ...]:
     """Every layer's [B, N, T, T] probabilities from ``ModelOutput.attention_qkv`` of ``model``."""
-    out = []
-    for layer, qkv in zip(model.layers, attention_qkv, strict=True):
-        attn = layer.attn
-        out.append(
-            attention_probs(
-                qkv["q"],
-                qkv["k"],
-                positions,
-                segment_ids,
-                scale=attn.scale,
-                softcap=attn.softcap,
-                sliding_window=attn.sliding_window,
-            )
+    c = model.config
+    if len(attention_qkv) != c.num_layers:
+        raise ValueError(f"Got q/k/v of {len(attention_qkv)} layers for {c.num_layers} blocks.")
+    return tuple(
+        attention_probs(
+            qkv["q"],
+            qkv["k"],
+            positions,
+            segment_ids,
+            scale=c.attention_scale,
+            softcap=c.attn_logit_softcapping,
+            sliding_window=c.sliding_window if c.is_sliding(i) else None,
         )
-    return tuple(out)
+        for i, qkv in enumerate(attention_qkv)
+    )
 
 
 # -------------------------------------------------------------------- MiniLM relations (5.2)

@@ -158,6 +158,11 @@ class ModelConfig:
             return 0
         return self.experts_per_layer[layer] if self.experts_per_layer else self.num_experts
 
+    @property
+    def attention_scale(self) -> float:
+        """Scores are q k^T times this: query_pre_attn_scalar^-1/2 (Gemma) or head_dim^-1/2."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
 

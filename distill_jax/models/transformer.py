@@ -16,11 +16,13 @@ from flax import nnx, struct
 
 from distill_jax.models import cache as cache_lib
 from distill_jax.models import moe as moe_lib
+from distill_jax.models import scan as scan_lib
 from distill_jax.models.attention import Attention
 from distill_jax.models.cache import KVCache
 from distill_jax.models.config import ModelConfig
 from distill_jax.models.layers import RMSNorm, param
 from distill_jax.models.mlp import MLP
+from distill_jax.sharding import current_platform as platform
 from distill_jax.sharding import shard
 
 
@@ -69,9 +71,11 @@ class Block(nnx.Module):
             )
         self.layer = layer
 
-    def __call__(self, x, positions, segment_ids, cache=None, output_qkv=False):
+    def __call__(self, x, positions, segment_ids, cache=None, output_qkv=False, slot=None):
+        """One block; ``slot`` is the block's index in the KV cache (default: its layer)."""
+        slot = self.layer if slot is None else slot
         h, cache, qkv = self.attn(
-            self.attn_norm(x), positions, segment_ids, cache, self.layer, output_qkv
+            self.attn_norm(x), positions, segment_ids, cache, slot, output_qkv
         )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -91,13 +95,24 @@ class Transformer(nnx.Module):
     """Decoder-only LM for every family in ``config.FAMILIES``.
 
     Parameters: embed [V, D]; layers[i] (Block); final_norm [D]; lm_head [D, V] unless tied.
+    With ``config.scan_layers`` (and blocks that repeat, ``models.scan``), ``layers[j]`` is the
+    j-th block of each repeating group with parameters stacked to [L / p, ...]: block g p + j is
+    ``layers[j][g]``, and the forward pass is a ``lax.scan`` over the groups.
     """
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks' parameters are stacked and run by ``lax.scan``."""
+        return self.config.scan_layers and scan_lib.scannable(self.config, warn=False)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         c = self.config = config
         self.embed = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
-        self.layers = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+        blocks = [Block(c, i, rngs=rngs) for i in range(c.num_layers)]
+        if c.scan_layers and scan_lib.scannable(c):
+            blocks = _stack_blocks(blocks, c)
+        self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(
             c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=c.param_dtype
         )
@@ -136,7 +151,7 @@ class Transformer(nnx.Module):
         compute_logits: bool = True,
         output_hidden_states: bool = False,
         output_attention_qkv: bool = False,
-        remat: bool = False,
+        remat: str | bool = False,
     ) -> ModelOutput:
         """Run the model.
 
@@ -151,8 +166,9 @@ class Transformer(nnx.Module):
             output_attention_qkv: also return every layer's attention q, k, v (for MiniLM
                 relations and attention transfer, ``losses.features``); with a cache, k and v
                 are those of the new tokens only.
-            remat: rematerialise each block in the backward pass (activation memory of one
-                block instead of L; ignored while decoding with a cache).
+            remat: rematerialisation policy of each block (each scanned group) in the backward
+                pass: "none"/False, "full"/True (activation memory of one block instead of L),
+                "dots" or "offload" (``models.scan.remat_policy``); ignored with a cache.
 
         Returns:
             ModelOutput.
@@ -169,22 +185,25 @@ class Transformer(nnx.Module):
         if c.embed_scale:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
         x = shard(x, ("batch", "length", "embed"))
-        hidden_states = [x] if output_hidden_states else None
-        stats, router_logits, qkvs = [], [], []
-        for block in self.layers:
-            if remat and cache is None:  # recompute the block in the backward pass
-                run = nnx.remat(lambda blk, x, p, s: blk(x, p, s, None, output_attention_qkv))
-                x, layer_stats, cache, qkv = run(block, x, positions, segment_ids)
-            else:
-                x, layer_stats, cache, qkv = block(
-                    x, positions, segment_ids, cache, output_attention_qkv
-                )
-            qkvs.append(qkv)
+        embedded = x
+        # Decoding with a cache has no backward pass: nothing to rematerialise.
+        policy = None if cache is not None else scan_lib.remat_policy(remat, platform())
+        if self.scanned and cache is None:
+            x, per_layer = self._scan_blocks(
+                x, positions, segment_ids, output_hidden_states, output_attention_qkv, policy
+            )
+        else:
+            x, per_layer, cache = self._loop_blocks(
+                x, positions, segment_ids, cache, output_hidden_states, output_attention_qkv, policy
+            )
+        stats, router_logits = [], []
+        for _, layer_stats, _ in per_layer:
             if layer_stats is not None:
+                layer_stats = dict(layer_stats)
                 router_logits.append(layer_stats.pop("router_logits"))
                 stats.append(layer_stats)
-            if output_hidden_states:
-                hidden_states.append(x)
+        hidden_states = [embedded] + [h for h, _, _ in per_layer] if output_hidden_states else None
+        qkvs = [qkv for _, _, qkv in per_layer]
         if cache is not None:
             cache = cache.replace(
                 positions=cache_lib.write(cache.positions, positions, cache.index),
@@ -204,6 +223,55 @@ class Transformer(nnx.Module):
             attention_qkv=tuple(qkvs) if output_attention_qkv else None,
         )
 
+    def _loop_blocks(self, x, positions, segment_ids, cache, want_hidden, want_qkv, policy):
+        """The blocks one after the other (a stacked model's blocks sliced out one by one).
+
+        Returns:
+            (x, per block (output or None, MoE stats or None, qkv or None), cache).
+        """
+        per_layer = []
+        for i, block in enumerate(self.blocks()):
+            if policy is not None:  # recompute the block in the backward pass
+                run = nnx.remat(lambda blk, x, p, s: blk(x, p, s, None, want_qkv), policy=policy)
+                x, stats, _, qkv = run(block, x, positions, segment_ids)
+            else:
+                x, stats, cache, qkv = block(x, positions, segment_ids, cache, want_qkv, slot=i)
+            per_layer.append((x if want_hidden else None, stats, qkv))
+        return x, per_layer, cache
+
+    def _scan_blocks(self, x, positions, segment_ids, want_hidden, want_qkv, policy):
+        """``lax.scan`` over the groups of a stacked model; the body runs one group's p blocks.
+
+        Returns:
+            (x, per block (output or None, MoE stats or None, qkv or None)) in model order.
+        """
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, group_state):
+            outs = []
+            for block in nnx.merge(graphdef, group_state):
+                x, stats, _, qkv = block(x, positions, segment_ids, None, want_qkv)
+                outs.append((x if want_hidden else None, stats, qkv))
+            return x, outs
+
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, outs = jax.lax.scan(body, x, state)
+        return x, scan_lib.gather_layers(outs, self.config)
+
+    def blocks(self) -> list[Block]:
+        """The L blocks in order; for a stacked model, block g p + j is sliced out of
+        ``layers[j]`` (inside jit this is a slice of each stacked parameter)."""
+        if not self.scanned:
+            return list(self.layers)
+        p = len(self.layers)
+        split = [nnx.split(block) for block in self.layers]
+        out = []
+        for i in range(self.config.num_layers):
+            graphdef, state = split[i % p]
+            out.append(nnx.merge(graphdef, jax.tree.map(lambda a, g=i // p: a[g], state)))
+        return out
+
     def __call__(self, input_ids, *, positions=None, segment_ids=None, return_hidden=False):
         """Logits [B, T, V] float32, or final hidden states [B, T, D] with return_hidden=True."""
         out = self.forward(
@@ -213,6 +281,62 @@ class Transformer(nnx.Module):
             compute_logits=not return_hidden,
         )
         return out.hidden if return_hidden else out.logits
+
+
+def _stack_blocks(blocks: list[Block], config: ModelConfig) -> list[Block]:
+    """L blocks -> p blocks whose parameters are the group members' stacked on a "layers" axis."""
+    p = scan_lib.period(config)
+    out = []
+    for j in range(p):
+        members = blocks[j::p]
+        graphdef, _ = nnx.split(members[0])
+        state = jax.tree.map(
+            lambda *xs: scan_lib.stack_arrays(xs), *[nnx.state(m) for m in members]
+        )
+        for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+            axes = var.get_metadata().get("out_sharding") or (None,) * (var.get_value().ndim - 1)
+            var.set_metadata("out_sharding", ("layers", *axes))
+        out.append(nnx.merge(graphdef, state))
+    return out
+
+
+def _with_params(config: ModelConfig, params: dict) -> Transformer:
+    """A Transformer of ``config`` holding the pure-dict ``params`` (no initialisation)."""
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def to_scanned(model: Transformer) -> Transformer:
+    """The same model with stacked blocks run by ``lax.scan`` (``config.scan_layers``).
+
+    A model whose blocks do not repeat is returned as it is, with a warning (``models.scan``).
+    """
+    c = model.config
+    if model.scanned or not scan_lib.scannable(c):
+        return model
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["layers"] = scan_lib.stack_layers(params["layers"], c)
+    return _with_params(c.replace(scan_layers=True), params)
+
+
+def to_looped(model: Transformer) -> Transformer:
+    """The same model with one parameter set per block (``config.scan_layers=False``): the
+    layout that loading, export and the transforms address as ``layers[i]``."""
+    c = model.config
+    if not model.scanned:
+        return (
+            model
+            if not c.scan_layers
+            else _with_params(
+                c.replace(scan_layers=False), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            )
+        )
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["layers"] = scan_lib.unstack_layers(params["layers"], c)
+    return _with_params(c.replace(scan_layers=False), params)
 
 
 def num_params(model: nnx.Module) -> int:

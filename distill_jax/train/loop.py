@@ -55,7 +55,8 @@ from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
 from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
-from distill_jax.models.transformer import Transformer
+from distill_jax.models import scan as scan_lib
+from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
@@ -92,7 +93,8 @@ def resolve_path(init: str, what: str) -> str:
 
 def build_model(c: Any, what: str, seed: int) -> Transformer:
     """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
-    optional ``keep_layers`` (depth pruning) and ``dtype`` / ``param_dtype``."""
+    optional ``keep_layers`` (depth pruning), ``dtype`` / ``param_dtype`` (e.g. bfloat16 compute
+    with float32 master weights) and ``scan_layers`` (stacked blocks run by ``lax.scan``)."""
     c = dict(c)
     dtypes = {k: c[k] for k in ("dtype", "param_dtype") if c.get(k)}
     init = c.get("init", "random")
@@ -105,7 +107,7 @@ def build_model(c: Any, what: str, seed: int) -> Transformer:
         model = from_pretrained(resolve_path(init, what), **dtypes)
     if c.get("keep_layers") is not None:
         model = drop_layers(model, c["keep_layers"])
-    return model
+    return to_scanned(model) if c.get("scan_layers") else model
 
 
 def build_teacher(
@@ -549,6 +551,7 @@ def train(config, workdir: str) -> dict:
     options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
     spec = compose.LossSpec.from_config(c.losses, options)
     stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
+    scan_lib.remat_policy(c.train.get("remat", False), mesh.devices.flat[0].platform)
     tensor_size = int(mesh.shape["tensor"])
     if stages and c.teacher.get("kind") == "ema":
         raise ValueError(
@@ -587,6 +590,8 @@ def train(config, workdir: str) -> dict:
             lambda m: transform_stats.calibrate(m, calibration_batches()),
             tensor_size,
         )
+    if c.student.get("scan_layers"):  # the pruning stages above work on the per-layer layout
+        student = to_scanned(student)
     data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
     if c.get("reference"):  # Rho-1 / AdaSPEC selection: a frozen reference beside the teacher

@@ -59,7 +59,7 @@ def make_distill_step(
     spec: compose.LossSpec,
     tx: optax.GradientTransformation,
     micro_batches: int = 1,
-    remat: bool = False,
+    remat: str | bool = False,
     vocab_mask: jax.Array | None = None,
 ) -> Callable:
     """The pure step function (compile it with ``jit_step``).
@@ -71,7 +71,8 @@ def make_distill_step(
         spec: the loss spec (``compose.LossSpec.from_config``).
         tx: the optimizer over ``state.params``.
         micro_batches: A, gradient accumulation steps inside one optimizer step.
-        remat: recompute each student block in the backward pass (activation memory ~ 1 block).
+        remat: the student's rematerialisation policy, "none" | "full" | "dots" | "offload"
+            (``models.scan.remat_policy``; True = "full": activation memory ~ 1 block).
         vocab_mask: [V] bool, False on padded vocabulary rows.
     """
     want_hidden, want_qkv = _needs(spec)

@@ -46,6 +46,7 @@ import scipy.optimize
 
 from distill_jax.models import moe as moe_lib
 from distill_jax.models.config import ModelConfig
+from distill_jax.models.transformer import to_looped
 from distill_jax.transforms import stats as stats_lib
 from distill_jax.transforms.params import moe_layers
 
@@ -205,6 +206,7 @@ def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
     each time the one whose removal raises the error least. Layer inputs come from the unpruned
     model (the one-shot variant of Lu et al., 2024).
     """
+    model = to_looped(model)  # blocks addressed one by one
     c = model.config
     blocks = _check_moe(c)
     inputs = _moe_inputs(model, batches)  # {block: [N, D]}

@@ -11,11 +11,16 @@ import numpy as np
 from flax import nnx
 
 from distill_jax.models.config import ModelConfig
-from distill_jax.models.transformer import Transformer
+from distill_jax.models.transformer import Transformer, to_looped
 
 
 def to_params(model: Transformer) -> tuple[dict, ModelConfig]:
-    """(nested dict of parameter arrays, config) of ``model``; the model is unchanged."""
+    """(nested dict of parameter arrays, config) of ``model``; the model is unchanged.
+
+    Always the per-layer layout (``params["layers"][i]``): a model with stacked blocks
+    (``scan_layers``) is unstacked and its config says ``scan_layers=False``.
+    """
+    model = to_looped(model)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config
 
 

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+from distill_jax.models import scan as scan_lib
 from distill_jax.models.config import ModelConfig
 from distill_jax.transforms import depth, experts, width
 
@@ -57,7 +58,21 @@ def make_plan(stage: Mapping, stats: Mapping, config: ModelConfig, tensor_parall
 
 
 def apply_plan(tree: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
-    """Slice a parameter-shaped tree by an index plan; returns (tree, new config)."""
+    """Slice a parameter-shaped tree by an index plan; returns (tree, new config).
+
+    A stacked tree (``config.scan_layers``) is sliced per layer and stacked again when the new
+    blocks still repeat (else it stays per layer, with a warning: ``models.scan``).
+    """
+    scan = config.scan_layers
+    tree = scan_lib.unstack_params(tree, config)
+    tree, new_config = _apply_plan(tree, config.replace(scan_layers=False), plan)
+    new_config = new_config.replace(scan_layers=scan)
+    if scan:
+        scan_lib.scannable(new_config)  # says so when the pruned blocks no longer repeat
+    return scan_lib.stack_params(tree, new_config), new_config
+
+
+def _apply_plan(tree: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
     kind = plan["kind"]
     if kind == "blocks":
         return depth.prune_blocks(tree, config, [int(i) for i in plan["keep"]])

@@ -41,7 +41,7 @@ from flax import nnx
 from distill_jax import sharding
 from distill_jax.models import moe as moe_lib
 from distill_jax.models.config import ModelConfig
-from distill_jax.models.transformer import Transformer
+from distill_jax.models.transformer import Transformer, to_looped
 
 _MAX_KEYS = ("max_activation",)
 
@@ -200,6 +200,7 @@ def calibrate(
          "layers": per block {"head_sq" [N], "block_cos", and "ffn_sq" [F] (dense) or the MoE
          sums}} as NumPy arrays.
     """
+    model = to_looped(model)  # the walk below addresses blocks one by one
     graphdef, params = nnx.split(model, nnx.Param)
     fn = jax.jit(_batch_stats, static_argnums=0)
     total = None
@@ -227,7 +228,7 @@ def calibrate(
 
 def calibration_hidden(model: Transformer, input_ids, positions=None, segment_ids=None):
     """The final hidden states of the statistics pass (equal to ``model.forward``'s)."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(to_looped(model), nnx.Param)
     ids, pos, seg = _as_batch(
         dict(input_ids=input_ids, positions=positions, segment_ids=segment_ids)
         if positions is not None or segment_ids is not None

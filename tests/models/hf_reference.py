@@ -119,22 +119,23 @@ CASES: dict[str, tuple[str, dict]] = {
 MOE_CASES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def hf_config(case: str) -> transformers.PreTrainedConfig:
+def hf_config(case: str, **overrides) -> transformers.PreTrainedConfig:
     cls, kwargs = CASES[case]
-    return getattr(transformers, cls)(**kwargs)
+    return getattr(transformers, cls)(**{**kwargs, **overrides})
 
 
 def build_reference(
-    case: str, out_dir: str | os.PathLike, *, seed: int = 0, noise: float = 0.1
+    case: str, out_dir: str | os.PathLike, *, seed: int = 0, noise: float = 0.1, **overrides
 ) -> transformers.PreTrainedModel:
-    """A random transformers model of ``case`` (eval mode, float32), saved to ``out_dir``.
+    """A random transformers model of ``case`` (eval mode, float32), saved to ``out_dir``;
+    ``overrides`` change the case's config arguments (e.g. more layers).
 
     Every parameter gets N(0, noise^2) added, so constant-initialised ones (norm weights, biases)
     differ per channel and the 0.02-std matrices become large enough to matter.
     """
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(case), attn_implementation="eager", dtype=torch.float32
+        hf_config(case, **overrides), attn_implementation="eager", dtype=torch.float32
     )
     with torch.no_grad():
         for p in model.parameters():  # tied parameters are listed once
