@@ -54,8 +54,8 @@ from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
-from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
 from distill_jax.models import scan as scan_lib
+from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
