@@ -1,7 +1,9 @@
 """Grouped-query self-attention with RoPE, optional q/k norm, biases, softcapping, sliding windows.
 
 One implementation covers Llama (Touvron et al., 2023), Qwen2 (qkv bias), Qwen3 and Gemma3 (RMSNorm
-on q and k over the head dim), Gemma3's local/global layers, and packed sequences.
+on q and k over the head dim), Gemma3's local/global layers, and packed sequences. The attention
+itself runs by ``ModelConfig.attention_impl`` (``attention_kernels.resolve_impl``): without a KV
+cache by the splash (TPU) or cuDNN (GPU) kernel or the reference; with a cache by the reference.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distill_jax.models import attention_kernels, rope
 from distill_jax.models import cache as cache_lib
-from distill_jax.models import rope
 from distill_jax.models.layers import RMSNorm, param
 from distill_jax.sharding import shard
 
@@ -51,6 +53,7 @@ class Attention(nnx.Module):
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
         self.softcap = c.attn_logit_softcapping
         self.sliding_window = c.sliding_window if c.is_sliding(layer) else None
+        self.attention_impl = c.attention_impl
         local = c.is_sliding(layer) and c.local_rope_theta is not None
         inv_freq = (
             rope.inverse_frequencies(c.head_dim, c.local_rope_theta)
@@ -105,8 +108,12 @@ class Attention(nnx.Module):
         return shard(y, ("batch", "length", "embed"))
 
     def attend(self, x, positions, segment_ids, cache=None, layer=None, output_qkv=False):
-        """``__call__`` before o_proj: (per-head outputs [B,T,N,H], cache, qkv)."""
-        b, t, _ = x.shape
+        """``__call__`` before o_proj: (per-head outputs [B,T,N,H], cache, qkv).
+
+        Without a cache, a kernel (splash, cuDNN) may run instead of the reference; kernels use
+        index-based causality, so they need positions that rise by one per token within each
+        segment (``attention_kernels`` docstring).
+        """
         q = self._project(x, self.q_proj, self.q_bias, ("heads", "head_dim"))  # [B, T, N, H]
         k = self._project(x, self.k_proj, self.k_bias, ("kv_heads", "head_dim"))  # [B, T, K, H]
         v = self._project(x, self.v_proj, self.v_bias, ("kv_heads", "head_dim"))
@@ -115,6 +122,22 @@ class Attention(nnx.Module):
         cos, sin = rope.rope_tables(positions, np.asarray(self.inv_freq, np.float32))
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         qkv = dict(q=q, k=k, v=v) if output_qkv else None
+
+        impl = attention_kernels.resolve_impl(
+            self.attention_impl, softcap=self.softcap, dtype=self.dtype
+        )
+        if cache is None and impl != "reference":
+            out = attention_kernels.self_attention(
+                impl,
+                q,
+                k,
+                v,
+                segment_ids,
+                scale=self.scale,
+                sliding_window=self.sliding_window,
+                softcap=self.softcap,
+            ).astype(self.dtype)
+            return shard(out, ("batch", "length", "heads", "head_dim")), cache, qkv
 
         k_pos, k_seg = positions, segment_ids
         if cache is not None:
@@ -128,14 +151,7 @@ class Attention(nnx.Module):
             k_pos = cache_lib.write(cache.positions, positions, cache.index)
             k_seg = cache_lib.write(cache.segment_ids, segment_ids, cache.index)
         mask = attention_mask(positions, segment_ids, k_pos, k_seg, self.sliding_window)
-
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * self.scale
-        if self.softcap:
-            scores = jnp.tanh(scores / self.softcap) * self.softcap
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.num_heads, -1)
+        out = attention_kernels.reference_attention(
+            q, k, v, mask, scale=self.scale, softcap=self.softcap, dtype=self.dtype
+        )
         return shard(out, ("batch", "length", "heads", "head_dim")), cache, qkv
