@@ -6,7 +6,8 @@ Qwen2-MoE / Qwen3-MoE: same, renormalising only when ``norm_topk_prob``; Qwen2-M
 expert whose output is scaled by sigmoid(x w_gate). The load-balancing loss is Switch Transformer's
 (Fedus et al., 2021, eqs. 4-6) computed over all MoE layers at once, as transformers does.
 
-Two ways to compute the same function (``ModelConfig.moe_impl``; "auto" is "grouped"):
+Two ways to compute the same function (``ModelConfig.moe_impl``; "auto" is "grouped" on TPU and
+GPU, "dense" on CPU, where XLA lowers ``ragged_dot`` to a masked product over every expert):
 
 * "dense": every expert runs on every token and the combine weights are zero off the top-k. Exact,
   static shapes, sharded by GSPMD; E/k times the FLOPs of the routed computation.
@@ -56,7 +57,7 @@ from jax.sharding import PartitionSpec
 
 from distill_jax.models.layers import activation, param
 from distill_jax.models.mlp import MLP
-from distill_jax.sharding import Rules, current_mesh, shard
+from distill_jax.sharding import Rules, current_mesh, current_platform, shard
 
 # ----------------------------------------------------------------------------- routing
 
@@ -381,6 +382,18 @@ def grouped_moe_sharded(
 # ----------------------------------------------------------------------------- module
 
 
+def resolve_impl(impl: str) -> str:
+    """The MoE path, "dense" or "grouped", of ``ModelConfig.moe_impl``.
+
+    "auto" goes by the platform of the mesh in use (``sharding.current_platform``): grouped on
+    TPU and GPU; dense on CPU, where XLA runs ragged_dot as a masked product over all experts
+    (k times the dense FLOPs).
+    """
+    if impl != "auto":
+        return impl
+    return "dense" if current_platform() == "cpu" else "grouped"
+
+
 class MoE(nnx.Module):
     """router [D, E]; experts gate, up [E, D, F], down [E, F, D]; optional shared expert.
 
@@ -404,7 +417,7 @@ class MoE(nnx.Module):
             c.hidden_act,
             c.dtype,
         )
-        self.impl = "dense" if c.moe_impl == "dense" else "grouped"
+        self.impl = c.moe_impl
         self.capacity_factor = capacity_factor
         self.router = param(rngs, (d, e), ("embed", None), pd)
         self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "mlp"), pd)
@@ -487,7 +500,7 @@ class MoE(nnx.Module):
         onehot = jax.nn.one_hot(top_idx, logits.shape[-1], dtype=jnp.float32)  # [B, T, k, E]
         combine = jnp.einsum("btke,btk->bte", onehot, weights)
         dropped = None
-        if self.impl == "dense":
+        if resolve_impl(self.impl) == "dense":
             y = self.dense_routed(x, combine)
         else:
             y, dropped = self.grouped_routed(x, top_idx, weights, valid)

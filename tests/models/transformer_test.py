@@ -316,6 +316,15 @@ def test_moe_router_logits_and_aux_loss_match_transformers(moe_case):
     np.testing.assert_allclose(ours.aux_loss, ref.aux_loss.item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["dense", "grouped"])
+def test_moe_logits_of_both_dispatch_paths_match_transformers(moe_case, impl):
+    """The default on CPU is dense (``moe.resolve_impl``); TPU and GPU run the grouped path."""
+    model = dj.models.from_pretrained(moe_case.path, moe_impl=impl)
+    out, _ = _run(model, moe_case.ids)
+    _close(out.logits, moe_case.ref.logits)
+    np.testing.assert_allclose(out.aux_loss, moe_case.ref.aux_loss.item(), rtol=1e-5)
+
+
 def test_moe_aux_loss_with_padding_matches_transformers(moe_case):
     mask = np.arange(T)[None, :] < np.asarray(PADDED_LENGTHS)[:, None]
     out, _ = _run(moe_case.model, moe_case.ids, None, mask.astype(np.int32))
