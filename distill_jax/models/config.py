@@ -98,6 +98,9 @@ class ModelConfig:
     attention_impl: str = "auto"
     moe_impl: str = "auto"
     scan_layers: bool = False
+    # Expert-parallel all-to-all capacity per (source, destination) device pair as a multiple of
+    # the even share of assignments (``models.moe``); None = dropless (worst case) buffers.
+    moe_capacity_factor: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -59,7 +59,12 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
         if c.is_moe(layer):
-            self.mlp = moe_lib.MoE(c, rngs=rngs, num_experts=c.experts_in(layer))
+            self.mlp = moe_lib.MoE(
+                c,
+                rngs=rngs,
+                num_experts=c.experts_in(layer),
+                capacity_factor=c.moe_capacity_factor,
+            )
         else:
             self.mlp = MLP(
                 c.hidden_size,
