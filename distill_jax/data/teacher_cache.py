@@ -28,7 +28,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -236,12 +235,13 @@ class TeacherCache:
                 f"Batch {index} is not the batch the teacher cache was written for (input ids "
                 "differ): the data order, tokenizer or packing changed since the cache was built."
             )
+        # Host arrays: the trainer places them on the devices with the rest of the batch.
         return topk.SparseTeacher(
-            ids=jnp.asarray(arrays["ids"][j]),
-            logprobs=jnp.asarray(arrays["logprobs"][j].astype(np.float32)),
-            log_normalizer=jnp.asarray(arrays["log_normalizer"][j]),
-            log_tail=jnp.asarray(arrays["log_tail"][j]),
-            temperature=jnp.asarray(self.settings["temperature"], jnp.float32),
+            ids=np.asarray(arrays["ids"][j]),
+            logprobs=np.asarray(arrays["logprobs"][j], np.float32),
+            log_normalizer=np.asarray(arrays["log_normalizer"][j]),
+            log_tail=np.asarray(arrays["log_tail"][j]),
+            temperature=np.float32(self.settings["temperature"]),
         )
 
 

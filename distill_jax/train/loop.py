@@ -457,19 +457,23 @@ def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the student's vocabulary only {v}."
         )
-    return jnp.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None
+    # A host array: a jax.Array closed over by the step would be read back when it compiles.
+    return np.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard (process 0) + a tqdm bar with tokens/s and ETA."""
+    """metrics.jsonl + TensorBoard (process 0) + a tqdm bar with tokens/s and ETA.
+
+    Rows are buffered and written by ``flush`` (the loop flushes at log, eval and checkpoint
+    steps, never in between). A local workdir appends to ``metrics.jsonl``; a bucket (object
+    stores cannot append) gets one new object ``metrics-parts/<first step>-<time>.jsonl`` per
+    flush, never a rewrite: ``read_metrics`` joins them.
+    """
 
     def __init__(self, workdir: str, total: int, start: int, enabled: bool):
         self.enabled = enabled
-        self.path = epath.Path(workdir) / "metrics.jsonl"
-        # Object stores cannot append: a remote metrics file is rewritten whole (it is small).
-        self.lines = None
-        if enabled and not _is_local(workdir):
-            self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+        self.workdir = workdir
+        self.rows: list[dict] = []
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter
@@ -479,30 +483,80 @@ class _Logger:
         self.t0, self.tokens = time.perf_counter(), 0.0
 
     def log(self, step: int, metrics: dict, prefix: str = "train"):
+        """Buffer one row of host values (floats); written by the next ``flush``."""
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
-        if self.lines is None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        else:
-            self.lines.append(json.dumps(row) + "\n")
-            self.path.write_text("".join(self.lines))
+        self.rows.append(row)
         for k, v in row.items():
             if k != "step":
                 self.writer.add_scalar(k, v, step)
+
+    def flush(self):
+        if not self.enabled or not self.rows:
+            return
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        if _is_local(self.workdir):
+            with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+                f.write(text)
+        else:
+            parts = epath.Path(self.workdir) / METRICS_PARTS
+            parts.mkdir(parents=True, exist_ok=True)
+            (parts / f"{self.rows[0]['step']:010d}-{time.time_ns()}.jsonl").write_text(text)
+        self.rows = []
         self.writer.flush()
 
-    def advance(self, metrics: dict):
-        self.tokens += float(metrics["tokens"])
+    def advance(self, steps: int, tokens: float, loss: float):
+        """The bar moves by ``steps`` steps that trained on ``tokens`` tokens (host values)."""
+        self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{rate:,.0f}")
-        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+        self.bar.update(steps)
 
     def close(self):
+        self.flush()
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+METRICS_PARTS = "metrics-parts"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Every metrics row of ``workdir`` in the order written: ``metrics.jsonl`` (local) and the
+    ``metrics-parts`` objects of a bucket workdir."""
+    root = epath.Path(workdir)
+    texts = [(root / "metrics.jsonl").read_text()] if (root / "metrics.jsonl").exists() else []
+    if (root / METRICS_PARTS).exists():
+        texts += [p.read_text() for p in sorted((root / METRICS_PARTS).iterdir())]
+    return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+
+
+class _Prefetch:
+    """Fixed-data batches one step ahead: the next batch is read, collated and placed on the
+    devices (``jax.make_array_from_process_local_data``) while the current step runs.
+
+    ``state()`` is the data iterator's state as of the steps dispatched so far (before the
+    prefetched batch), which is what a checkpoint of those steps must hold.
+    """
+
+    def __init__(self, iterator, read, place):
+        self.iterator, self.read, self.place = iterator, read, place
+        self.pending = None  # (iterator state before the batch, device batch)
+
+    def fill(self):
+        state = self.iterator.get_state()
+        self.pending = (state, self.place(self.read()))
+
+    def next(self):
+        if self.pending is None:
+            self.fill()
+        (_, batch), self.pending = self.pending, None
+        return batch
+
+    def state(self) -> dict:
+        return self.pending[0] if self.pending is not None else self.iterator.get_state()
 
 
 def _is_local(workdir: str) -> bool:
@@ -738,7 +792,7 @@ def train(config, workdir: str) -> dict:
     def save(step: int):
         items = dict(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(train_batches.get_state()),
+            data=ocp.args.JsonSave(data_state()),
             meta=ocp.args.JsonSave(
                 {
                     **meta,
@@ -907,42 +961,80 @@ def train(config, workdir: str) -> dict:
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     result: dict = {}
+    log_every = int(c.train.get("log_every_steps", 1))
+    checkpoint_every = int(c.train.get("checkpoint_every_steps", 100))
+    eval_every = c.eval.get("every_steps")
+    # Fixed-data runs keep the host off the critical path: the next batch is read and placed
+    # while the step runs, and nothing comes back from the devices between log steps (a
+    # transfer guard turns any implicit device <-> host copy there into an error). Metrics are
+    # read back, checked and logged at log, eval and checkpoint steps. Generation-based runs
+    # build each step's batch from samples on the host, so they read back every step.
+    fixed = onpolicy is None
+
+    def read_fixed():
+        local = next(train_batches)
+        if cached:  # this process's cache entry for the batch it just read
+            local = teacher.host_batch(local, train_batches.batches_emitted - 1)
+        return local
+
+    prefetch = _Prefetch(train_batches, read_fixed, to_device) if fixed else None
+    data_state = prefetch.state if fixed else train_batches.get_state
+    pending: list = []  # (step, metrics on the devices) not read back yet
+
+    def fetch():
+        """Read back the pending steps' metrics; stop at the first non-finite one; log."""
+        rows = jax.device_get(pending)
+        pending.clear()
+        for s, m in rows:
+            bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
+            if bad:
+                raise NonFiniteLossError(
+                    f"Non-finite {' and '.join(f'{k} ({float(m[k])})' for k in bad)} at step "
+                    f"{s}; stopped without saving, the last good checkpoint is step "
+                    f"{manager.latest_step()}. Lower the learning rate or check the data."
+                )
+        if rows:
+            tokens = sum(float(m["tokens"]) for _, m in rows)
+            logger.advance(len(rows), tokens, float(rows[-1][1]["loss"]))
+        for s, m in rows:
+            if s % log_every == 0 or s == c.train.steps:
+                logger.log(s, dict(m, learning_rate=float(schedule(s - 1))))
+
     try:
         step = start
         if start == 0 and c.eval.get("at_start", True):
             result = evaluate(state)
             logger.log(0, result, "eval")
+            logger.flush()
         while step < c.train.steps:
-            local = next(train_batches)
-            if cached:  # this process's cache entry for the batch it just read
-                local = teacher.host_batch(local, train_batches.batches_emitted - 1)
             extra = {}
-            if onpolicy is not None:
+            if fixed:
+                with jax.transfer_guard("disallow"):
+                    batch = prefetch.next()
+                    state, metrics = jitted(state, teacher_params, batch)
+                    if step + 1 < c.train.steps:  # a cache holds exactly train.steps batches
+                        prefetch.fill()
+            else:
+                local = next(train_batches)
                 batch, extra["student_samples"] = onpolicy_batch(
                     state, to_device(local, prompt_shardings), step, local
                 )
-            else:
-                batch = to_device(local)
-            state, metrics = jitted(state, teacher_params, batch)
-            metrics = {**metrics, **extra}
+                state, metrics = jitted(state, teacher_params, batch)
             step += 1
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"Non-finite loss ({loss}) at step {step}; stopped without saving, the last "
-                    f"good checkpoint is step {manager.latest_step()}. Lower the learning rate or "
-                    "check the data."
-                )
-            metrics = dict(metrics, learning_rate=schedule(step - 1))
-            logger.advance(metrics)
-            if step % c.train.get("log_every_steps", 1) == 0 or step == c.train.steps:
-                logger.log(step, metrics)
-            for stage in (st for st in stages if int(st["step"]) == step):
+            pending.append((step, {**metrics, **extra}))
+            stages_now = [st for st in stages if int(st["step"]) == step]
+            eval_now = bool(eval_every) and step % eval_every == 0
+            # One save per step: a SIGTERM that lands on a periodic step must not save it twice.
+            save_now = step % checkpoint_every == 0 or step == c.train.steps or stop["sigterm"]
+            if not (step % log_every == 0 or stages_now or eval_now or save_now):
+                continue
+            fetch()  # before anything below: a non-finite step is never saved
+            for stage in stages_now:
                 state, student_config, graphdef, state_sharding, jitted = apply_stage(
                     stage, state, student_config
                 )
                 logger.log(step, {"prune_params": float(num_student_params(state))}, "event")
-            if c.eval.get("every_steps") and step % c.eval.every_steps == 0:
+            if eval_now:
                 result = evaluate(state)
                 logger.log(step, result, "eval")
                 if replay["buffer"] is not None:  # DistiLLM: fresh samples when val loss rises
@@ -953,15 +1045,14 @@ def train(config, workdir: str) -> dict:
                         eps=float(onpolicy.replay.get("loss_eps", 0.1)),
                     )
                     replay["previous_loss"] = result["nll"]
-            periodic = step % c.train.get("checkpoint_every_steps", 100) == 0
-            # One save per step: a SIGTERM that lands on a periodic step must not save it twice.
-            if periodic or step == c.train.steps or stop["sigterm"]:
+            if save_now:
                 save(step)
+            logger.flush()
             if stop["sigterm"]:
                 manager.wait_until_finished()
                 logger.log(step, {"sigterm": 1.0}, "event")
                 return {"stopped_at": step, **result}
-        if not result or c.eval.get("every_steps") is None or step % c.eval.every_steps:
+        if not result or eval_every is None or step % eval_every:
             result = evaluate(state)
             logger.log(step, result, "eval")
     finally:
@@ -980,11 +1071,9 @@ def before_after_table(workdir: str) -> str:
     """A markdown table of the held-out eval at step 0 and at the last eval of ``workdir``'s
     metrics (perplexity, NLL, teacher agreement and KL, the teacher's perplexity), or ""."""
     evals = {}
-    with (epath.Path(workdir) / "metrics.jsonl").open() as f:
-        for line in f:
-            row = json.loads(line)
-            if "eval/nll" in row:
-                evals[row["step"]] = {k.split("/", 1)[1]: v for k, v in row.items() if "/" in k}
+    for row in read_metrics(workdir):
+        if "eval/nll" in row:
+            evals[row["step"]] = {k.split("/", 1)[1]: v for k, v in row.items() if "/" in k}
     if 0 not in evals or len(evals) < 2:
         return ""
     names = ("perplexity", "nll", "agreement", "kl", "acceptance", "greedy_match")

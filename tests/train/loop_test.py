@@ -340,18 +340,83 @@ def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
 
 
 def test_a_bucket_workdir_keeps_every_metrics_row(tmp_path, monkeypatch):
-    # Object stores cannot append: the logger rewrites the whole file, keeping a resumed run's
-    # earlier rows (the local folder stands in for the bucket; epath serves both).
+    # Object stores cannot append: each flush writes one new part, never rewriting a file, and a
+    # resumed run's parts follow the earlier ones (the local folder stands in for the bucket;
+    # epath serves both).
     assert loop._checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
     assert loop._checkpoint_dir("rel/run") == os.path.abspath("rel/run/checkpoints")
     monkeypatch.setattr(loop, "_is_local", lambda workdir: False)
     first = loop._Logger(str(tmp_path), total=3, start=0, enabled=True)
     first.log(1, {"loss": 1.0})
     first.log(2, {"loss": 0.5})
-    first.close()
+    first.flush()
+    parts = sorted(os.listdir(tmp_path / loop.METRICS_PARTS))
+    first.close()  # nothing new to write
+    assert sorted(os.listdir(tmp_path / loop.METRICS_PARTS)) == parts and len(parts) == 1
     resumed = loop._Logger(str(tmp_path), total=3, start=2, enabled=True)
     resumed.log(3, {"loss": 0.25})
     resumed.close()
-    with open(tmp_path / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+    assert len(os.listdir(tmp_path / loop.METRICS_PARTS)) == 2
+    assert not (tmp_path / "metrics.jsonl").exists()
+    rows = loop.read_metrics(str(tmp_path))
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+
+
+@pytest.fixture
+def cpu_device_to_host_guard(monkeypatch):
+    """Make jax.transfer_guard see device-to-host reads on the CPU backend too.
+
+    XLA:CPU arrays already live in host memory, so the CPU never reports reading one as a
+    transfer (TPUs and GPUs do). Under a "disallow" device-to-host guard, reading a jax.Array's
+    value (float, bool, np.asarray, .item(), .tolist()) then fails here as it would there;
+    explicit ``jax.device_get`` outside the guarded region is unaffected.
+    """
+    from jax._src import array
+    from jax._src import config as jax_config
+
+    def check():
+        if jax_config.transfer_guard_device_to_host.value == "disallow":
+            raise RuntimeError("Disallowed device-to-host transfer (the CPU stand-in guard)")
+
+    def guarded(method):
+        def run(self, *args, **kwargs):
+            check()
+            return method(self, *args, **kwargs)
+
+        return run
+
+    value = array.ArrayImpl._value
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded(value.fget)))
+    for name in ("__array__", "item", "tolist"):
+        monkeypatch.setattr(array.ArrayImpl, name, guarded(getattr(array.ArrayImpl, name)))
+
+
+def test_no_device_to_host_transfer_between_log_steps(
+    tmp_path, monkeypatch, cpu_device_to_host_guard
+):
+    """The fixed-data loop runs under jax.transfer_guard("disallow") between log steps: metrics
+    stay on the devices until a log step reads them back; the next batch is placed explicitly
+    while the step runs."""
+    c = tiny(steps=6)
+    c.train.log_every_steps = 3
+    c.train.checkpoint_every_steps = 6
+    c.eval.every_steps = None
+    loop.train(c, str(tmp_path / "run"))
+    rows = [r for r in loop.read_metrics(str(tmp_path / "run")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    # The guard is really there: a step that reads its loss back on every call fails.
+    jit_step = loop.step_lib.jit_step
+
+    def syncing(step_fn, **kw):
+        jitted = jit_step(step_fn, **kw)
+
+        def run(*args):
+            state, metrics = jitted(*args)
+            float(metrics["loss"])  # an implicit device -> host transfer
+            return state, metrics
+
+        return run
+
+    monkeypatch.setattr(loop.step_lib, "jit_step", syncing)
+    with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
+        loop.train(c, str(tmp_path / "sync"))
