@@ -40,6 +40,9 @@ and XLA's temporary buffers of the compiled step (``memory_analysis()``).
 ``--find_max_batch`` doubles the global batch from ``--batch`` (up to ``--max_batch`` if given)
 until compiling or running a step runs out of device memory, keeps a row per batch that fit and
 reports the largest. ``--out PATH`` writes the rows as JSON, rewritten after each row.
+``--budget_s S`` skips the rows (remat policies, batch sizes) that would end after S seconds of
+the run, judging by the previous row's time, so that a run with a time limit still prints its
+table.
 
 Imports: this mode needs jax, flax, optax and numpy only (with scipy, ml_dtypes, opt_einsum,
 which jax itself requires). distill_jax's package ``__init__`` also imports ``tokenizers``
@@ -359,14 +362,23 @@ def try_row(setup: Setup, batch: int, remat: str) -> dict:
     return dict(batch=batch, seq_len=setup.args.seq_len, remat=remat, oom=message)
 
 
+def _status(row: dict) -> str | None:
+    """Why a row has no timing ("out of memory", "skipped: --budget_s"), or None."""
+    if "oom" in row:
+        return "out of memory"
+    if "skipped" in row:
+        return f"skipped ({row['skipped']})"
+    return None
+
+
 def batch_sizes(start: int, cap: int | None, fits) -> list[dict]:
-    """Rows for start, 2 start, 4 start, ... until one does not fit (``fits(b)`` -> row with
-    "oom") or the next would exceed ``cap``."""
+    """Rows for start, 2 start, 4 start, ... until one does not fit (``fits(b)`` -> a row with
+    "oom"), is skipped, or the next would exceed ``cap``."""
     rows, batch = [], start
     while True:
         row = fits(batch)
         rows.append(row)
-        if "oom" in row or (cap is not None and 2 * batch > cap):
+        if _status(row) or (cap is not None and 2 * batch > cap):
             return rows
         batch *= 2
 
@@ -399,8 +411,8 @@ def print_table(result: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         head = f"| {result['pair']} | {r['batch']} | {r['seq_len']} | {r['remat']}"
-        if "oom" in r:
-            print(f"{head} | - | out of memory |" + " - |" * 8)
+        if _status(r):
+            print(f"{head} | - | {_status(r)} |" + " - |" * 8)
             continue
         mfu = f"{100 * r['model_flops_per_s'] / peak:.1f} %" if peak else "-"
         print(
@@ -410,6 +422,8 @@ def print_table(result: dict) -> None:
             f"| {r['losses'][0]:.4f} -> {r['losses'][1]:.4f} |"
         )
     print(f"\nFLOP/step (model): {result['formula']}")
+    if "wall_s" in result:
+        print(f"Wall time of this run (imports, init, compiles, steps): {result['wall_s']:.0f} s")
     for remat, largest in result.get("largest_batch", {}).items():
         print(
             f"Largest global batch that fit, remat {remat}: {largest['batch']} "
@@ -418,6 +432,7 @@ def print_table(result: dict) -> None:
 
 
 def main(args) -> None:
+    start = time.perf_counter()
     stood_in = import_distill_jax()
     import flax
     import jax
@@ -450,10 +465,21 @@ def main(args) -> None:
         rows=[],
     )
 
-    def record(row):
+    last_row_s = 0.0
+
+    def attempt(batch, remat):
+        """One row, recorded (JSON rewritten), or skipped when it would overrun --budget_s."""
+        nonlocal last_row_s
+        elapsed = time.perf_counter() - start
+        if args.budget_s and result["rows"] and elapsed + last_row_s > args.budget_s:
+            row = dict(batch=batch, seq_len=args.seq_len, remat=remat, skipped="--budget_s")
+        else:
+            t0 = time.perf_counter()
+            row = dict(try_row(setup, batch, remat), wall_s=time.perf_counter() - t0)
+            last_row_s = row["wall_s"]
         result["rows"].append(row)
-        state = "out of memory" if "oom" in row else f"{row['step_s']:.3f} s/step"
-        print(f"  batch {row['batch']}, remat {row['remat']}: {state}", file=sys.stderr)
+        state = _status(row) or f"{row['step_s']:.3f} s/step, {row['wall_s']:.0f} s in all"
+        print(f"  batch {batch}, remat {remat}: {state}", file=sys.stderr)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -461,15 +487,17 @@ def main(args) -> None:
 
     for remat in args.remat.split(","):
         if args.find_max_batch:
-            attempt = lambda b, remat=remat: record(try_row(setup, b, remat))
-            rows = batch_sizes(args.batch, args.max_batch, attempt)
-            fit = [r["batch"] for r in rows if "oom" not in r]
-            why = f"{rows[-1]['batch']} ran out of memory" if "oom" in rows[-1] else "--max_batch"
+            rows = batch_sizes(args.batch, args.max_batch, lambda b, r=remat: attempt(b, r))
+            fit = [r["batch"] for r in rows if not _status(r)]
+            why = (
+                f"{rows[-1]['batch']}: {_status(rows[-1])}" if _status(rows[-1]) else "--max_batch"
+            )
             result.setdefault("largest_batch", {})[remat] = dict(
                 batch=max(fit) if fit else None, stopped_by=why
             )
         else:
-            record(run_row(setup, args.batch, remat))
+            attempt(args.batch, remat)
+    result["wall_s"] = time.perf_counter() - start
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -22,7 +22,10 @@ the rows are interleaved: every (L, layout) once per round, ``--rounds`` rounds;
 median over rounds. Columns:
 
 * build: ``nnx.eval_shape`` of both models (abstract: no arrays, but L Python blocks each way;
-  not part of compiling the step, shown because it also grows with depth);
+  not part of compiling the step, shown because it also grows with depth, faster than linearly
+  under jax 0.10: flax's ``Variable.set_value`` probes ``.sharding`` of every value it stores,
+  and on a tracer that attribute's error message walks every equation traced so far; the same
+  holds for a jitted init; described in jax-ml/jax pull request 40041);
 * trace: ``jax.jit(step).trace(...)`` (Python to jaxpr); lower: ``.lower()`` (to StableHLO);
   XLA compile: ``.compile()``; total: the three, what ``jit(...).lower(...).compile()`` costs;
 * ``vs 8 blocks`` (the smallest depth, the same layout): total and XLA compile as ratios;
@@ -44,6 +47,8 @@ import subprocess
 import sys
 import time
 
+# This checkout's distill_jax, whether or not (or another checkout) is installed.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUTS = ("loop", "scan")
 WIDTHS = dict(
     vocab_size=8192,

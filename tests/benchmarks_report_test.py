@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -392,3 +395,44 @@ def test_alignment_end_to_end(tmp_path, monkeypatch, capsys):
         assert report.ratio(cell) == pytest.approx(rate / rates[0], abs=0.051)
     assert (tmp_path / "alignment_1.png").stat().st_size > 1000
     assert (tmp_path / "logs" / "alignment.stdout").read_text() in capsys.readouterr().out
+
+
+def _script(args: list[str], tmp_path) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_pair_mode_runs_end_to_end_at_cpu_size(tmp_path):
+    """step.py --pair llama8b_1b --tiny: the accelerator mode's whole path, one remat per row;
+    the second row is skipped by --budget_s (judged by the first row's time)."""
+    out = tmp_path / "pair.json"
+    args = [str(BENCH / "step.py"), "--pair", "llama8b_1b", "--tiny", "--warmup", "1"]
+    args += ["--repeats", "2", "--remat", "full,dots", "--budget_s", "1", "--out", str(out)]
+    stdout = _script(args, tmp_path)
+    table = next(t for t in _tables(stdout) if "MFU" in t.header)
+    assert table.column("remat") == ["full", "dots"]
+    assert table.column("step (s)")[1] == "skipped (--budget_s)"
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["losses"][0] > 0 and row["step_s"] > 0 and row["chunk_size"] == 64
+    assert row["model_flops"] == _step_pair.model_flops(
+        *_step_pair.configs("llama8b_1b", tiny=True), 2, 128
+    )
+
+
+@pytest.mark.slow
+def test_compile_script_runs_end_to_end(tmp_path):
+    """compile.py at depths 2 and 4, one round: four fresh processes, one table."""
+    stdout = _script([str(BENCH / "compile.py"), "--depths", "2,4", "--rounds", "1"], tmp_path)
+    table = _tables(stdout)[0]
+    assert table.column("blocks (teacher / student)") == ["2 / 1", "4 / 2"] * 2
+    assert table.column("total vs 2 blocks")[0] == "1.00x"
+    # Scan: one block traced whatever the depth, so the program does not grow.
+    kib = [int(x.replace(",", "")) for x in table.column("StableHLO (KiB)")]
+    assert kib[1] > kib[0] and kib[3] == pytest.approx(kib[2], rel=0.02)
+    assert "Target: not measured" in stdout
