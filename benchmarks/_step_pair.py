@@ -7,17 +7,16 @@ r"""``step.py --pair``: our step on a real-shaped teacher / student pair, random
 Pair ``llama8b_1b``: Llama-3.1-8B as the teacher (bfloat16 parameters and compute) and
 Llama-3.2-1B as the student (bfloat16 compute over float32 master parameters and AdamW moments),
 at their real shapes (``PAIRS``), with random weights made on the device by one jitted function
-(normal(0, 0.02) matrices, unit norm scales): nothing is read from or written to disk and the
-16 GB of teacher never pass through the host. Both models scan over their blocks
+(normal(0, 0.02) matrices, unit norm scales): nothing is read from or written to disk and the 16
+GB of teacher never pass through the host. Both models scan over their blocks
 (``scan_layers=True``), attention ``--attention`` (default "auto": cuDNN on GPU, splash on TPU,
-the reference on CPU),
-the student rematerialised per block (``--remat``, default "full"; "dots" keeps the weight
-matmuls' outputs). The step is ``train.step.make_distill_step``: teacher forward, student forward
-and backward, the fused forward KL at tau = 1 (plus hard-label CE with ``--ce W``), loss chunk
-``--chunk_size`` positions (default: 4096 / B, so that each chunk's head matmul has 4096 rows,
-at most T / 2), AdamW (lr 1e-5, betas 0.9 / 0.999, no weight decay), ``jax.jit`` with the state
-donated, one device. ``--tiny`` shrinks widths, depths and the vocabulary (same code path) so the
-mode runs end to end on a CPU in a minute.
+the reference on CPU), the student rematerialised per block (``--remat``, default "full"; "dots"
+keeps the weight matmuls' outputs). The step is ``train.step.make_distill_step``: teacher
+forward, student forward and backward, the fused forward KL at tau = 1 (plus hard-label CE with
+``--ce W``), loss chunk ``--chunk_size`` positions (default: 4096 / B, so that each chunk's head
+matmul has 4096 rows, at most T / 2), AdamW (lr 1e-5, betas 0.9 / 0.999, no weight decay),
+``jax.jit`` with the state donated, one device. ``--tiny`` shrinks widths, depths and the
+vocabulary (same code path) so the mode runs end to end on a CPU in a minute.
 
 Time: median of ``--repeats`` steps after ``--warmup`` steps, each step timed to
 ``block_until_ready`` of the new state and metrics; compile: ``jit(...).lower(...).compile()``.
