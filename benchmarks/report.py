@@ -3,13 +3,18 @@ r"""Run every benchmark in ``benchmarks/`` and write one report: REPORT.md, PNG 
     python benchmarks/report.py                      # every script, default sizes
     python benchmarks/report.py --quick              # smaller sizes: a smoke run of the whole set
     python benchmarks/report.py --only step,fused_loss --out /tmp/bench
+    python benchmarks/report.py --only step --script_args "step=--pair llama8b_1b"  # GPU MFU
 
 Options:
 
 * ``--only a,b``: run these scripts only (names without ``.py``); default: every ``*.py`` here
   whose name does not start with ``_``, except this file, in alphabetical order.
 * ``--quick``: pass each script its small-size flags: ``--quick`` where the script has it
-  (fused_loss, step, transforms), else the sizes in ``QUICK_ARGS`` (forward, data, alignment).
+  (compile, fused_loss, step, transforms), else the sizes in ``QUICK_ARGS`` (forward, data,
+  alignment).
+* ``--script_args NAME=ARGS`` (repeatable): more flags for one script, e.g.
+  ``step=--pair llama8b_1b`` (step.py's accelerator mode: our step on Llama-3.1-8B ->
+  Llama-3.2-1B with random weights, and its MFU).
 * ``--out DIR``: the report folder (default ``benchmarks/report/``, ignored by git). It receives
   ``REPORT.md``, one ``<script>_<k>.png`` per table that has ratio columns, and
   ``logs/<script>.stdout`` / ``.stderr``.
@@ -23,10 +28,13 @@ naive version or a peer) a bar plot of those columns, 1x marked. A script that f
 as failed, with the end of its stderr, and the others still run; the exit status of this script
 is then 1.
 
-MFU: on a GPU or TPU, the step.py section gains the model FLOPs utilisation of our distill step,
-its achieved model FLOP/s (step.py's ``GFLOP/s`` column, not measured again) over the device's
-published dense bf16 peak (``PEAK_BF16_TFLOPS``). For a device not in that table it is step.py's
-``of own matmul peak`` column: the fraction of a float32 matmul measured on the same device.
+MFU: on a GPU or TPU, the step.py section gains the model FLOPs utilisation of our distill step.
+With ``--pair`` step.py prints it itself (its ``MFU`` column, model FLOP/s over the device's
+published dense bf16 peak, ``_measure.PEAK_BF16_TFLOPS``), and the report repeats those rows.
+Otherwise it is computed here from the comparison table: each JAX row's achieved model FLOP/s
+(its ``GFLOP/s (model)`` column, not measured again) over that published peak, or, for a device
+not in the table, step.py's ``of own matmul peak`` column (the fraction of a float32 matmul
+measured on the same device).
 The machine (CPU, jax backend, device kind) is read in a short child process, so that this
 process never holds the accelerator while the benchmarks run.
 """
@@ -40,6 +48,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -47,6 +56,7 @@ import time
 from pathlib import Path
 
 import step as step_bench
+from _measure import PEAK_BF16_TFLOPS, peak_bf16_flops  # noqa: F401 (re-exported)
 
 BENCH_DIR = Path(__file__).resolve().parent
 QUICK_ARGS = {  # scripts without --quick: their own size flags, small
@@ -54,23 +64,6 @@ QUICK_ARGS = {  # scripts without --quick: their own size flags, small
     "data": ["--chapters", "120", "--seq_len", "512", "--k", "16"],
     "alignment": ["--pieces", "200"],
 }
-# Dense (no sparsity) bf16 tensor-core FLOP/s per device, as the vendors publish them: NVIDIA's
-# H100, H200, A100 and L4 datasheets (they print "with sparsity" figures, twice these) and Google
-# Cloud's TPU v4 / v5e / v5p / v6e system-architecture pages ("peak compute per chip (bf16)").
-# Regexes searched in jax's device_kind, first match wins. The NVL boards are not listed (their
-# datasheets quote other figures), nor is any device not named here: those fall back to the
-# float32 matmul peak step.py measures.
-PEAK_BF16_TFLOPS = (
-    (r"H100 PCIe", 756.0),
-    (r"H100 80GB HBM3|H100 SXM", 989.0),
-    (r"H200$", 989.0),
-    (r"A100", 312.0),
-    (r"\bL4$", 121.0),
-    (r"^TPU v4$", 275.0),
-    (r"^TPU v5 ?(lite|e)$", 197.0),
-    (r"^TPU v5p?$", 459.0),
-    (r"^TPU v6 ?(lite|e)$", 918.0),
-)
 _RATIO = re.compile(r"(\d[\d,]*(?:\.\d+)?)x")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -258,17 +251,18 @@ def row_labels(table: Table) -> list[str]:
 
 # ---------------------------------------------------------------------------------- MFU
 
+STEP_RATE, PAIR_RATE = "GFLOP/s (model)", "TFLOP/s (model)"  # step.py's model FLOP/s columns
 
-def peak_bf16_flops(device_kind: str) -> float | None:
-    """The published dense bf16 FLOP/s of ``device_kind``, or None if it is not in the table."""
-    for pattern, tflops in PEAK_BF16_TFLOPS:
-        if re.search(pattern, device_kind.strip()):
-            return tflops * 1e12
-    return None
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell.replace(",", "").rstrip("% "))
+    except ValueError:
+        return None
 
 
 def step_mfu(table: Table, device_kind: str) -> list[dict]:
-    """MFU of each JAX row of step.py's main table, from its GFLOP/s (model FLOPs) column."""
+    """MFU of each JAX row of step.py's comparison table, from its model FLOP/s column."""
     impls = {label: impl for impl, label in step_bench.LABELS.items()}
     peak = peak_bf16_flops(device_kind)
     out = []
@@ -276,10 +270,13 @@ def step_mfu(table: Table, device_kind: str) -> list[dict]:
         impl = impls.get(row[0])
         if impl is None or step_bench._framework(impl) != "jax":
             continue  # TRL runs on the CPU even when a GPU is there
-        achieved = float(row[table.header.index("GFLOP/s")].replace(",", "")) * 1e9
+        rate = _number(row[table.header.index(STEP_RATE)])
+        if rate is None:
+            continue  # the row did not run
+        achieved = rate * 1e9
         if peak:
             mfu = achieved / peak
-            basis = f"published dense bf16 peak of {device_kind}, {peak / 1e12:,.0f} TFLOP/s"
+            basis = f"published dense bf16 peak of {device_kind}, {peak / 1e12:,.1f} TFLOP/s"
         else:
             own = row[table.header.index("of own matmul peak")]
             mfu = float(own.rstrip("% ")) / 100
@@ -288,11 +285,25 @@ def step_mfu(table: Table, device_kind: str) -> list[dict]:
     return out
 
 
-def _step_table(blocks: list[str | Table]) -> Table | None:
-    for b in blocks:
-        if isinstance(b, Table) and {"implementation", "GFLOP/s"} <= set(b.header):
-            return b
-    return None
+def pair_mfu(table: Table) -> list[dict]:
+    """The rows of step.py's ``--pair`` table that ran, with the MFU it printed."""
+    out = []
+    for row in table.rows:
+        cell = dict(zip(table.header, row))
+        rate, mfu = _number(cell[PAIR_RATE]), _number(cell["MFU"])
+        if rate is None:
+            continue  # out of memory
+        label = f"{cell['pair']}, batch {cell['batch']} x {cell['seq_len']}, remat {cell['remat']}"
+        out.append(dict(label=label, achieved=rate * 1e12, mfu=None if mfu is None else mfu / 100))
+    return out
+
+
+def _step_tables(blocks: list[str | Table]) -> tuple[Table | None, Table | None]:
+    """step.py's comparison table and its ``--pair`` table (either may be missing)."""
+    tables = [b for b in blocks if isinstance(b, Table)]
+    compare = next((t for t in tables if {"implementation", STEP_RATE} <= set(t.header)), None)
+    pair = next((t for t in tables if {"pair", PAIR_RATE, "MFU"} <= set(t.header)), None)
+    return compare, pair
 
 
 # ------------------------------------------------------------------------------- write
@@ -343,22 +354,28 @@ def _machine_line(machine: dict) -> str:
 def _mfu_lines(run: Run, blocks, machine: dict) -> list[str]:
     if run.name != "step" or machine["platform"] not in ("gpu", "tpu"):
         return []
-    table = _step_table(blocks)
-    if table is None:
+    compare, pair = _step_tables(blocks)
+    if compare is None and pair is None:
         return ["MFU: step.py printed no step table."]
     lines = [
         "### MFU of the distill step",
         "",
-        "Model FLOPs (step.py's count, nothing recomputed) per second over the peak. The step "
-        "runs in float32; the peak is the dense bf16 one, as MFU is usually quoted.",
+        "Model FLOPs (step.py's count, nothing recomputed) per second over the peak, the "
+        "published dense bf16 one as MFU is usually quoted (the comparison rows run in float32 "
+        "unless marked bf16).",
         "",
-        "| implementation | GFLOP/s (model) | MFU | peak |",
+        "| implementation | TFLOP/s (model) | MFU | peak |",
         "|---|---|---|---|",
     ]
-    for r in step_mfu(table, machine["device_kind"]):
-        lines.append(
-            f"| {r['label']} | {r['achieved'] / 1e9:,.1f} | {100 * r['mfu']:.1f} % | {r['basis']} |"
-        )
+    kind = machine["device_kind"]
+    rows = step_mfu(compare, kind) if compare is not None else []
+    if pair is not None:
+        peak = peak_bf16_flops(kind)
+        basis = f"published dense bf16 peak of {kind}, {peak / 1e12:,.1f} TFLOP/s" if peak else "-"
+        rows += [dict(r, basis=basis) for r in pair_mfu(pair)]
+    for r in rows:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        lines.append(f"| {r['label']} | {r['achieved'] / 1e12:,.2f} | {mfu} | {r['basis']} |")
     return lines
 
 
@@ -441,19 +458,34 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="pass each script its small sizes")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "report", help="report folder")
     p.add_argument("--bench_dir", type=Path, default=BENCH_DIR, help="where the scripts are")
+    p.add_argument(
+        "--script_args",
+        action="append",
+        default=[],
+        help='more flags for one script, NAME=ARGS, e.g. "step=--pair llama8b_1b" (repeatable)',
+    )
     args = p.parse_args()
+    extra = {}
+    for item in args.script_args:
+        name, sep, flags = item.partition("=")
+        if not sep:
+            p.error(f"--script_args {item!r}: expected NAME=ARGS")
+        extra.setdefault(name, []).extend(shlex.split(flags))
     scripts = discover(args.bench_dir)
     if args.only:
         names = args.only.split(",")
         if unknown := set(names) - {s.stem for s in scripts}:
             p.error(f"--only: unknown {sorted(unknown)}; have {[s.stem for s in scripts]}")
         scripts = [s for s in scripts if s.stem in names]
+    if unknown := set(extra) - {s.stem for s in scripts}:
+        p.error(f"--script_args: {sorted(unknown)} not among the scripts to run")
 
     machine = probe_machine()
     print(f"Machine: {_machine_line(machine)}", flush=True)
     runs = []
     for script in scripts:
-        run = run_script(script, quick_args(script) if args.quick else [])
+        flags = (quick_args(script) if args.quick else []) + extra.get(script.stem, [])
+        run = run_script(script, flags)
         _save_logs(run, args.out)
         runs.append(run)
     path = write_report(runs, machine, args.out, quick=args.quick)

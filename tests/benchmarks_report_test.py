@@ -1,5 +1,7 @@
 """benchmarks/report.py: it reads the tables the scripts really print, writes REPORT.md with the
 same ratios and a plot of them, computes MFU from step.py's numbers, and reports a failing script.
+Also the pieces of the scripts that are logic rather than timing: step.py's median over rounds,
+its ``--pair`` mode's FLOP count and batch doubling, compile.py's target verdict.
 
 Nothing here is timed: the tables come from the scripts' own printing functions fed with chosen
 numbers, and the ratios are checked against those numbers divided by hand. One test runs the
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -20,6 +25,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import _step_pair  # noqa: E402
+import compile as compile_bench  # noqa: E402
 import fused_loss  # noqa: E402
 import report  # noqa: E402
 import step  # noqa: E402
@@ -105,16 +112,49 @@ def test_fused_loss_ratios_reach_the_report_and_its_plot(tmp_path):
 
 
 def _step_stdout(device: str) -> tuple[str, float]:
-    """step.py's table for ours (0.5 s/step), ours_remat (0.8 s) and TRL (2 s), 200 TFLOP/step."""
+    """step.py's table for ours (0.5 s/step), ours_remat (0.8 s), ours_bf16 (did not run),
+    TRL (2 s) and TRL compiled (did not run), 200 TFLOP/step."""
     flops, peak = 200e12, 500e12  # peak: the float32 matmul step.py measured on the device
-    common = dict(first_s=9.0, peak_rss=2**30, losses=[1.0, 0.9], load=0.5)
+    common = dict(first_s=9.0, peak_rss=2**30, losses=[1.0, 0.9], loads=[0.5, 0.7])
+    common.update(failed_rounds=0)
     rows = {
-        "ours": dict(common, step=0.5, xla_flops=210e12, matmul_peak=peak, device=device),
-        "ours_remat": dict(common, step=0.8, xla_flops=260e12, matmul_peak=peak, device=device),
-        "trl": dict(common, step=2.0, xla_flops=None, matmul_peak=1e12),
+        "ours": dict(common, step=0.5, per_round=[0.5, 0.6], matmul_peak=peak, device=device),
+        "ours_remat": dict(common, step=0.8, per_round=[0.8, 0.8], matmul_peak=peak, device=device),
+        "ours_bf16": dict(error="exit 1: JaxRuntimeError: something", loads=[0.4, 0.6]),
+        "trl": dict(common, step=2.0, per_round=[2.0, 2.1], matmul_peak=1e12),
+        "trl_compile": dict(error="BackendCompilerFailed: no C++ compiler", loads=[0.5, 0.5]),
     }
-    args = types.SimpleNamespace(batch=8, seq_len=256, repeats=3, warmup=1, matmul_size=4096)
+    args = types.SimpleNamespace(
+        batch=8, seq_len=256, repeats=3, warmup=1, matmul_size=4096, rounds=2
+    )
     return _printed(step._print_table, rows, flops, args, "random weights"), peak
+
+
+def test_step_table_rows_that_did_not_run_say_why():
+    stdout, _ = _step_stdout("cpu (cpu)")
+    table = next(t for t in _tables(stdout) if report.STEP_RATE in t.header)
+    assert table.column("implementation") == [
+        step.LABELS[i] for i in ("ours", "ours_remat", "ours_bf16", "trl", "trl_compile")
+    ]
+    assert table.column("tokens/s vs TRL") == ["4.00x", "2.50x", "-", "1.00x", "-"]
+    assert table.column("step (s)")[2] == "did not run" and table.column("load avg (1 min)")[2]
+    assert table.column("step per round (s)")[0] == "0.50 / 0.60"
+    assert "no C++ compiler" in stdout and "Target: ours >= 1.5x the tokens/s of" in stdout
+    assert list(report.ratio_columns(table)) == ["tokens/s vs TRL"]
+
+
+def test_step_rounds_are_interleaved_medians():
+    runs = [  # three rounds of one row: per-round medians 3, 1, 2 (after 1 warm-up step)
+        dict(times=[9, 3, 3, 4], losses=[1.0, 0.5], first_s=9, peak_rss=5, matmul_peak=1, load=1),
+        dict(times=[9, 1, 1, 2], losses=[1.0, 0.5], first_s=8, peak_rss=7, matmul_peak=2, load=2),
+        dict(times=[9, 2, 2, 2], losses=[1.0, 0.5], first_s=7, peak_rss=6, matmul_peak=3, load=3),
+    ]
+    row = step.aggregate(runs, warmup=1)
+    assert row["per_round"] == [3, 1, 2] and row["step"] == 2 and row["first_s"] == 8
+    assert row["peak_rss"] == 7 and row["matmul_peak"] == 3 and row["loads"] == [1, 2, 3]
+    failed = step.aggregate([dict(error="boom", load=1.0), runs[0]], warmup=1)
+    assert failed["failed_rounds"] == 1 and failed["step"] == 3
+    assert step.aggregate([dict(error="boom", load=1.0)], warmup=1)["error"] == "boom"
 
 
 def test_step_mfu_on_a_gpu_is_against_the_published_bf16_peak(tmp_path):
@@ -122,16 +162,20 @@ def test_step_mfu_on_a_gpu_is_against_the_published_bf16_peak(tmp_path):
     machine = CPU | dict(platform="gpu", device_kind="NVIDIA H200")
     markdown = report.write_report([_run("step", stdout)], machine, tmp_path).read_text()
     mfu = next(t for t in _tables(markdown) if "MFU" in t.header)
-    # TRL runs on the CPU: only our rows; 200 TFLOP / 0.5 s over H200's 989 TFLOP/s.
+    # TRL runs on the CPU, ours_bf16 did not run: two rows; 200 TFLOP / 0.5 s over 989.4.
     assert mfu.column("implementation") == [step.LABELS["ours"], step.LABELS["ours_remat"]]
-    assert mfu.column("MFU") == [f"{100 * 200 / 0.5 / 989:.1f} %", f"{100 * 200 / 0.8 / 989:.1f} %"]
-    main = next(t for t in _tables(markdown) if "GFLOP/s" in t.header)
-    assert report.step_mfu(main, "NVIDIA H200")[0]["mfu"] == pytest.approx(400 / 989, rel=1e-6)
+    assert mfu.column("MFU") == [
+        f"{100 * 200 / 0.5 / 989.4:.1f} %",
+        f"{100 * 200 / 0.8 / 989.4:.1f} %",
+    ]
+    assert mfu.column("TFLOP/s (model)") == ["400.00", "250.00"]
+    main = next(t for t in _tables(markdown) if report.STEP_RATE in t.header)
+    assert report.step_mfu(main, "NVIDIA H200")[0]["mfu"] == pytest.approx(400 / 989.4, rel=1e-6)
 
 
 def test_step_mfu_on_an_unknown_device_is_against_the_measured_matmul_peak(tmp_path):
     stdout, peak = _step_stdout("gpu (Some New GPU)")
-    main = next(t for t in _tables(stdout) if "GFLOP/s" in t.header)
+    main = next(t for t in _tables(stdout) if report.STEP_RATE in t.header)
     got = report.step_mfu(main, "Some New GPU")
     assert [r["mfu"] for r in got] == [round(200e12 / 0.5 / peak, 2), round(200e12 / 0.8 / peak, 2)]
     assert "measured" in got[0]["basis"]
@@ -140,13 +184,159 @@ def test_step_mfu_on_an_unknown_device_is_against_the_measured_matmul_peak(tmp_p
     assert "MFU" not in cpu.read_text()
 
 
+def _pair_result(peak: float | None) -> dict:
+    """step.py --pair's result: batch 8 fits (0.5 s/step), batch 16 runs out of memory."""
+    ok = dict(
+        batch=8,
+        seq_len=2048,
+        remat="full",
+        chunk_size=512,
+        compile_s=60.0,
+        step_s=0.5,
+        step_times=[0.6, 0.5, 0.5],
+        tokens_per_s=8 * 2048 / 0.5,
+        model_flops=200e12,
+        model_flops_per_s=400e12,
+        losses=[11.9, 11.8],
+        peak_bytes=80 * 2**30,
+        xla_temp_bytes=30 * 2**30,
+    )
+    oom = dict(batch=16, seq_len=2048, remat="full", oom="RESOURCE_EXHAUSTED: Out of memory")
+    return dict(
+        pair="llama8b_1b",
+        title="Llama-3.1-8B -> Llama-3.2-1B",
+        tiny=False,
+        device="gpu (NVIDIA H200)",
+        jax="0.11.2",
+        flax="0",
+        peak_bf16_flops=peak,
+        teacher_params=8.03e9,
+        student_params=1.24e9,
+        ce=0.0,
+        attention="auto -> cudnn",
+        warmup=2,
+        repeats=5,
+        init_s=3.0,
+        formula="B T [...]",
+        rows=[ok, oom],
+        largest_batch={"full": dict(batch=8, stopped_by="16 ran out of memory")},
+    )
+
+
+def test_pair_table_mfu_reaches_the_report(tmp_path):
+    stdout = _printed(_step_pair.print_table, _pair_result(989.4e12))
+    table = next(t for t in _tables(stdout) if "MFU" in t.header)
+    assert table.column("MFU") == [f"{100 * 400 / 989.4:.1f} %", "-"]
+    assert table.column("step (s)") == ["0.500", "out of memory"]
+    assert "Largest global batch that fit, remat full: 8" in stdout
+    machine = CPU | dict(platform="gpu", device_kind="NVIDIA H200")
+    markdown = report.write_report([_run("step", stdout)], machine, tmp_path).read_text()
+    mfu = _tables(markdown)[-1]
+    assert mfu.column("implementation") == ["llama8b_1b, batch 8 x 2048, remat full"]
+    assert mfu.column("MFU") == [f"{100 * 400 / 989.4:.1f} %"]
+    assert "989.4 TFLOP/s" in mfu.column("peak")[0]
+    # A device without a published peak: the rate, no MFU.
+    stdout = _printed(_step_pair.print_table, _pair_result(None))
+    assert next(t for t in _tables(stdout) if "MFU" in t.header).column("MFU") == ["-", "-"]
+
+
+def test_pair_flops_by_hand():
+    """Llama-3.1-8B / 3.2-1B matmul weights from their configs, and the step's model FLOPs."""
+    teacher, student = _step_pair.configs("llama8b_1b", tiny=False)
+    # 8B: 32 x (q 4096^2 + k, v 4096 x 1024 + o 4096^2 + 3 x 4096 x 14336) + head 4096 x 128256
+    p_t = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256
+    p_s = 16 * (2 * 2048**2 + 2 * 2048 * 512 + 3 * 2048 * 8192) + 2048 * 128256
+    assert _step_pair.matmul_params(teacher) == p_t == 7_504_658_432
+    assert _step_pair.matmul_params(student) == p_s == 1_235_746_816
+    # All parameters (embeddings, norms): the published 8.03 B and 1.24 B (tied embedding).
+    from flax import nnx
+
+    from distill_jax import models
+
+    count = lambda c: models.num_params(nnx.eval_shape(lambda: models.Transformer(c)))
+    assert count(teacher) == p_t + 128256 * 4096 + 65 * 4096 == 8_030_261_248
+    assert count(student) == p_s + 33 * 2048 == 1_235_814_400
+    b, t = 8, 2048
+    attention = lambda layers, heads, dim: 2 * layers * t * heads * dim
+    want = b * t * (2 * p_t + attention(32, 32, 128) + 3 * (2 * p_s + attention(16, 32, 64)))
+    assert _step_pair.model_flops(teacher, student, b, t) == want
+    assert teacher.rope_factor == 8 and student.rope_factor == 32 and student.tie_word_embeddings
+    assert teacher.scan_layers and student.param_dtype == "float32"
+
+
+def test_find_max_batch_doubles_until_out_of_memory(monkeypatch):
+    def fits(limit):
+        return lambda b: dict(batch=b) if b <= limit else dict(batch=b, oom="out of memory")
+
+    rows = _step_pair.batch_sizes(2, None, fits(16))
+    assert [r["batch"] for r in rows] == [2, 4, 8, 16, 32] and "oom" in rows[-1]
+    assert [r["batch"] for r in _step_pair.batch_sizes(2, 8, fits(64))] == [2, 4, 8]
+
+    # try_row turns an out-of-memory error (compile or run) into a row; other errors propagate.
+    setup = types.SimpleNamespace(args=types.SimpleNamespace(seq_len=128))
+
+    def run_row(setup, batch, remat):
+        if batch > 4:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+        if remat == "bad":
+            raise ValueError("not a memory problem")
+        return dict(batch=batch)
+
+    monkeypatch.setattr(_step_pair, "run_row", run_row)
+    assert _step_pair.try_row(setup, 4, "full") == dict(batch=4)
+    assert "RESOURCE_EXHAUSTED" in _step_pair.try_row(setup, 8, "full")["oom"]
+    with pytest.raises(ValueError, match="not a memory problem"):
+        _step_pair.try_row(setup, 2, "bad")
+
+
+def _compile_results(scan_80_total: float) -> dict:
+    """compile.py's measurements: loop grows with depth, scan stays flat (or not)."""
+    totals = {(8, "loop"): 10.0, (80, "loop"): 40.0, (8, "scan"): 8.0, (80, "scan"): scan_80_total}
+    out = {}
+    for key, total in totals.items():
+
+        def run(f, total=total, blocks=key[0]):
+            return dict(
+                build=0.1,
+                trace=0.1 * total,
+                lower=0.1 * total,
+                compile=0.8 * total * f,
+                total=total * f,
+                stablehlo_chars=2048 * blocks,
+                hlo_ops=100 * blocks,
+                load=1.0,
+            )
+
+        out[key] = [run(1.0), run(1.1), run(0.9)]  # median: the middle one
+    return out
+
+
+@pytest.mark.parametrize("scan_80, verdict", [(11.6, "PASS"), (12.8, "FAIL")])
+def test_compile_table_ratios_and_target(scan_80, verdict):
+    stdout = _printed(compile_bench._print_table, _compile_results(scan_80), [8, 80], 3, set())
+    table = _tables(stdout)[0]
+    assert table.column("layout") == ["loop", "loop", "scan", "scan"]
+    assert table.column("total vs 8 blocks") == ["1.00x", "4.00x", "1.00x", f"{scan_80 / 8:.2f}x"]
+    assert table.column("total (s)")[1] == "40.00"
+    assert list(report.ratio_columns(table)) == ["total vs 8 blocks", "XLA compile vs 8 blocks"]
+    assert f"{scan_80 / 8:.2f}x (XLA compile alone {scan_80 / 8:.2f}x) -> {verdict}" in stdout
+    skipped = _printed(
+        compile_bench._print_table,
+        {k: v for k, v in _compile_results(scan_80).items() if k != (80, "loop")},
+        [8, 80],
+        3,
+        {(80, "loop")},
+    )
+    assert "skipped (--max_loop_blocks)" in _tables(skipped)[0].column("build (s)")
+
+
 @pytest.mark.parametrize(
     "device_kind, tflops",
     [  # vendor datasheets / Cloud TPU pages (PEAK_BF16_TFLOPS); None: not listed, fall back
-        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 80GB HBM3", 989.4),
         ("NVIDIA H100 PCIe", 756),
         ("NVIDIA H100 NVL", None),
-        ("NVIDIA H200", 989),
+        ("NVIDIA H200", 989.4),
         ("NVIDIA A100-SXM4-80GB", 312),
         ("NVIDIA L4", 121),
         ("NVIDIA L40S", None),
@@ -205,3 +395,44 @@ def test_alignment_end_to_end(tmp_path, monkeypatch, capsys):
         assert report.ratio(cell) == pytest.approx(rate / rates[0], abs=0.051)
     assert (tmp_path / "alignment_1.png").stat().st_size > 1000
     assert (tmp_path / "logs" / "alignment.stdout").read_text() in capsys.readouterr().out
+
+
+def _script(args: list[str], tmp_path) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_pair_mode_runs_end_to_end_at_cpu_size(tmp_path):
+    """step.py --pair llama8b_1b --tiny: the accelerator mode's whole path, one remat per row;
+    the second row is skipped by --budget_s (judged by the first row's time)."""
+    out = tmp_path / "pair.json"
+    args = [str(BENCH / "step.py"), "--pair", "llama8b_1b", "--tiny", "--warmup", "1"]
+    args += ["--repeats", "2", "--remat", "full,dots", "--budget_s", "1", "--out", str(out)]
+    stdout = _script(args, tmp_path)
+    table = next(t for t in _tables(stdout) if "MFU" in t.header)
+    assert table.column("remat") == ["full", "dots"]
+    assert table.column("step (s)")[1] == "skipped (--budget_s)"
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["losses"][0] > 0 and row["step_s"] > 0 and row["chunk_size"] == 64
+    assert row["model_flops"] == _step_pair.model_flops(
+        *_step_pair.configs("llama8b_1b", tiny=True), 2, 128
+    )
+
+
+@pytest.mark.slow
+def test_compile_script_runs_end_to_end(tmp_path):
+    """compile.py at depths 2 and 4, one round: four fresh processes, one table."""
+    stdout = _script([str(BENCH / "compile.py"), "--depths", "2,4", "--rounds", "1"], tmp_path)
+    table = _tables(stdout)[0]
+    assert table.column("blocks (teacher / student)") == ["2 / 1", "4 / 2"] * 2
+    assert table.column("total vs 2 blocks")[0] == "1.00x"
+    # Scan: one block traced whatever the depth, so the program does not grow.
+    kib = [int(x.replace(",", "")) for x in table.column("StableHLO (KiB)")]
+    assert kib[1] > kib[0] and kib[3] == pytest.approx(kib[2], rel=0.02)
+    assert "Target: not measured" in stdout
