@@ -43,23 +43,19 @@ reports the largest. ``--out PATH`` writes the rows as JSON, rewritten after eac
 the run, judging by the previous row's time, so that a run with a time limit still prints its
 table.
 
-Imports: this mode needs jax, flax, optax and numpy only (with scipy, ml_dtypes, opt_einsum,
-which jax itself requires). distill_jax's package ``__init__`` also imports ``tokenizers``
-(``bridges`` -> ``data.tokenizers``) and ``train.state`` imports ``ml_collections``
-(``config_lib``), neither used by the step; where they are not installed a stand-in module
-(``_absent``) takes their place so that the import succeeds, and any use of it would fail.
+Imports: this mode needs jax, flax, optax and numpy (with scipy, ml_dtypes, opt_einsum, which jax
+itself requires), and ``tokenizers``, which distill_jax's package ``__init__`` imports
+(``bridges`` -> ``data.tokenizers``).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import os
 import statistics
 import sys
 import time
-import types
 
 from _measure import PEAK_BF16_TFLOPS, peak_bf16_flops
 
@@ -113,37 +109,13 @@ CHUNK_ROWS = 4096  # default loss chunk: batch x chunk_size = this many head-mat
 # --------------------------------------------------------------------------------- imports
 
 
-def _absent(name: str) -> types.ModuleType:
-    """A stand-in for a package this mode never uses: attributes resolve, nothing works."""
-
-    class Absent(types.ModuleType):
-        def __getattr__(self, attr):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return _absent(f"{self.__name__}.{attr}")
-
-        def __call__(self, *args, **kwargs):
-            raise ImportError(f"{self.__name__}: not installed (step.py --pair stand-in)")
-
-    return Absent(name)
-
-
-def import_distill_jax() -> list[str]:
-    """Import what the step needs; returns the packages that were stood in for."""
-    stood_in = []
-    for name in ("tokenizers", "ml_collections"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            sys.modules[name] = _absent(name)
-            stood_in.append(name)
+def import_distill_jax() -> None:
+    """Import what the step needs (the checkout's package: the repo root is on sys.path)."""
     import distill_jax.losses  # noqa: F401
     import distill_jax.models  # noqa: F401
     import distill_jax.teachers  # noqa: F401
     import distill_jax.train.state  # noqa: F401
     import distill_jax.train.step  # noqa: F401
-
-    return stood_in
 
 
 # ----------------------------------------------------------------------------------- model
@@ -432,7 +404,7 @@ def print_table(result: dict) -> None:
 
 def main(args) -> None:
     start = time.perf_counter()
-    stood_in = import_distill_jax()
+    import_distill_jax()
     import flax
     import jax
 
@@ -449,7 +421,6 @@ def main(args) -> None:
         device_kind=device.device_kind,
         jax=jax.__version__,
         flax=flax.__version__,
-        stood_in=stood_in,
         peak_bf16_flops=peak_bf16_flops(device.device_kind),
         peak_table=[list(p) for p in PEAK_BF16_TFLOPS],
         teacher_params=setup.num_params[0],

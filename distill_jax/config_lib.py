@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+from typing import TYPE_CHECKING
 
-import ml_collections as mlc
+if TYPE_CHECKING:
+    import ml_collections as mlc
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
@@ -12,6 +14,8 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 
     Values are Python literals (``True``, ``5``, ``0.1``, ``'x'``); anything else stays a string.
     """
+    import ml_collections as mlc  # configs need it; the train step (to_steps) does not
+
     out = mlc.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
