@@ -28,7 +28,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from distill_jax import sharding
@@ -147,6 +146,8 @@ def splash_layout(t: int, block_size: int | None = None) -> tuple[int, int]:
 
 def _splash_kernel(heads: int, length: int, block: int, window, softcap, interpret: bool):
     """A splash MHA kernel on one example: q [N, T, H], k, v [K, T, H], segment ids [T]."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU (Pallas) only
+
     if window and window < length:
         # LocalMask keeps q - left <= k <= q + right, i.e. 0 <= q - k <= W - 1.
         mask = splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
@@ -197,6 +198,12 @@ def _with_matmul_precision(fn, precision: str):
     return call
 
 
+def _segment_ids(seg):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    return splash.SegmentIds(q=seg, kv=seg)
+
+
 def _splash_local(q, k, v, segment_ids, *, scale, window, softcap, block_size, interpret):
     """Splash attention on arrays that are whole along T (one shard, or the unsharded arrays)."""
     _, t, n, _ = q.shape
@@ -210,7 +217,7 @@ def _splash_local(q, k, v, segment_ids, *, scale, window, softcap, block_size, i
     def one(q, k, v, seg):  # q [N, T', H], k, v [K, T', H], seg [T']
         # Built where it is called: its mask tables must not be closed over from another trace.
         kernel = _splash_kernel(n, length, block, window, softcap, interpret)
-        return kernel(q, k, v, splash.SegmentIds(q=seg, kv=seg))
+        return kernel(q, k, v, _segment_ids(seg))
 
     batched = jax.vmap(one)
     if jnp.dtype(q.dtype).itemsize < 4:
