@@ -12,7 +12,7 @@ pod, where ``jax.distributed.initialize()`` finds its peers itself with ``--dist
 ``--mode=compile --topology=v5p-128 [--num_slices=2]`` compiles the train step for a TPU
 topology on this machine (libtpu, no TPU, no weights or data; ``train/aot.py``), prints the
 per-chip memory / FLOPs / collectives / roofline table and writes it to
-``<workdir>/compile_report.{md,json}``.
+``<workdir>/compile_report.{md,json}`` (and the optimized per-chip HLO to ``step.hlo.txt``).
 
 Exit status: 0 when the run finished, ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) when a SIGTERM stopped
 training after saving a checkpoint of the current step: run the same command again to resume
@@ -98,9 +98,10 @@ def compile_mode(config, workdir: str) -> None:
 
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
-        report = aot.compile_check(config, _TOPOLOGY.value, _NUM_SLICES.value)
-    except aot.DoesNotFitError as e:
         os.makedirs(workdir, exist_ok=True)
+        hlo_path = os.path.join(workdir, "step.hlo.txt")
+        report = aot.compile_check(config, _TOPOLOGY.value, _NUM_SLICES.value, hlo_path)
+    except aot.DoesNotFitError as e:
         with open(os.path.join(workdir, "compile_report.json"), "w") as f:
             json.dump({"config": name, "fits": False, "error": str(e)}, f, indent=1)
         raise SystemExit(f"error: {e}") from None

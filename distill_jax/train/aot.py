@@ -10,7 +10,9 @@ checkpoint's config.json / GGUF metadata), then lowers the step that ``train`` r
 remat) on a mesh of compile-only devices of the topology (``topologies``), and compiles it with
 the TPU compiler (libtpu). A cross-tokenizer teacher gets word-start masks of the right shapes
 (constants of the step; see ``loop.build_teacher``); batch shapes come from ``data.seq_len``,
-``bridge.teacher_len`` and ``data.global_batch_size``.
+``bridge.teacher_len`` and ``data.global_batch_size``. With no tokenizer read, the step has no
+vocabulary mask: when a tokenizer has fewer ids than the model has rows, the trainer's program
+differs by one [V] select.
 
 The report (``report_markdown``; DIR/compile_report.md and .json), all per chip:
 
@@ -22,7 +24,7 @@ The report (``report_markdown``; DIR/compile_report.md and .json), all per chip:
   weights a token multiplies by, plus causal attention) and XLA's ``cost_analysis`` flops, which
   count a while loop's body once;
 * collectives by kind from the optimized HLO (``train/hlo.py``: loop bodies times their trip
-  counts);
+  counts), the heaviest with the JAX operation behind each, and the largest temporaries;
 * a roofline estimate: step time = max(compute, HBM traffic, ICI traffic) at the chip's published
   peaks (``topologies.CHIPS``) and the MFU it implies.
 
@@ -225,13 +227,16 @@ def model_flops(facts: dict) -> dict[str, float]:
 # ------------------------------------------------------------------------------ compile
 
 
-def compile_check(c, topology: str | None = None, num_slices: int | None = None) -> dict:
+def compile_check(
+    c, topology: str | None = None, num_slices: int | None = None, hlo_path: str | None = None
+) -> dict:
     """Compile ``c``'s train step for a topology and return the report (``report_markdown``).
 
     Args:
         c: the experiment config (``topology`` / ``num_slices`` keys are the defaults).
         topology: e.g. "v5p-128" (``topologies.parse``).
         num_slices: slices over DCN (multislice).
+        hlo_path: where to write the optimized HLO text (per chip), if anywhere.
 
     Raises:
         DoesNotFitError: the arguments alone, or the compiled program, exceed a chip's HBM.
@@ -261,6 +266,9 @@ def compile_check(c, topology: str | None = None, num_slices: int | None = None)
         raise DoesNotFitError(message) from None
     t2 = time.perf_counter()
     text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
     report = _report(c, topo, mesh, facts, categories, compiled, text)
     report["seconds"] = {"lower": t1 - t0, "compile": t2 - t1}
     if report["memory"]["total"] > hbm:
@@ -309,6 +317,7 @@ def _report(c, topo, mesh, facts, categories, compiled, text) -> dict:
     }
     step_s = max(times.values())
     b, length = facts["shape"]
+    heavy = sorted(ops, key=lambda op: -op.bytes * op.count)[:5]
     return {
         "topology": topo.describe(),
         "chip": topo.chip.generation,
@@ -329,6 +338,14 @@ def _report(c, topo, mesh, facts, categories, compiled, text) -> dict:
         },
         "collectives": collective,
         "unknown_trip_counts": unknown,
+        "top_collectives": [
+            {"kind": op.kind, "bytes": op.bytes, "count": op.count, "op_name": op.op_name}
+            for op in heavy
+        ],
+        "largest_buffers": [
+            {"bytes": b, "shape": shape, "op_name": name}
+            for b, shape, name in hlo.largest_buffers(text, 5)
+        ],
         "roofline_seconds": {**times, "step": step_s},
         "mfu": flops["total"] / n / (step_s * chip.bf16_flops) if step_s else 0.0,
         "tokens_per_second": b * length / step_s if step_s else 0.0,
@@ -451,10 +468,21 @@ def report_markdown(report: dict, config_name: str = "") -> str:
     ]
     for kind, v in report["collectives"].items():
         lines.append(f"| {kind} | {v['ops']} | {v['bytes'] / GiB:.3f} | {v['traffic'] / GiB:.3f} |")
+    for op in report.get("top_collectives", [])[:3]:
+        total = op["bytes"] * op["count"]
+        lines.append(
+            f"| largest: {op['kind']} {op['bytes'] / GiB:.3f} GiB x {op['count']} from "
+            f"`{_short(op['op_name'])}` | | {total / GiB:.3f} | |"
+        )
     if report["unknown_trip_counts"]:
         lines.append(
             f"| loops of unknown trip count (counted once) | "
             f"{len(report['unknown_trip_counts'])} | | |"
+        )
+    lines += ["", "| largest temporaries per chip | GiB |", "|---|---:|"]
+    for buf in report.get("largest_buffers", [])[:3]:
+        lines.append(
+            f"| {buf['shape']} from `{_short(buf['op_name'])}` | {buf['bytes'] / GiB:.3f} |"
         )
     lines += [
         "",
@@ -469,6 +497,12 @@ def report_markdown(report: dict, config_name: str = "") -> str:
         f"| tokens per second (whole topology) | {report['tokens_per_second']:,.0f} |",
     ]
     return "\n".join(lines)
+
+
+def _short(op_name: str, keep: int = 70) -> str:
+    """An HLO op_name without the jit/while/closed_call wrappers, at most ``keep`` characters."""
+    name = re.sub(r"(jit\(\w+\)|while|body|closed_call|cond|checkpoint)/", "", op_name or "?")
+    return name if len(name) <= keep else "..." + name[-keep:]
 
 
 _ARGUMENT_CATEGORIES = (

@@ -12,6 +12,11 @@ is a per-chip shape. What this module reads from it (``train/aot.py`` reports it
 * ``largest_buffers(text)``: the biggest values the program computes (temporaries), with the JAX
   operation that made each, for a message that says what did not fit.
 
+TPU's asynchronous collective fusions repeat one collective (the same ``channel_id``) in its
+start fusion, in continuation fusions that overlap it with compute (often inside a windowed
+einsum loop) and in its done fusion: such copies are counted once, at the executions of the
+least repeated copy (the start's).
+
 Bytes of one collective: the larger of its operands and its result, i.e. the full buffer each
 chip ends with (all-gather) or starts from (reduce-scatter); for the asynchronous ``*-start`` /
 ``*-done`` pairs, the operands of the start and the result of the done. Link traffic per chip
@@ -98,9 +103,7 @@ def _split_instruction(rhs: str) -> tuple[str, str, str, str] | None:
         depth += ch in "({["
         depth -= ch in ")}]"
         i += 1
-        if depth == 0 and (ch in ")}" or rhs[i : i + 1] == " "):
-            if ch == "]" and rhs[i : i + 1] == "{":
-                continue
+        if depth == 0 and (ch in ")}" or rhs[i : i + 1] == " "):  # "f32[2]{0}", "(...)", "s32[]"
             break
     shape, rest = rhs[:i].strip(), rhs[i:].lstrip()
     m = re.match(r"([\w\-.]+)\(", rest)
@@ -256,7 +259,7 @@ def collectives(text: str, num_devices: int = 1) -> tuple[list[Collective], list
         for i in insts
         if i.opcode.endswith("-done") and i.operands
     }
-    out = []
+    out: dict[tuple[str, str], Collective] = {}
     for name, insts in computations.items():
         if not counts.get(name):
             continue
@@ -264,6 +267,10 @@ def collectives(text: str, num_devices: int = 1) -> tuple[list[Collective], list
             kind = inst.opcode.removesuffix("-start")
             if kind not in KINDS:
                 continue
+            channel = re.search(r"\bchannel_id=(\d+)", inst.attributes)
+            key = (kind, channel.group(1) if channel else inst.name)
+            if key in out and out[key].count <= counts[name]:
+                continue  # a copy of an asynchronous collective (see the module docstring)
             result = inst.shape
             if inst.opcode.endswith("-start"):
                 result = done[inst.name].shape if inst.name in done else ""
@@ -271,8 +278,8 @@ def collectives(text: str, num_devices: int = 1) -> tuple[list[Collective], list
             size = max(shape_bytes(result), operand)
             n = group_size(inst.attributes, num_devices)
             op_name = _op_name(inst.attributes)
-            out.append(Collective(kind, inst.name, size, n, counts[name], op_name))
-    return out, unknown
+            out[key] = Collective(kind, inst.name, size, n, counts[name], op_name)
+    return list(out.values()), unknown
 
 
 def bytes_by_kind(ops: list[Collective]) -> dict[str, dict[str, float]]:

@@ -82,6 +82,8 @@ def test_reduced_pod_config_report_tables(llama_report, tmp_path):
     assert 0 < report["mfu"] < 1 and report["roofline_seconds"]["step"] > 0
     text = aot.write_report(report, str(tmp_path), "llama:reduced")
     assert "| student parameters |" in text and "| all-gather |" in text
+    assert "| largest: " in text and "| largest temporaries per chip |" in text
+    assert report["top_collectives"][0]["op_name"].startswith("jit(step)")
     assert "MFU" in text and "XLA argument_size_in_bytes" in text
     saved = json.loads((tmp_path / "compile_report.json").read_text())
     assert saved["memory"]["total"] == report["memory"]["total"]
@@ -150,6 +152,27 @@ HLO = "\n".join(
         "  ROOT %a2a = f32[4,32]{1,0:T(8,128)} all-to-all(%q), replica_groups={}, dimensions={0}",
         "}",
         "",
+        "%async_start (s0: f32[16,32]) -> (f32[16,32], f32[64,32]) {",
+        "  %s0 = f32[16,32]{1,0} parameter(0)",
+        "  %g1 = f32[64,32]{1,0} all-gather(%s0), channel_id=7, replica_groups=[2,4]<=[8], "
+        "dimensions={0}",
+        "  ROOT %st = (f32[16,32]{1,0}, f32[64,32]{1,0}) custom-call(%g1), "
+        'custom_call_target="AsyncCollectiveStart"',
+        "}",
+        "",
+        "%async_continue (s1: f32[16,32]) -> f32[64,32] {",
+        "  %s1 = f32[16,32]{1,0} parameter(0)",
+        "  ROOT %g2 = f32[64,32]{1,0} all-gather(%s1), channel_id=7, replica_groups=[2,4]<=[8], "
+        "dimensions={0}",
+        "}",
+        "",
+        "%async_done (s2: f32[16,32]) -> f32[64,32] {",
+        "  %s2 = f32[16,32]{1,0} parameter(0)",
+        "  %g3 = f32[64,32]{1,0} all-gather(%s2), channel_id=7, replica_groups=[2,4]<=[8], "
+        "dimensions={0}",
+        '  ROOT %dn = f32[64,32]{1,0} custom-call(%g3), custom_call_target="AsyncCollectiveDone"',
+        "}",
+        "",
         "%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {",
         "  %p = (s32[], f32[8,128]{1,0}) parameter(0)",
         "  %i = s32[] get-tuple-element(%p), index=0",
@@ -158,6 +181,8 @@ HLO = "\n".join(
         "replica_groups=mesh['x'=2,'y'=4] {'y'}, to_apply=%add",
         "  %ar-done = f32[8,128]{1,0} all-reduce-done(%ar-start)",
         "  %called = f32[4,32]{1,0} call(%ar-done), to_apply=%exchange",
+        "  %s16 = f32[16,32]{1,0} slice(%v), slice={[0:8], [0:32]}",
+        "  %cont = f32[64,32]{1,0} fusion(%s16), kind=kCustom, calls=%async_continue",
         "  %one = s32[] constant(1)",
         "  %next = s32[] add(%i, %one)",
         "  ROOT %out = (s32[], f32[8,128]{1,0}) tuple(%next, %ar-done)",
@@ -199,6 +224,10 @@ HLO = "\n".join(
         "  %v0 = f32[8,128]{1,0} parameter(2)",
         "  %w0 = bf16[16,64]{1,0} parameter(3)",
         "  %zero = s32[] constant(0)",
+        "  %a16 = f32[16,32]{1,0} slice(%b), slice={[0:16], [0:32]}",
+        "  %acs = (f32[16,32]{1,0}, f32[64,32]{1,0}) fusion(%a16), kind=kCustom, "
+        "calls=%async_start",
+        "  %acd = f32[64,32]{1,0} fusion(%a16), kind=kCustom, calls=%async_done",
         "  %ag = bf16[4096,512]{1,0:T(8,128)(2,1)} all-gather(%a), "
         "replica_groups=[2,4]<=[8], dimensions={0}",
         "  %rs = f32[256,128]{1,0} reduce-scatter(%b), "
@@ -220,8 +249,11 @@ def test_collective_parser_on_a_hand_written_module():
     ops, unknown = hlo.collectives(HLO, num_devices=8)
     assert unknown == ["loop3"]  # an opaque condition: counted once, and said so
     by = hlo.bytes_by_kind(ops)
-    # all-gather: the gathered bf16[4096,512] (4 MiB), groups of 4 ([2,4]<=[8]), once.
-    assert by["all-gather"] == {"bytes": 4 * MiB, "traffic": 3 * MiB, "ops": 1}
+    # all-gather: the gathered bf16[4096,512] (4 MiB), groups of 4 ([2,4]<=[8]), once; and one
+    # asynchronous f32[64,32] (8 KiB) whose start, continuation (in the loop body: 5 copies)
+    # and done fusions repeat it with channel_id=7: counted once.
+    ag = {"bytes": 4 * MiB + 8192, "traffic": 3 * MiB + 6144, "ops": 2}
+    assert by["all-gather"] == ag
     # reduce-scatter: its f32[1024,128] operand (512 KiB), groups of 4, once.
     assert by["reduce-scatter"] == {"bytes": 512 * 1024, "traffic": 384 * 1024, "ops": 1}
     # all-reduce f32[8,128] (4 KiB) over 'y' (4 chips) in a loop of known_trip_count 5 (not the
