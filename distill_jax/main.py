@@ -9,14 +9,21 @@ r"""Command line: ``python -m distill_jax.main --config=configs/<name>.py --work
 pod, where ``jax.distributed.initialize()`` finds its peers itself with ``--distributed``).
 ``launch/`` starts this entry point on N local processes, a Cloud TPU pod or a SLURM allocation.
 
+``--mode=compile --topology=v5p-128 [--num_slices=2]`` compiles the train step for a TPU
+topology on this machine (libtpu, no TPU, no weights or data; ``train/aot.py``), prints the
+per-chip memory / FLOPs / collectives / roofline table and writes it to
+``<workdir>/compile_report.{md,json}`` (and the optimized per-chip HLO to ``step.hlo.txt``).
+
 Exit status: 0 when the run finished, ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) when a SIGTERM stopped
 training after saving a checkpoint of the current step: run the same command again to resume
-(the launchers requeue / restart on it).
+(the launchers requeue / restart on it). ``--mode=compile`` exits with 1 and one message when the
+step does not fit in the chips' memory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,11 +37,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and export
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "cache", "eval_gsm", "eval_speculative", "seqkd"],
+    ["train", "cache", "eval_gsm", "eval_speculative", "seqkd", "compile"],
     "train; cache: write teacher.cache_dir (an offline teacher); eval_gsm: pass@k on held-out "
     "GSM-style problems; eval_speculative: the student as a speculative draft for the teacher; "
-    "seqkd: write a verified sequence-level KD dataset (distill_jax/eval/run.py).",
+    "seqkd: write a verified sequence-level KD dataset (distill_jax/eval/run.py); compile: "
+    "compile the train step for --topology and report memory, FLOPs and collectives per chip.",
 )
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "--mode=compile: e.g. v5p-128, v5e-64, v6e-64, v4-32, v5e:4x4."
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", None, "--mode=compile: slices (multislice).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -55,6 +67,8 @@ def main(argv):
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
+    if _MODE.value == "compile":
+        return compile_mode(_CONFIG.value, _WORKDIR.value)
     from distill_jax.train import loop
 
     if _MODE.value == "cache":
@@ -72,6 +86,26 @@ def main(argv):
             print(loop.before_after_table(_WORKDIR.value))
     if "stopped_at" in result.get("eval", {}):
         raise SystemExit(EXIT_PREEMPTED)
+
+
+def compile_mode(config, workdir: str) -> None:
+    """``--mode=compile``: print the report, or exit 1 with the message when it does not fit."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # the devices come from libtpu's topology; no
+        jax.config.update("jax_platforms", "cpu")  # local accelerator is used (or grabbed)
+    from distill_jax.train import aot
+
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        hlo_path = os.path.join(workdir, "step.hlo.txt")
+        report = aot.compile_check(config, _TOPOLOGY.value, _NUM_SLICES.value, hlo_path)
+    except aot.DoesNotFitError as e:
+        with open(os.path.join(workdir, "compile_report.json"), "w") as f:
+            json.dump({"config": name, "fits": False, "error": str(e)}, f, indent=1)
+        raise SystemExit(f"error: {e}") from None
+    print(aot.write_report(report, workdir, name))
 
 
 if __name__ == "__main__":

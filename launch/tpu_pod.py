@@ -25,7 +25,10 @@ Steps (``--dry_run`` prints each command exactly as it would run, then exits):
    replaces one that is preempted.
 
 Before anything is created the config is loaded as main.py will load it and checked against the
-slice (mesh over its devices, the global batch over its hosts and batch shards).
+slice (mesh over its devices, the global batch over its hosts and batch shards). With ``--check``
+the train step is also compiled here for the slice's topology (``python -m distill_jax.main
+--mode=compile --topology=<accelerator type>``: libtpu, no TPU, no weights) and nothing is created
+if it does not fit in the chips' memory; the report goes to ``--check_dir``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ RESTARTS = flags.DEFINE_integer("restarts", 3, "Recreate/rerun at most this many
 DELETE = flags.DEFINE_bool("delete_when_done", False, "Delete the slice after a finished run.")
 EXTRAS = flags.DEFINE_list("extras", ["gcs"], "setup.py extras for the workers (data: seqio, GSM).")
 WHEEL_DIR = flags.DEFINE_string("wheel_dir", "dist", "Where the wheel of this checkout is built.")
+CHECK = flags.DEFINE_bool(
+    "check", False, "Compile the train step for this slice here first; stop if it does not fit."
+)
+CHECK_DIR = flags.DEFINE_string("check_dir", "compile_check", "--check: where its report goes.")
 flags.mark_flags_as_required(["name", "zone", "accelerator_type"])
 
 REMOTE_DIR = "distill_jax_run"  # in the worker's home, where `tpu-vm ssh --command` starts
@@ -172,11 +179,18 @@ def train_command(config_args: list[str], workdir: str) -> str:
     return f"cd {REMOTE_DIR} && {common.join(cmd)}"
 
 
+def compile_check(config_args: list[str], s: Slice) -> list[str]:
+    """``--mode=compile`` of the config for the slice's topology, run on this machine."""
+    topology = [f"--topology={s.accelerator_type}", "--mode=compile"]
+    return common.main_command(config_args, CHECK_DIR.value, *topology, python=sys.executable)
+
+
 def plan(config_args, workdir, s: Slice, wheel: str) -> list[tuple[str, list[str]]]:
     """(comment, command) in order; the executor runs exactly these."""
     config_path = str(common.config_file(config_args))
     wheel_name = wheel.rsplit("/", 1)[-1]
-    return [
+    check = [("check", compile_check(config_args, s))] if CHECK.value else []
+    return check + [
         ("create", create(s)),
         ("state", state()),
         ("wheel", build_wheel(wheel.rsplit("/", 1)[0])),
@@ -189,6 +203,8 @@ def plan(config_args, workdir, s: Slice, wheel: str) -> list[tuple[str, list[str
 
 
 COMMENTS = {
+    "check": "0. compile the train step for this slice here (libtpu, no TPU); stop if it does "
+    "not fit",
     "create": "1. create the slice",
     "state": "   poll every 30 s until it prints ACTIVE/READY",
     "wheel": "2. this checkout as a wheel (pinned requirements), copied with the config",
@@ -274,6 +290,11 @@ def main(argv):
     if common.DRY_RUN.value:
         print_plan(steps, s, workdir)
         return 0
+    if CHECK.value:
+        print("+", common.join(dict(steps)["check"]), flush=True)
+        code = subprocess.run(dict(steps)["check"]).returncode
+        if code:
+            sys.exit(f"error: the compile check failed ({code}); nothing was created.")
     subprocess.run(dict(steps)["wheel"], check=True)
     return execute(dict(steps))
 

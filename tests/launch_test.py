@@ -144,6 +144,21 @@ def test_tpu_pod_dry_run(queued):
     assert "--format=value(state.state)" in out or "--format=value(state)" in out
 
 
+def test_tpu_pod_dry_run_with_compile_check():
+    args = ["--name=kd-pod", "--zone=us-west4-a", "--accelerator_type=v5p-128"]
+    args += [f"--config={SMOL}", "--workdir=gs://bucket/kd", "--check", "--dry_run"]
+    out = _launch("tpu_pod.py", *args, "--config.data.global_batch_size=64").stdout
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)
+    lines = [ln for ln in out.splitlines() if ln and not ln.startswith("# v5p")]
+    assert lines[0].startswith("# 0. compile the train step for this slice here")
+    check = shlex.split(lines[1])  # before anything is created
+    assert check[:3] == [sys.executable, "-m", "distill_jax.main"]
+    fv = _main_flags(check[3:])
+    assert fv.mode == "compile" and fv.topology == "v5p-128" and fv.workdir == "compile_check"
+    assert fv.config.data.global_batch_size == 64
+    assert lines[2].startswith("# 1. create the slice")
+
+
 @pytest.mark.parametrize(
     "accelerator,devices,hosts",
     # Cloud TPU docs: v5e/v6e count chips (multi-host slices: 4 chips per host, up to 8 on one

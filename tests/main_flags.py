@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from distill_jax import main as entry  # noqa: F401  (defines main.py's flags on flags.FLAGS)
 
 MAIN_FLAGS = {"config", "workdir", "mode", "coordinator_address", "num_processes", "process_id"}
-MAIN_FLAGS |= {"distributed"}
+MAIN_FLAGS |= {"distributed", "topology", "num_slices"}
 
 
 def parse_main_flags(argv: list[str], config_dir: str = ""):
@@ -22,9 +22,9 @@ def parse_main_flags(argv: list[str], config_dir: str = ""):
     config_flags.DEFINE_config_file(
         "config", None, "", flag_values=fv, lock_config=True, sys_argv=["main", *argv]
     )
-    for name in ("workdir", "mode", "coordinator_address"):
+    for name in ("workdir", "mode", "coordinator_address", "topology"):
         flags.DEFINE_string(name, None, "", flag_values=fv)
-    for name in ("num_processes", "process_id"):
+    for name in ("num_processes", "process_id", "num_slices"):
         flags.DEFINE_integer(name, None, "", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "", flag_values=fv)
     fv(["main", *argv])

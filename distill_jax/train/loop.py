@@ -29,11 +29,14 @@ checkpoints there through tensorstore, metrics and the export go through ``etils
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,7 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
 from distill_jax import bridges, sharding, teachers
@@ -55,7 +59,7 @@ from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
 from distill_jax.models import scan as scan_lib
-from distill_jax.models.convert import _assets, from_pretrained, save_pretrained
+from distill_jax.models.convert import _assets, from_pretrained, hf, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
@@ -91,51 +95,132 @@ def resolve_path(init: str, what: str) -> str:
     return init
 
 
-# ModelConfig fields a config block may set on a loaded model: how it computes, not what.
-EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "moe_capacity_factor")
+# Block keys applied over the architecture (config dict or checkpoint): numerics and execution.
+MODEL_OVERRIDES = (
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "moe_impl",
+    "moe_capacity_factor",
+    "scan_layers",
+)
 
 
-def build_model(c: Any, what: str, seed: int) -> Transformer:
-    """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
-    optional ``keep_layers`` (depth pruning), ``dtype`` / ``param_dtype`` (e.g. bfloat16 compute
-    with float32 master weights), ``attention_impl`` / ``moe_impl`` (kernels) and
-    ``scan_layers`` (stacked blocks run by ``lax.scan``)."""
+def model_config_from_block(c: Any, what: str) -> model_config.ModelConfig:
+    """The architecture a config block builds, without reading any weights, then the block's
+    ``MODEL_OVERRIDES`` (dtypes, kernels): the ``init`` checkpoint's config.json (HF directory)
+    or GGUF metadata when that checkpoint is here, else ``config`` (a dict with a family and
+    sizes: what init="random" builds, and what a pod config compiles without its weights)."""
     c = dict(c)
-    dtypes = {k: c[k] for k in EXECUTION_FIELDS if c.get(k) is not None}
+    overrides = {k: c[k] for k in MODEL_OVERRIDES if c.get(k) is not None}
+    arch, init = dict(c.get("config") or {}), c.get("init", "random")
+    here = init.startswith("asset:") or os.path.exists(init)
+    if init != "random" and (here or not arch):
+        return hf.config_from_hf(read_checkpoint_config(resolve_path(init, what)), **overrides)
+    if "family" not in arch:
+        raise ValueError(f"{what}: init='random' needs {what}.config with a family and sizes.")
+    return model_config.make_config(**{**arch, **overrides})
+
+
+def read_checkpoint_config(path: str) -> dict:
+    """A checkpoint's HF config.json dict without loading tensors: the file of an HF directory,
+    or a ``.gguf``'s metadata (its tensors are memory-mapped, only their shapes are read)."""
+    if not path.endswith(".gguf"):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    import gguf as gguf_lib
+
+    from distill_jax.models.convert import gguf
+
+    reader = gguf_lib.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: gguf._numpy_shape(t) for name, t in tensors.items()}
+    freqs = tensors.get("rope_freqs.weight")  # [H / 2]: the Llama-3 RoPE factors
+    freqs = gguf._dequantize(freqs) if freqs is not None else None
+    return gguf._hf_config(gguf._read_metadata(reader), shapes, freqs)
+
+
+def build_model(c: Any, what: str, seed: int, *, abstract: bool = False) -> Transformer:
+    """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
+    optional ``keep_layers`` (depth pruning) and ``MODEL_OVERRIDES``: ``dtype`` / ``param_dtype``
+    (e.g. bfloat16 compute over float32 master weights), ``attention_impl`` / ``moe_impl``
+    (kernels) and ``scan_layers`` (stacked blocks run by ``lax.scan``).
+
+    With ``abstract`` (``--mode=compile``): the same module built by ``nnx.eval_shape``, its
+    parameters ``jax.ShapeDtypeStruct``s, from ``model_config_from_block`` (no weights read).
+    """
+    c = dict(c)
+    keep, scan = c.get("keep_layers"), bool(c.get("scan_layers"))
+    if abstract:
+        config = model_config_from_block(c, what)
+
+        def make():
+            if keep is None:
+                return Transformer(config, rngs=nnx.Rngs(seed))
+            model = Transformer(config.replace(scan_layers=False), rngs=nnx.Rngs(seed))
+            model = drop_layers(model, keep)
+            return to_scanned(model) if scan else model
+
+        return nnx.eval_shape(make)
+    # Loaded and depth-pruned per layer, then stacked (``scan_layers``).
+    overrides = {k: c[k] for k in MODEL_OVERRIDES if c.get(k) is not None and k != "scan_layers"}
     init = c.get("init", "random")
     if init == "random":
-        arch = dict(c.get("config") or {})
-        if "family" not in arch:
-            raise ValueError(f"{what}: init='random' needs {what}.config with a family and sizes.")
-        model = Transformer(model_config.make_config(**{**arch, **dtypes}), rngs=nnx.Rngs(seed))
+        config = model_config_from_block(c, what).replace(scan_layers=False)
+        model = Transformer(config, rngs=nnx.Rngs(seed))
     else:
-        model = from_pretrained(resolve_path(init, what), **dtypes)
-    if c.get("keep_layers") is not None:
-        model = drop_layers(model, c["keep_layers"])
-    return to_scanned(model) if c.get("scan_layers") else model
+        model = from_pretrained(resolve_path(init, what), **overrides)
+    if keep is not None:
+        model = drop_layers(model, keep)
+    return to_scanned(model) if scan else model
 
 
 def build_teacher(
-    c: Any, student: Transformer, seed: int, data_settings: dict, tokenizer, bridge=None
+    c: Any,
+    student: Transformer,
+    seed: int,
+    data_settings: dict,
+    tokenizer,
+    bridge=None,
+    *,
+    abstract: bool = False,
 ):
     """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms);
-    with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer."""
+    with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer.
+
+    With ``abstract`` (``--mode=compile``): models from ``build_model(..., abstract=True)`` and,
+    for a bridge (``bridge`` then only needs to be non-None, e.g. ``config.bridge``), word-start
+    masks of the right shapes but no tokenizer. They are constants of the step, so their values
+    do not change the program's shapes, collectives or memory; they are drawn at random rather
+    than left all False so that XLA cannot fold the boundary terms away.
+    """
     kind = c.get("kind", "online")
     if kind not in TEACHER_KINDS:
         raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
+    if abstract and kind == "cached":
+        raise ValueError(
+            "--mode=compile cannot build teacher.kind='cached' (its batch comes from a cache "
+            "directory); compile the online teacher that writes the cache instead."
+        )
     if kind == "online" and bridge is not None:
-        model = build_model(c, "teacher", seed + 1)
+        model = build_model(c, "teacher", seed + 1, abstract=abstract)
         t_vocab, s_vocab = model.config.vocab_size, student.config.vocab_size
+        if abstract:
+            rng = np.random.default_rng(0)
+            t_mask, s_mask = rng.random(t_vocab) < 0.5, rng.random(s_vocab) < 0.5
+        else:
+            t_mask = bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab)
+            s_mask = bridges.boundary_vocab_mask(tokenizer, s_vocab)
         return teachers.CrossTokenizerTeacher(
             model,
-            teacher_boundary_mask=bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab),
-            student_boundary_mask=bridges.boundary_vocab_mask(tokenizer, s_vocab),
+            teacher_boundary_mask=t_mask,
+            student_boundary_mask=s_mask,
             chunk_size=c.get("logprob_chunk_size", 32),
         )
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
     if kind == "online":
-        return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1))
+        return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1, abstract=abstract))
     if kind == "ema":
         return teachers.EMATeacher(student, decay=c.get("decay", 0.999))
     if kind == "self":
@@ -148,7 +233,8 @@ def build_teacher(
         )
     if kind in ("ensemble", "composite"):
         models = [
-            build_model(m, f"teacher.models[{i}]", seed + 1 + i) for i, m in enumerate(c.models)
+            build_model(m, f"teacher.models[{i}]", seed + 1 + i, abstract=abstract)
+            for i, m in enumerate(c.models)
         ]
         if kind == "ensemble":
             return teachers.EnsembleTeacher(models, c.get("weights"))
@@ -371,9 +457,11 @@ def build_cache(config) -> teacher_cache.TeacherCache:
 # ------------------------------------------------------------------------------- the run
 
 
-def _batch_shardings(mesh, rules, cached: bool, bridge: bool = False) -> dict:
+def _batch_shardings(
+    mesh, rules, cached: bool, bridge: bool = False, privileged: bool = False
+) -> dict:
     """Batch fields [B, L] (and a cached teacher's [B, L, K] / [B, L], a bridge's teacher
-    tokens and chunk ids) sharded over batch."""
+    tokens and chunk ids, a self-teacher's privileged prompts [B, K, L]) sharded over batch."""
     fields = step_lib.BATCH_FIELDS
     if bridge:
         fields += (
@@ -386,6 +474,9 @@ def _batch_shardings(mesh, rules, cached: bool, bridge: bool = False) -> dict:
         for k in teachers.CachedTeacher.FIELDS:
             extra = (None,) if k in ("ids", "logprobs") else ()
             out[f"teacher/{k}"] = sharding.named_sharding(mesh, ("batch", "length", *extra), rules)
+    if privileged:  # the teacher's view under K privileged prompts
+        for k in teachers.SelfTeacher.FIELDS:
+            out[k] = sharding.named_sharding(mesh, ("batch", None, "length"), rules)
     return out
 
 
@@ -451,6 +542,8 @@ def _local_rows(*arrays) -> list[np.ndarray]:
 
 
 def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
+    """The [V] mask of the student's vocabulary rows the tokenizer uses (None: all of them);
+    ``tokenizer`` None (``--mode=compile``) checks the teacher's vocabulary only."""
     v = student.config.vocab_size
     if teacher is not None and teacher.vocab_size != v:
         raise ValueError(
@@ -458,6 +551,8 @@ def _check_vocab(student, teacher, tokenizer) -> jax.Array | None:
             "and no bridge is configured; use a teacher with the student's tokenizer or a "
             "cross-tokenizer bridge (distill_jax.bridges)."
         )
+    if tokenizer is None:
+        return None
     if tokenizer.vocab_size > v:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the student's vocabulary only {v}."
@@ -590,6 +685,199 @@ def _export(model, workdir: str) -> None:
             epath.Path(tmp, name).copy(dest / name, overwrite=True)
 
 
+# ------------------------------------------------------------------------------ the step
+# What ``train`` runs and ``--mode=compile`` (train/aot.py) compiles for a TPU topology: one
+# builder, so the two cannot drift apart.
+
+
+def loss_spec(c) -> compose.LossSpec:
+    """``config.losses`` as a LossSpec (unknown terms fail here, before anything is loaded)."""
+    options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
+    return compose.LossSpec.from_config(c.losses, options)
+
+
+def step_shape(c) -> tuple[int, int]:
+    """[B, L] of a step's token batch: prompt + completion on-policy, else data.seq_len."""
+    onpolicy = check_onpolicy(c)
+    if onpolicy is not None:
+        return (c.data.global_batch_size, onpolicy.prompt_len + onpolicy.max_new_tokens)
+    return (c.data.global_batch_size, c.data.seq_len)
+
+
+def build_mesh(c, devices=None) -> Mesh:
+    """``config.mesh`` over ``devices`` (default: all), checked by ``sharding.make_mesh``.
+
+    On TPUs the devices are laid out by their physical topology (``mesh_utils``). Across slices
+    (multislice: devices of several ``slice_index``), the ``config.dcn_mesh`` axes (default
+    ``(("data", <number of slices>),)``) span the slices over the data-center network and the
+    rest of each axis stays inside a slice, on ICI.
+    """
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in c.mesh), devices)
+    flat = list(mesh.devices.flat)
+    if flat[0].platform != "tpu":
+        return mesh
+    names, sizes = mesh.axis_names, [int(n) for n in mesh.devices.shape]
+    slices = len({getattr(d, "slice_index", 0) for d in flat})
+    if slices > 1:
+        dcn = dict(c.get("dcn_mesh") or (("data", slices),))
+        dcn_sizes = [int(dcn.get(n, 1)) for n in names]
+        if math.prod(dcn_sizes) != slices or any(s % d for s, d in zip(sizes, dcn_sizes)):
+            raise ValueError(
+                f"config.mesh={dict(zip(names, sizes))} on {slices} slices: the axes across "
+                f"slices ({dcn}) must multiply to {slices} and divide those mesh axes; make the "
+                f"data axis a multiple of {slices} or set config.dcn_mesh."
+            )
+        ici = [s // d for s, d in zip(sizes, dcn_sizes)]
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn_sizes, flat, allow_split_physical_axes=True
+        )
+    else:
+        grid = mesh_utils.create_device_mesh(sizes, flat, allow_split_physical_axes=True)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+class _InMesh:
+    """A jitted step that is traced (called or lowered) inside ``sharding.use_mesh``: the
+    activations' ``shard()`` constraints apply and kernels are picked by the mesh's platform
+    (``sharding.current_platform``), both in the trainer and in ``--mode=compile``."""
+
+    def __init__(self, jitted, mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+@dataclasses.dataclass
+class StepBuild:
+    """The train step of a config and everything it is compiled against (``build_step``)."""
+
+    tx: Any  # optax transformation over state.params
+    schedule: Any  # learning rate by step
+    state: Any  # TrainState: arrays on the mesh, or ShapeDtypeStructs with shardings
+    state_sharding: Any
+    teacher_params: Any  # on the mesh / ShapeDtypeStructs with shardings / None
+    teacher_sharding: Any
+    batch_shardings: dict  # field -> NamedSharding
+    graphdef: Any  # the student's
+    jitted: Any  # step(state, teacher_params, batch) -> (state, metrics); state donated
+    compile_for: Callable  # (student config, state or shapes) -> (graphdef, shardings, jitted)
+
+
+def build_step(
+    c,
+    *,
+    mesh,
+    rules,
+    spec: compose.LossSpec,
+    student,
+    teacher,
+    vocab_mask,
+    tokens_per_step: int,
+    privileged: bool = False,
+    abstract: bool = False,
+) -> StepBuild:
+    """Optimizer, initial state, shardings and the jitted step of config ``c``.
+
+    Args:
+        mesh, rules: from ``build_mesh`` and ``config.rules``.
+        spec: ``loss_spec(c)``.
+        student, teacher: from ``build_model`` / ``build_teacher`` (abstract ones in compile
+            mode).
+        vocab_mask: [V] bool or None (``_check_vocab``).
+        tokens_per_step: B x L, for token-denominated warmup.
+        privileged: batches carry a self-teacher's privileged prompts.
+        abstract: the state and teacher parameters as ``jax.ShapeDtypeStruct``s with their
+            shardings (``jax.eval_shape`` of the same initialisation), for ``jitted.lower``;
+            otherwise real arrays placed on the mesh.
+    """
+    seed = int(c.get("seed", 0))
+    tx, schedule = state_lib.make_optimizer(c.optimizer, c.train.steps, tokens_per_step)
+    _, student_params = teachers.split_model(student)
+    t_config = getattr(teacher, "config", None)
+
+    def init_state(student_params):
+        loss_params = compose.init_params(
+            spec,
+            jax.random.key(seed + 7),
+            student.config.hidden_size,
+            getattr(t_config, "hidden_size", student.config.hidden_size),
+            num_layers=(
+                student.config.num_layers,
+                getattr(t_config, "num_layers", student.config.num_layers),
+            ),
+        )
+        params = {"student": student_params, "loss": loss_params}
+        return state_lib.create(
+            params,
+            tx,
+            compose.init_state(spec),
+            seed=seed,
+            ema=teacher is not None and teacher.kind == "ema",
+        )
+
+    state = jax.eval_shape(init_state, student_params) if abstract else init_state(student_params)
+    place = _abstract_on if abstract else jax.device_put
+    teacher_params = teacher.params() if teacher is not None else None
+    teacher_sharding = None
+    if teacher_params is not None:  # the teacher may have its own rules (e.g. plain FSDP)
+        teacher_rules = tuple(tuple(r) for r in c.teacher.get("rules", rules))
+        teacher_sharding = teacher.shardings(mesh, teacher_rules)
+        teacher_params = place(teacher_params, teacher_sharding)
+    cached = teacher is not None and teacher.kind == "cached"
+    batch_shardings = _batch_shardings(mesh, rules, cached, bool(c.get("bridge")), privileged)
+
+    def compile_for(student_config, state_like):
+        """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
+        state (or its shapes) ``state_like``."""
+        abstract_model = nnx.eval_shape(lambda: Transformer(student_config, rngs=nnx.Rngs(0)))
+        graphdef, _ = teachers.split_model(abstract_model)
+        axes = sharding.param_logical_axes(abstract_model)
+        state_sharding = step_lib.state_shardings(state_like, mesh, rules, axes)
+        step_fn = step_lib.make_distill_step(
+            student_graphdef=graphdef,
+            teacher=teacher,
+            spec=spec,
+            tx=tx,
+            micro_batches=c.train.get("micro_batches", 1),
+            remat=c.train.get("remat", False),
+            vocab_mask=vocab_mask,
+        )
+        jitted = step_lib.jit_step(
+            step_fn,
+            state_sharding=state_sharding,
+            teacher_sharding=teacher_sharding,
+            batch_sharding=batch_shardings,
+        )
+        return graphdef, state_sharding, _InMesh(jitted, mesh, rules)
+
+    graphdef, state_sharding, jitted = compile_for(student.config, state)
+    return StepBuild(
+        tx=tx,
+        schedule=schedule,
+        state=place(state, state_sharding),
+        state_sharding=state_sharding,
+        teacher_params=teacher_params,
+        teacher_sharding=teacher_sharding,
+        batch_shardings=batch_shardings,
+        graphdef=graphdef,
+        jitted=jitted,
+        compile_for=compile_for,
+    )
+
+
+def _abstract_on(tree, shardings):
+    """ShapeDtypeStructs of ``tree``'s leaves carrying ``shardings``."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), tree, shardings
+    )
+
+
 def train(config, workdir: str) -> dict:
     """Run ``config`` in ``workdir`` (resuming from its checkpoints); returns the last eval."""
     c = config
@@ -597,18 +885,14 @@ def train(config, workdir: str) -> dict:
     seed = int(c.get("seed", 0))
 
     # --- mesh
-    mesh = sharding.make_mesh(tuple(tuple(a) for a in c.mesh))
+    mesh = build_mesh(c)
     rules = tuple(tuple(r) for r in c.get("rules", sharding.DEFAULT_RULES))
     onpolicy = check_onpolicy(c)
-    if onpolicy is not None:  # prompt + completion, static lengths
-        shape = (c.data.global_batch_size, onpolicy.prompt_len + onpolicy.max_new_tokens)
-    else:
-        shape = (c.data.global_batch_size, c.data.seq_len)
+    shape = step_shape(c)  # on-policy: prompt + completion, static lengths
     sharding.batch_sharding(mesh, rules, shape=shape)  # a batch the mesh cannot divide fails here
 
     # --- loss spec (unknown terms fail here, before anything is loaded)
-    options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
-    spec = compose.LossSpec.from_config(c.losses, options)
+    spec = loss_spec(c)
     stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
     scan_lib.remat_policy(c.train.get("remat", False), mesh.devices.flat[0].platform)
     tensor_size = int(mesh.shape["tensor"])
@@ -671,39 +955,23 @@ def train(config, workdir: str) -> dict:
         if onpolicy.get("seq_kd"):
             rollout.check_settings(settings, teacher.config, onpolicy.prompt_len)
 
-    # --- state
-    tokens_per_step = shape[0] * shape[1]
-    tx, schedule = state_lib.make_optimizer(c.optimizer, c.train.steps, tokens_per_step)
-    _, student_params = teachers.split_model(student)
-    loss_params = compose.init_params(
-        spec,
-        jax.random.key(seed + 7),
-        student.config.hidden_size,
-        getattr(getattr(teacher, "config", None), "hidden_size", student.config.hidden_size),
-        num_layers=(
-            student.config.num_layers,
-            getattr(getattr(teacher, "config", None), "num_layers", student.config.num_layers),
-        ),
-    )
-    params = {"student": student_params, "loss": loss_params}
-    state = state_lib.create(
-        params,
-        tx,
-        compose.init_state(spec),
-        seed=seed,
-        ema=teacher is not None and teacher.kind == "ema",
-    )
-
-    # --- shard and compile (again after each progressive pruning stage)
-    teacher_params = teacher.params() if teacher is not None else None
-    teacher_sharding = None
-    if teacher_params is not None:  # the teacher may have its own rules (e.g. plain FSDP)
-        teacher_rules = tuple(tuple(r) for r in c.teacher.get("rules", rules))
-        teacher_sharding = teacher.shardings(mesh, teacher_rules)
-        teacher_params = jax.device_put(teacher_params, teacher_sharding)
-    cached = teacher is not None and teacher.kind == "cached"
-    batch_shardings = _batch_shardings(mesh, rules, cached, bridge is not None)
+    # --- state, shardings and the step (the one builder; --mode=compile lowers the same)
     privileged = onpolicy is not None and "privileged_ids" in train_batches.fields
+    built = build_step(
+        c,
+        mesh=mesh,
+        rules=rules,
+        spec=spec,
+        student=student,
+        teacher=teacher,
+        vocab_mask=vocab_mask,
+        tokens_per_step=shape[0] * shape[1],
+        privileged=privileged,
+    )
+    state, schedule, compile_for = built.state, built.schedule, built.compile_for
+    graphdef, state_sharding, jitted = built.graphdef, built.state_sharding, built.jitted
+    teacher_params, batch_shardings = built.teacher_params, built.batch_shardings
+    cached = teacher is not None and teacher.kind == "cached"
     prompt_axes = {"example_ids": ("batch",), "privileged_ids": ("batch", None, "length")}
     prompt_axes["privileged_mask"] = prompt_axes["privileged_ids"]
     prompt_shardings = {
@@ -711,36 +979,7 @@ def train(config, workdir: str) -> dict:
         for k in (train_batches.fields if onpolicy is not None else ())
     }
     if privileged:  # the teacher's view under K privileged prompts
-        for k in teachers.SelfTeacher.FIELDS:
-            batch_shardings[k] = prompt_shardings["privileged_ids"]
         add_privileged = jax.jit(rollout.with_privileged, out_shardings=batch_shardings)
-
-    def compile_for(student_config, state_like):
-        """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
-        state (or its shapes) ``state_like``."""
-        abstract = nnx.eval_shape(lambda: Transformer(student_config, rngs=nnx.Rngs(0)))
-        graphdef, _ = teachers.split_model(abstract)
-        axes = sharding.param_logical_axes(abstract)
-        state_sharding = step_lib.state_shardings(state_like, mesh, rules, axes)
-        step_fn = step_lib.make_distill_step(
-            student_graphdef=graphdef,
-            teacher=teacher,
-            spec=spec,
-            tx=tx,
-            micro_batches=c.train.get("micro_batches", 1),
-            remat=c.train.get("remat", False),
-            vocab_mask=vocab_mask,
-        )
-        jitted = step_lib.jit_step(
-            step_fn,
-            state_sharding=state_sharding,
-            teacher_sharding=teacher_sharding,
-            batch_sharding=batch_shardings,
-        )
-        return graphdef, state_sharding, jitted
-
-    graphdef, state_sharding, jitted = compile_for(student.config, state)
-    state = jax.device_put(state, state_sharding)
     student_config, plans = student.config, []
 
     # --- checkpoint
