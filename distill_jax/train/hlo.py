@@ -292,6 +292,84 @@ def bytes_by_kind(ops: list[Collective]) -> dict[str, dict[str, float]]:
     return out
 
 
+# Control flow: the computations these call run their own top-level instructions.
+_CONTROL = {"while", "conditional", "call"}
+# No memory traffic of their own (aliases, control, constants folded into their users).
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
+_NO_TRAFFIC |= {"partition-id", "replica-id", "opt-barrier"} | _CONTROL
+
+
+def _parameter_index(inst: Instruction) -> int | None:
+    m = re.fullmatch(r"\s*(\d+)\s*", inst.arguments) if inst.opcode == "parameter" else None
+    return int(m.group(1)) if m else None
+
+
+def _fusion_traffic(inst: Instruction, body: list[Instruction], shapes: dict[str, str]) -> float:
+    """Bytes a fusion reads and writes: each operand whole, except one the fused body only
+    dynamic-slices (the slices are read) or updates in place (a dynamic-update-slice root: the
+    update is written, the rest of the buffer is neither read nor written)."""
+    users: dict[str, list[Instruction]] = defaultdict(list)
+    for i in body:
+        for o in i.operands:
+            users[o].append(i)
+    params = {_parameter_index(i): i.name for i in body if i.opcode == "parameter"}
+    root = body[-1] if body else None
+    in_place = None
+    out = shape_bytes(inst.shape)
+    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+        in_place = root.operands[0]
+        out = shape_bytes(shapes.get(root.operands[1], ""))
+    total = out
+    for k, operand in enumerate(inst.operands):
+        name = params.get(k)
+        uses = users.get(name, [])
+        if name is not None and name == in_place:
+            continue
+        if uses and all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in uses):
+            total += sum(shape_bytes(u.shape) for u in uses)
+        else:
+            total += shape_bytes(shapes.get(operand, ""))
+    return total
+
+
+def hbm_bytes(text: str) -> tuple[float, list[str]]:
+    """Bytes one step moves through HBM, per chip: the operands and result of every top-level
+    instruction (a fusion, dot, copy, collective, custom call: what reads and writes memory;
+    what happens inside a fusion stays on chip), each times its executions per step (loop
+    bodies x trip count). A slice of a larger buffer (a scanned layer's parameters, a
+    dynamic-update-slice into a stacked output) counts the slice. XLA's own
+    ``cost_analysis()["bytes accessed"]`` counts alike but each loop body once.
+
+    Returns:
+        (bytes, while loops of unknown trip count, counted once).
+    """
+    computations, entry = parse_module(text)
+    counts, unknown = multiplicities(computations, entry)
+    control = {entry}
+    for insts in computations.values():
+        for inst in insts:
+            if inst.opcode in _CONTROL:
+                control.update(c for _, c in _callees(inst))
+    shapes = {i.name: i.shape for insts in computations.values() for i in insts}
+    total = 0.0
+    for name in control:
+        for inst in computations.get(name, []):
+            if inst.opcode in _NO_TRAFFIC or inst.opcode.endswith("-done"):
+                continue
+            if inst.opcode == "fusion":
+                fused = dict(_callees(inst)).get("calls", "")
+                moved = _fusion_traffic(inst, computations.get(fused, []), shapes)
+            elif inst.opcode == "dynamic-slice":
+                moved = 2 * shape_bytes(inst.shape)
+            elif inst.opcode == "dynamic-update-slice" and len(inst.operands) > 1:
+                moved = 2 * shape_bytes(shapes.get(inst.operands[1], ""))
+            else:
+                operands = sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
+                moved = shape_bytes(inst.shape) + operands
+            total += moved * counts.get(name, 0)
+    return total, unknown
+
+
 _NOT_BUFFERS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while"}
 _NOT_BUFFERS |= {"copy-start", "copy-done", "conditional", "call", "opt-barrier"}
 

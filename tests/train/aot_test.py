@@ -381,3 +381,80 @@ def test_abstract_batch_shapes():
     shardings = loop._batch_shardings(mesh, sharding.DEFAULT_RULES, cached=False)
     batch = aot.abstract_batch(config, (8, 64), shardings)
     assert batch["input_ids"].shape == (8, 64) and batch["loss_mask"].dtype == jnp.bool_
+
+
+HBM_HLO = "\n".join(
+    [
+        "HloModule traffic",
+        "",
+        "%layer (w: f32[4,256,256], x: f32[8,256], i: s32[]) -> f32[8,256] {",
+        "  %w = f32[4,256,256]{2,1,0} parameter(0)",
+        "  %x = f32[8,256]{1,0} parameter(1)",
+        "  %i = s32[] parameter(2)",
+        "  %z = s32[] constant(0)",
+        "  %wi = f32[1,256,256]{2,1,0} dynamic-slice(%w, %i, %z, %z), "
+        "dynamic_slice_sizes={1,256,256}",
+        "  %w2 = f32[256,256]{1,0} bitcast(%wi)",
+        "  ROOT %y = f32[8,256]{1,0} dot(%x, %w2), lhs_contracting_dims={1}, "
+        "rhs_contracting_dims={0}",
+        "}",
+        "",
+        "%store (buf: f32[4,8,256], y: f32[8,256], i: s32[]) -> f32[4,8,256] {",
+        "  %buf = f32[4,8,256]{2,1,0} parameter(0)",
+        "  %y = f32[8,256]{1,0} parameter(1)",
+        "  %i = s32[] parameter(2)",
+        "  %z = s32[] constant(0)",
+        "  %y3 = f32[1,8,256]{2,1,0} bitcast(%y)",
+        "  ROOT %u = f32[4,8,256]{2,1,0} dynamic-update-slice(%buf, %y3, %i, %z, %z)",
+        "}",
+        "",
+        "%body (p: (s32[], f32[4,256,256], f32[8,256], f32[4,8,256])) -> "
+        "(s32[], f32[4,256,256], f32[8,256], f32[4,8,256]) {",
+        "  %p = (s32[], f32[4,256,256]{2,1,0}, f32[8,256]{1,0}, f32[4,8,256]{2,1,0}) parameter(0)",
+        "  %i = s32[] get-tuple-element(%p), index=0",
+        "  %w = f32[4,256,256]{2,1,0} get-tuple-element(%p), index=1",
+        "  %x = f32[8,256]{1,0} get-tuple-element(%p), index=2",
+        "  %buf = f32[4,8,256]{2,1,0} get-tuple-element(%p), index=3",
+        "  %y = f32[8,256]{1,0} fusion(%w, %x, %i), kind=kOutput, calls=%layer",
+        "  %buf2 = f32[4,8,256]{2,1,0} fusion(%buf, %y, %i), kind=kLoop, calls=%store",
+        "  %one = s32[] constant(1)",
+        "  %i2 = s32[] add(%i, %one)",
+        "  ROOT %t = (s32[], f32[4,256,256]{2,1,0}, f32[8,256]{1,0}, f32[4,8,256]{2,1,0}) "
+        "tuple(%i2, %w, %y, %buf2)",
+        "}",
+        "",
+        "%cond (c: (s32[], f32[4,256,256], f32[8,256], f32[4,8,256])) -> pred[] {",
+        "  %c = (s32[], f32[4,256,256]{2,1,0}, f32[8,256]{1,0}, f32[4,8,256]{2,1,0}) parameter(0)",
+        "  %ci = s32[] get-tuple-element(%c), index=0",
+        "  %n = s32[] constant(4)",
+        "  ROOT %lt = pred[] compare(%ci, %n), direction=LT",
+        "}",
+        "",
+        "ENTRY %main (w: f32[4,256,256], x: f32[8,256], buf: f32[4,8,256]) -> f32[8,256] {",
+        "  %w = f32[4,256,256]{2,1,0} parameter(0)",
+        "  %x = f32[8,256]{1,0} parameter(1)",
+        "  %buf = f32[4,8,256]{2,1,0} parameter(2)",
+        "  %zero = s32[] constant(0)",
+        "  %init = (s32[], f32[4,256,256]{2,1,0}, f32[8,256]{1,0}, f32[4,8,256]{2,1,0}) "
+        "tuple(%zero, %w, %x, %buf)",
+        "  %loop = (s32[], f32[4,256,256]{2,1,0}, f32[8,256]{1,0}, f32[4,8,256]{2,1,0}) "
+        "while(%init), condition=%cond, body=%body",
+        "  %out = f32[8,256]{1,0} get-tuple-element(%loop), index=2",
+        "  ROOT %neg = f32[8,256]{1,0} negate(%out)",
+        "}",
+        "",
+    ]
+)
+
+
+def test_hbm_traffic_counts_loop_bodies_per_trip_and_slices_not_whole_buffers():
+    traffic, unknown = hlo.hbm_bytes(HBM_HLO)
+    assert unknown == []
+    layer_w, act, s32 = 256 * 256 * 4, 8 * 256 * 4, 4  # one layer's weights, [8, 256] f32
+    # Per trip (4 of them): the layer fusion reads its weight slice (not the [4, 256, 256]
+    # stack), x and the index, and writes y; the store fusion writes y's row in place (the
+    # rest of the [4, 8, 256] buffer is not moved) and reads y and the index; the counter add;
+    # the condition's compare (two s32 in, one pred out).
+    per_trip = (layer_w + act + s32 + act) + (act + act + s32) + (s32 + s32 + s32) + (1 + 2 * s32)
+    # Once: the final negate reads and writes [8, 256].
+    assert traffic == 4 * per_trip + 2 * act
