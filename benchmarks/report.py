@@ -10,7 +10,7 @@ Options:
 * ``--only a,b``: run these scripts only (names without ``.py``); default: every ``*.py`` here
   whose name does not start with ``_``, except this file, in alphabetical order.
 * ``--quick``: pass each script its small-size flags: ``--quick`` where the script has it
-  (compile, fused_loss, step, transforms), else the sizes in ``QUICK_ARGS`` (forward, data,
+  (compile, fused_loss, pod, step, transforms), else the sizes in ``QUICK_ARGS`` (forward, data,
   alignment).
 * ``--script_args NAME=ARGS`` (repeatable): more flags for one script, e.g.
   ``step=--pair llama8b_1b`` (step.py's accelerator mode: our step on Llama-3.1-8B ->
