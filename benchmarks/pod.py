@@ -58,7 +58,7 @@ def compile_row(name: str, reduced: bool, naive: bool, workdir: str) -> dict:
     cmd = [sys.executable, "-m", "distill_jax.main", f"--config={config}"]
     cmd += [f"--workdir={workdir}", "--mode=compile"]
     if naive:
-        cmd += [f"--config.{o}" for o in NAIVE]
+        cmd += [f"--config.{o}" for o in NAIVE if _has_key(name, o.split("=")[0])]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -73,6 +73,21 @@ def compile_row(name: str, reduced: bool, naive: bool, workdir: str) -> dict:
     with open(path) as f:
         row["report"] = json.load(f)
     return row
+
+
+def _has_key(name: str, dotted: str) -> bool:
+    """Whether pod config ``name`` has the key (moe_impl only exists where there is an MoE)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(POD_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    node = module.get_config()
+    for part in dotted.split("."):
+        if part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _peak_rss_kib() -> int:

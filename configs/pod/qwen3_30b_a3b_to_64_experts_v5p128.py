@@ -24,7 +24,8 @@ To train: prune with ``dj.transforms.rank_experts`` / ``prune_experts`` (e.g. RE
 configs/moe_prune_distill.py shows the plan on a small model), save the pruned model, and pass
 ``--config.student.init=<its HF dir> --config.teacher.init=<HF dir of Qwen3-30B-A3B>``.
 Presets: reduced (real widths, 2 blocks, v5p-32 = 16 chips as fsdp 2 x expert 8, 16 x 1024
-tokens), steps.
+tokens), steps, capacity_factor (the student's expert-parallel buffers as a multiple of the even
+share of assignments, default 1.25, the overflow dropped and counted; 0: dropless).
 """
 
 import ml_collections as mlc
@@ -53,11 +54,16 @@ QWEN3_30B_A3B = dict(
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, reduced=False, steps=5_000)
+    arg = config_lib.parse_arg(arg, reduced=False, steps=5_000, capacity_factor=1.25)
     layers = 2 if arg.reduced else 48
     c = mlc.ConfigDict()
     c.seed = 0
     c.topology = "v5p-32" if arg.reduced else "v5p-128"
+    # Expert parallelism sends each (token, expert) assignment to its expert's chip through fixed
+    # buffers (models/moe.py): dropless ones hold the worst case, P * min(k, E/P) / k = 8x the
+    # even share here; with a capacity factor c they hold c x the even share and the overflow
+    # is dropped and counted (the train metric moe/dropped_fraction). The teacher stays dropless
+    # (its logits are the real model's); the student trains at capacity_factor (0: dropless).
     execution = dict(attention_impl="auto", moe_impl="auto", scan_layers=True)
     c.teacher = dict(
         kind="online",
@@ -65,6 +71,7 @@ def get_config(arg=None):
         config=dict(QWEN3_30B_A3B, num_layers=layers),
         dtype="bfloat16",
         param_dtype="bfloat16",
+        moe_capacity_factor=None,
         **execution,
     )
     c.student = dict(
@@ -72,6 +79,7 @@ def get_config(arg=None):
         config=dict(QWEN3_30B_A3B, num_layers=layers, num_experts=64),
         dtype="bfloat16",
         param_dtype="float32",
+        moe_capacity_factor=arg.capacity_factor or None,
         **execution,
     )
     c.data = dict(

@@ -259,6 +259,17 @@ def collectives(text: str, num_devices: int = 1) -> tuple[list[Collective], list
         for i in insts
         if i.opcode.endswith("-done") and i.operands
     }
+    # TPU's asynchronous collectives are fusions (start, continuation, done) whose bodies repeat
+    # one collective with its channel_id: those copies count once. Collectives outside fusion
+    # bodies are separate operations even when they share a channel_id (shard_map's do).
+    fused = {
+        callee
+        for insts in computations.values()
+        for i in insts
+        if i.opcode == "fusion"
+        for rel, callee in _callees(i)
+        if rel == "calls"
+    }
     out: dict[tuple[str, str], Collective] = {}
     for name, insts in computations.items():
         if not counts.get(name):
@@ -268,7 +279,7 @@ def collectives(text: str, num_devices: int = 1) -> tuple[list[Collective], list
             if kind not in KINDS:
                 continue
             channel = re.search(r"\bchannel_id=(\d+)", inst.attributes)
-            key = (kind, channel.group(1) if channel else inst.name)
+            key = (kind, channel.group(1) if channel and name in fused else inst.name)
             if key in out and out[key].count <= counts[name]:
                 continue  # a copy of an asynchronous collective (see the module docstring)
             result = inst.shape

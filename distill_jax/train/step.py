@@ -109,6 +109,11 @@ def make_distill_step(
             # Router load balancing (a batch mean) weighted like the token-mean losses.
             total = total + coef * out.aux_loss * count
             metrics["loss/router_aux"] = (out.aux_loss * count, count)
+        dropped = [s["dropped_assignments"] for s in out.router_stats if "dropped_assignments" in s]
+        if dropped:  # expert-parallel buffers with a capacity factor (models/moe.py)
+            k = student.config.num_experts_per_tok
+            assigned = sum(s["num_tokens"] for s in out.router_stats) * k
+            metrics["moe/dropped_fraction"] = (sum(dropped).astype(jnp.float32), assigned)
         return total, (count, metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
