@@ -458,3 +458,24 @@ def test_hbm_traffic_counts_loop_bodies_per_trip_and_slices_not_whole_buffers():
     per_trip = (layer_w + act + s32 + act) + (act + act + s32) + (s32 + s32 + s32) + (1 + 2 * s32)
     # Once: the final negate reads and writes [8, 256].
     assert traffic == 4 * per_trip + 2 * act
+
+
+def test_collectives_outside_fusions_that_share_a_channel_id_are_separate_ops():
+    # shard_map lowers every all_to_all with channel_id=1; only the start / continuation / done
+    # fusions of one asynchronous collective repeat it (the hand-written module above).
+    module = "\n".join(
+        [
+            "HloModule shared_channel",
+            "",
+            "ENTRY %main (x: bf16[8,64,32]) -> bf16[8,64,32] {",
+            "  %x = bf16[8,64,32]{2,1,0} parameter(0)",
+            "  %a = bf16[8,64,32]{2,1,0} all-to-all(%x), channel_id=1, "
+            "replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}",
+            "  ROOT %b = bf16[8,64,32]{2,1,0} all-to-all(%a), channel_id=1, "
+            "replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}",
+            "}",
+        ]
+    )
+    ops, _ = hlo.collectives(module, num_devices=8)
+    by = hlo.bytes_by_kind(ops)
+    assert by["all-to-all"]["ops"] == 2 and by["all-to-all"]["bytes"] == 2 * 8 * 64 * 32 * 2
