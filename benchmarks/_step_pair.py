@@ -59,42 +59,11 @@ import time
 
 from _measure import PEAK_BF16_TFLOPS, peak_bf16_flops
 
-LLAMA3_ROPE = dict(
-    rope_theta=500_000.0,
-    rope_type="llama3",
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_position=8192,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-)
 PAIRS = {
     "llama8b_1b": dict(
         title="Llama-3.1-8B -> Llama-3.2-1B",
-        teacher=dict(  # meta-llama/Llama-3.1-8B config.json
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=8,
-            head_dim=128,
-            tie_word_embeddings=False,
-            rope_factor=8.0,
-            **LLAMA3_ROPE,
-        ),
-        student=dict(  # meta-llama/Llama-3.2-1B config.json
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_layers=16,
-            num_heads=32,
-            num_kv_heads=8,
-            head_dim=64,
-            tie_word_embeddings=True,
-            rope_factor=32.0,
-            **LLAMA3_ROPE,
-        ),
+        teacher="llama-3.1-8b",  # models.presets: the public config.json
+        student="llama-3.2-1b",
         tiny=dict(  # --tiny: the same code path at CPU size
             teacher=dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=4),
             student=dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2),
@@ -124,16 +93,17 @@ def import_distill_jax() -> None:
 def configs(pair: str, tiny: bool, attention: str = "auto"):
     """(teacher ModelConfig, student ModelConfig) of ``pair``, scanned, bf16 compute."""
     from distill_jax import models
+    from distill_jax.models.presets import architecture
 
     spec = PAIRS[pair]
-    teacher, student = dict(spec["teacher"]), dict(spec["student"])
+    teacher, student = architecture(spec["teacher"]), architecture(spec["student"])
     if tiny:
         teacher.update(spec["tiny"]["teacher"], **spec["tiny"]["heads"])
         student.update(spec["tiny"]["student"], **spec["tiny"]["heads"])
     common = dict(scan_layers=True, attention_impl=attention, dtype="bfloat16")
     return (
-        models.make_config("llama", param_dtype="bfloat16", **common, **teacher),
-        models.make_config("llama", param_dtype="float32", **common, **student),
+        models.make_config(**teacher, param_dtype="bfloat16", **common),
+        models.make_config(**student, param_dtype="float32", **common),
     )
 
 

@@ -33,45 +33,7 @@ global layer, v6e:4x4, 16 x 1024 tokens), steps.
 import ml_collections as mlc
 
 from distill_jax import config_lib
-
-GEMMA3_12B = dict(
-    family="gemma3",
-    vocab_size=262208,
-    hidden_size=3840,
-    intermediate_size=15360,
-    num_layers=48,
-    num_heads=16,
-    num_kv_heads=8,
-    head_dim=256,
-    query_pre_attn_scalar=256.0,
-    sliding_window=1024,
-    layer_types=(("sliding",) * 5 + ("full",)) * 8,
-    rope_theta=1_000_000.0,
-    rope_type="linear",
-    rope_factor=8.0,
-    local_rope_theta=10_000.0,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=131072,
-)
-LLAMA32_1B = dict(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    rope_theta=500_000.0,
-    rope_type="llama3",
-    rope_factor=32.0,
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_position=8192,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+from distill_jax.models.presets import architecture
 
 
 def get_config(arg=None):
@@ -80,9 +42,9 @@ def get_config(arg=None):
     c.seed = 0
     c.topology = "v6e:4x4" if arg.reduced else "v6e-64"
     execution = dict(attention_impl="auto", scan_layers=True)
-    teacher = dict(GEMMA3_12B)
-    student = dict(LLAMA32_1B)
-    if arg.reduced:
+    teacher = architecture("gemma-3-12b")
+    student = architecture("llama-3.2-1b")
+    if arg.reduced:  # one local and one global layer
         teacher.update(num_layers=2, layer_types=("sliding", "full"))
         student.update(num_layers=2)
     length = 1024 if arg.reduced else 2048

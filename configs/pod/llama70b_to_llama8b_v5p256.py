@@ -28,24 +28,7 @@ as fsdp 4 x tensor 4, 16 x 1024 tokens), steps.
 import ml_collections as mlc
 
 from distill_jax import config_lib
-
-LLAMA31 = dict(
-    family="llama",
-    vocab_size=128256,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_theta=500_000.0,
-    rope_type="llama3",
-    rope_factor=8.0,
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_position=8192,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-LLAMA31_70B = dict(LLAMA31, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64)
-LLAMA31_8B = dict(LLAMA31, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32)
+from distill_jax.models.presets import architecture
 
 
 def get_config(arg=None):
@@ -58,14 +41,14 @@ def get_config(arg=None):
     c.teacher = dict(
         kind="online",
         init="random",
-        config=dict(LLAMA31_70B, num_layers=layers[0]),
+        config=architecture("llama-3.1-70b", num_layers=layers[0]),
         dtype="bfloat16",
         param_dtype="bfloat16",
         **execution,
     )
     c.student = dict(
         init="random",
-        config=dict(LLAMA31_8B, num_layers=layers[1]),
+        config=architecture("llama-3.1-8b", num_layers=layers[1]),
         dtype="bfloat16",
         param_dtype="float32",
         **execution,

@@ -9,7 +9,7 @@ compiles and fits, and what it costs, on any machine with libtpu (no TPU, no wei
     python -m distill_jax.main --config configs/pod/llama8b_to_llama1b_v5e64.py:reduced=True \
         --workdir /tmp/pod_llama8b_reduced --mode=compile     # 2 blocks each, v5e:4x4 (CI)
 
-Architectures: the public config.json of each model (weights not needed to compile):
+Architectures (``models.presets``): the public config.json of each model (no weights needed):
 meta-llama/Llama-3.1-8B: vocab_size 128256, hidden_size 4096, intermediate_size 14336,
 num_hidden_layers 32, num_attention_heads 32, num_key_value_heads 8, head_dim 128, rms_norm_eps
 1e-5, rope_theta 500000, rope_scaling {rope_type llama3, factor 8, low_freq_factor 1,
@@ -27,42 +27,7 @@ Presets: reduced (real widths, 2 blocks, v5e:4x4, 16 x 1024 tokens), steps.
 import ml_collections as mlc
 
 from distill_jax import config_lib
-
-LLAMA3_ROPE = dict(
-    rope_theta=500_000.0,
-    rope_type="llama3",
-    rope_low_freq_factor=1.0,
-    rope_high_freq_factor=4.0,
-    rope_original_max_position=8192,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-)
-LLAMA31_8B = dict(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_factor=8.0,
-    tie_word_embeddings=False,
-    **LLAMA3_ROPE,
-)
-LLAMA32_1B = dict(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    rope_factor=32.0,
-    tie_word_embeddings=True,
-    **LLAMA3_ROPE,
-)
+from distill_jax.models.presets import architecture
 
 
 def get_config(arg=None):
@@ -75,14 +40,14 @@ def get_config(arg=None):
     c.teacher = dict(
         kind="online",
         init="random",
-        config=dict(LLAMA31_8B, num_layers=layers[0]),
+        config=architecture("llama-3.1-8b", num_layers=layers[0]),
         dtype="bfloat16",
         param_dtype="bfloat16",
         **execution,
     )
     c.student = dict(
         init="random",
-        config=dict(LLAMA32_1B, num_layers=layers[1]),
+        config=architecture("llama-3.2-1b", num_layers=layers[1]),
         dtype="bfloat16",
         param_dtype="float32",
         **execution,

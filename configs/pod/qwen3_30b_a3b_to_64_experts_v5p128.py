@@ -31,26 +31,7 @@ share of assignments, default 1.25, the overflow dropped and counted; 0: droples
 import ml_collections as mlc
 
 from distill_jax import config_lib
-
-QWEN3_30B_A3B = dict(
-    family="qwen3_moe",
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_layers=48,
-    num_heads=32,
-    num_kv_heads=4,
-    head_dim=128,
-    num_experts=128,
-    num_experts_per_tok=8,
-    moe_intermediate_size=768,
-    norm_topk_prob=True,
-    router_aux_loss_coef=0.001,
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=40960,
-    tie_word_embeddings=False,
-)
+from distill_jax.models.presets import architecture
 
 
 def get_config(arg=None):
@@ -68,7 +49,7 @@ def get_config(arg=None):
     c.teacher = dict(
         kind="online",
         init="random",
-        config=dict(QWEN3_30B_A3B, num_layers=layers),
+        config=architecture("qwen3-30b-a3b", num_layers=layers),
         dtype="bfloat16",
         param_dtype="bfloat16",
         moe_capacity_factor=None,
@@ -76,7 +57,7 @@ def get_config(arg=None):
     )
     c.student = dict(
         init="random",
-        config=dict(QWEN3_30B_A3B, num_layers=layers, num_experts=64),
+        config=architecture("qwen3-30b-a3b", num_layers=layers, num_experts=64),
         dtype="bfloat16",
         param_dtype="float32",
         moe_capacity_factor=arg.capacity_factor or None,
