@@ -420,3 +420,29 @@ def test_no_device_to_host_transfer_between_log_steps(
     monkeypatch.setattr(loop.step_lib, "jit_step", syncing)
     with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
         loop.train(c, str(tmp_path / "sync"))
+
+
+def test_scanned_models_train_and_resume_exactly(tmp_path):
+    """Both models scanned over their blocks (stacked parameters in the checkpoint): a run
+    stopped at step 2 and resumed gives the uninterrupted run's losses, and the export is the
+    per-layer HF layout."""
+    c = tiny(steps=4)
+    c.student.scan_layers = c.teacher.scan_layers = True
+    c.teacher.config.num_layers = 4  # scanned as one block repeated 4 times
+    c.train.export = True
+    loop.train(c, str(tmp_path / "straight"))
+    first = tiny(steps=2)
+    first.student.scan_layers = first.teacher.scan_layers = True
+    first.teacher.config.num_layers = 4
+    loop.train(first, str(tmp_path / "resumed"))
+    loop.train(c, str(tmp_path / "resumed"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(straight) == [1, 2, 3, 4]
+    assert all(resumed[s] == straight[s] for s in straight)  # bit for bit on CPU
+    restored = ocp.CheckpointManager(str(tmp_path / "resumed" / "checkpoints")).restore(
+        4, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+    q = restored.state["params"]["student"]["layers"]["0"]["attn"]["q_proj"]
+    assert q.shape == (1, 64, 4, 16)  # stacked: [L, D, N, H]
+    model = dj.models.from_pretrained(str(tmp_path / "straight" / "export"))
+    assert not model.scanned and model.config.num_layers == 1
