@@ -647,7 +647,11 @@ class _Prefetch:
 
     def fill(self):
         state = self.iterator.get_state()
-        self.pending = (state, self.place(self.read()))
+        local = self.read()
+        # The one intended host -> device copy. Across processes JAX assembles the global array
+        # with a device_put that a "disallow" guard would refuse; reads back stay disallowed.
+        with jax.transfer_guard_host_to_device("allow"):
+            self.pending = (state, self.place(local))
 
     def next(self):
         if self.pending is None:
