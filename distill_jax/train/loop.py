@@ -49,7 +49,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
-from distill_jax import bridges, sharding, teachers
+from distill_jax import assets, bridges, sharding, teachers
 from distill_jax.bridges import alm as bridge_alm
 from distill_jax.bridges import batches as bridge_batches
 from distill_jax.data import pipeline, sources, teacher_cache
@@ -59,7 +59,7 @@ from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
 from distill_jax.models import scan as scan_lib
-from distill_jax.models.convert import _assets, from_pretrained, hf, save_pretrained
+from distill_jax.models.convert import from_pretrained, hf, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
@@ -69,7 +69,7 @@ from distill_jax.transforms import params as transform_params
 from distill_jax.transforms import schedule as prune_schedule
 from distill_jax.transforms import stats as transform_stats
 
-ASSETS = {"smollm2": _assets.smollm2_gguf_path, "gemma3": _assets.gemma3_gguf_path}
+ASSETS = {"smollm2": assets.smollm2_gguf_path, "gemma3": assets.gemma3_gguf_path}
 TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "self", "none")
 
 
