@@ -24,7 +24,6 @@ import numpy as np
 
 from distill_jax.data import prompts as prompts_lib
 from distill_jax.models import sampling
-from distill_jax.train import rollout
 
 _NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
@@ -161,8 +160,8 @@ def sample_answers(
         ValueError: a prompt longer than ``prompt_len`` tokens; prompt + new tokens beyond the
             model's positions.
     """
-    settings = rollout.RolloutSettings(max_new_tokens, temperature, 0, top_p, tokenizer.eos_id)
-    rollout.check_settings(settings, model.config, prompt_len)
+    settings = sampling.RolloutSettings(max_new_tokens, temperature, 0, top_p, tokenizer.eos_id)
+    sampling.check_settings(settings, model.config, prompt_len)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     rows = []
     for i, q in enumerate(questions):

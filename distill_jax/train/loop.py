@@ -58,6 +58,7 @@ from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
+from distill_jax.models import sampling
 from distill_jax.models import scan as scan_lib
 from distill_jax.models.convert import from_pretrained, hf, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
@@ -947,7 +948,7 @@ def train(config, workdir: str) -> dict:
         teacher = teachers.WithReference(teacher, build_model(c.reference, "reference", seed + 2))
     vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
     if onpolicy is not None:
-        settings = rollout.RolloutSettings(
+        settings = sampling.RolloutSettings(
             onpolicy.max_new_tokens,
             temperature=onpolicy.get("temperature", 1.0),
             top_k=onpolicy.get("top_k", 0),
@@ -955,9 +956,9 @@ def train(config, workdir: str) -> dict:
             eos_id=tokenizer.eos_id,
             vocab_limit=tokenizer.vocab_size,
         )
-        rollout.check_settings(settings, student.config, onpolicy.prompt_len)
+        sampling.check_settings(settings, student.config, onpolicy.prompt_len)
         if onpolicy.get("seq_kd"):
-            rollout.check_settings(settings, teacher.config, onpolicy.prompt_len)
+            sampling.check_settings(settings, teacher.config, onpolicy.prompt_len)
 
     # --- state, shardings and the step (the one builder; --mode=compile lowers the same)
     privileged = onpolicy is not None and "privileged_ids" in train_batches.fields
