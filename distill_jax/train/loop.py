@@ -441,7 +441,7 @@ def build_cache(config) -> teacher_cache.TeacherCache:
     _, tokenizer, batches = _data(c)
     model = build_model(t, "teacher", int(c.get("seed", 0)) + 1)
     v = model.config.vocab_size
-    return teacher_cache.build_teacher_cache(
+    return teachers.build_teacher_cache(
         t.cache_dir,
         model,
         batches,

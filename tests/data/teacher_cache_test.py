@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import distill_jax as dj
-from distill_jax import assets
+from distill_jax import assets, teachers
 from distill_jax.data import pipeline, sources, teacher_cache
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.losses import fused, topk
@@ -110,7 +110,7 @@ def test_real_teacher_cache_matches_the_online_teacher(tmp_path, smollm2):
         process_count=1,
     )
     it = make()
-    cache = teacher_cache.build_teacher_cache(
+    cache = teachers.build_teacher_cache(
         str(tmp_path),
         model,
         it,
@@ -122,7 +122,7 @@ def test_real_teacher_cache_matches_the_online_teacher(tmp_path, smollm2):
         data_settings=it.config,
     )
     cache.check(
-        teacher=teacher_cache.model_fingerprint(model),
+        teacher=teachers.model_fingerprint(model),
         tokenizer=tok.fingerprint,
         k=16,
         data=make().config,
