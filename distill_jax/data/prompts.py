@@ -96,7 +96,7 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
     Args:
         examples: a sequence of (prompt text, completion text), or of (prompt, completion,
             [K privileged prompts]) with the same K for every example.
-        tokenizer: a ``data.tokenizers.Tokenizer`` (the student's).
+        tokenizer: a ``data.token_bytes.Tokenizer`` (the student's).
         prompt_len, completion_len: P and N.
         global_batch_size: rows per step over all processes (divisible by the process count).
         seed: the order of every epoch; ``num_epochs`` None = forever.

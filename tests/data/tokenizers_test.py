@@ -23,7 +23,7 @@ from tokenizers import pre_tokenizers
 
 import distill_jax.data as dj_data
 from distill_jax import assets
-from distill_jax.data import sources
+from distill_jax.data import sources, token_bytes, tokenizer_files, tokenizer_pipelines
 from distill_jax.data import tokenizers as tokenizers_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load from local files only
@@ -421,13 +421,17 @@ def test_every_llama_cpp_reference_is_covered(llama_cpp_dir):
 
 @functools.cache
 def _module_source() -> str:
-    """Real code: the tokenizer module's source (indentation, operators, docstrings, regexes).
+    """Real code: the tokenizer modules' source (indentation, operators, docstrings, regexes).
 
     Its "\u2581" (SentencePiece's visible space, which any SentencePiece vocabulary reads as a
     space: a documented lossy case) is replaced by "_".
     """
-    with open(tokenizers_module.__file__, encoding="utf-8") as f:
-        return f.read().replace("\u2581", "_")
+    modules = (tokenizers_module, token_bytes, tokenizer_pipelines, tokenizer_files)
+    source = []
+    for module in modules:
+        with open(module.__file__, encoding="utf-8") as f:
+            source.append(f.read())
+    return "\n\n".join(source).replace("\u2581", "_")
 
 
 # --- tiktoken rank files, against the tiktoken library ------------------------------------------
@@ -487,7 +491,7 @@ def test_tiktoken_encoding_chooses_the_split_regex(encoding, sampled_verses, tmp
 
     path = tmp_path / "ranks.tiktoken"  # a name that is no encoding: default cl100k_base
     shutil.copy(assets.tiktoken_rank_file("cl100k_base"), path)
-    pat_str = tokenizers_module.TIKTOKEN_ENCODINGS[encoding][0]
+    pat_str = tokenizer_files.TIKTOKEN_ENCODINGS[encoding][0]
     reference = tiktoken.Encoding(
         "x",
         pat_str=pat_str,
