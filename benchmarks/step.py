@@ -435,9 +435,9 @@ def prepare(tmp, args) -> tuple[str, dict]:
     from distill_jax import transforms
 
     try:
-        from distill_jax.models.convert import _assets
+        from distill_jax import assets
 
-        path = _assets.smollm2_gguf_path()
+        path = assets.smollm2_gguf_path()
         teacher, source = dj.models.from_pretrained(path), "real SmolLM2-135M (GGUF Q4_1)"
     except (ImportError, FileNotFoundError):
         config = dj.models.make_config("llama", **SMOLLM2_135M)

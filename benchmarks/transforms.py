@@ -34,10 +34,10 @@ from _measure import peak_rss
 from flax import nnx
 
 import distill_jax as dj
+from distill_jax import assets
 from distill_jax.data import sources
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.eval import perplexity
-from distill_jax.models.convert import _assets
 
 
 def _rows(tok, docs, n, b, t):
@@ -75,7 +75,7 @@ def main():
     if args.quick:
         args.calib_batches, args.batch, args.seq_len, args.eval_docs = 2, 4, 64, 8
 
-    path = _assets.smollm2_gguf_path()
+    path = assets.smollm2_gguf_path()
     model = dj.models.from_pretrained(path)
     tok = load_tokenizer(path)
     docs = [text for _, text in sources.kjv_chapters()]

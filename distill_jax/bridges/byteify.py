@@ -27,7 +27,7 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-from distill_jax.data.tokenizers import Tokenizer
+from distill_jax.data.token_bytes import Tokenizer
 
 # Token text -> role, across the families we load. Roles, not texts, are matched across sides.
 SPECIAL_ROLES: dict[str, str] = {

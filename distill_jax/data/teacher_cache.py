@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import jax
 import ml_dtypes
@@ -36,19 +36,6 @@ from distill_jax.losses import topk
 MANIFEST = "manifest.json"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 FORMAT_VERSION = 1
-
-
-def model_fingerprint(model) -> str:
-    """sha256 (hex) of a model's config and every parameter's bytes: which teacher wrote a cache."""
-    from flax import nnx
-
-    digest = hashlib.sha256(repr(model.config).encode())
-    for path, value in sorted(
-        jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)), key=lambda x: str(x[0])
-    ):
-        digest.update(str(path).encode())
-        digest.update(np.ascontiguousarray(jax.device_get(value)).tobytes())
-    return digest.hexdigest()
 
 
 def batch_hash(input_ids: np.ndarray) -> np.ndarray:
@@ -75,7 +62,7 @@ class TeacherCacheWriter:
     Args:
         directory: the cache directory (created).
         settings: what the cache is for: teacher, tokenizer, k, temperature and data settings
-            (see ``build_teacher_cache``); stored in the manifest and checked on read.
+            (see ``teachers.build_teacher_cache``); stored in the manifest and checked on read.
         dtype: storage dtype of the log-probs, a key of ``DTYPES``.
         process_index, process_count: each process writes the shards of its own batches.
     """
@@ -178,7 +165,7 @@ class TeacherCache:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"No complete teacher cache in {directory!r} (no {MANIFEST}); write it with "
-                "build_teacher_cache, or finish the interrupted write."
+                "teachers.build_teacher_cache, or finish the interrupted write."
             )
         with open(path) as f:
             self.manifest = json.load(f)
@@ -243,67 +230,3 @@ class TeacherCache:
             log_tail=np.asarray(arrays["log_tail"][j]),
             temperature=np.float32(self.settings["temperature"]),
         )
-
-
-def build_teacher_cache(
-    directory: str,
-    model,
-    batches: Iterable[dict[str, np.ndarray]],
-    *,
-    num_batches: int,
-    k: int,
-    tokenizer_fingerprint: str,
-    temperature: float = 1.0,
-    dtype: str = "bfloat16",
-    data_settings: dict | None = None,
-    batches_per_shard: int = 64,
-    chunk_size: int = 128,
-    vocab_mask=None,
-) -> TeacherCache:
-    """Run ``model`` (the teacher) over ``num_batches`` packed batches and cache its top-k.
-
-    The forward uses each batch's positions and segment ids, so packed documents stay apart;
-    the top-k is taken chunk by chunk from the final hidden states
-    (``topk.sparse_teacher_from_hidden``), so no [B, L, V] array is formed. ``vocab_mask`` [V]
-    keeps padded vocabulary rows (ids the tokenizer never produces) out of the top-k.
-
-    Returns:
-        The written cache, opened for reading.
-    """
-    from flax import nnx
-
-    c = model.config
-    settings = dict(
-        teacher=model_fingerprint(model),
-        tokenizer=tokenizer_fingerprint,
-        k=k,
-        temperature=float(temperature),
-        vocab_size=c.vocab_size,
-        data=data_settings or {},
-    )
-    writer = TeacherCacheWriter(
-        directory, settings, dtype=dtype, batches_per_shard=batches_per_shard
-    )
-
-    @nnx.jit
-    def top_k(model, input_ids, positions, segment_ids):
-        out = model.forward(
-            input_ids, positions=positions, segment_ids=segment_ids, compute_logits=False
-        )
-        return topk.sparse_teacher_from_hidden(
-            out.hidden,
-            model.head_weights(),
-            k,
-            temperature=temperature,
-            softcap=c.final_logit_softcapping,
-            vocab_mask=vocab_mask,
-            chunk_size=chunk_size,
-        )
-
-    for i, batch in enumerate(batches):
-        if i == num_batches:
-            break
-        sparse = top_k(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
-        writer.add(batch, jax.device_get(sparse))
-    writer.close()
-    return TeacherCache(directory, writer.process_index)

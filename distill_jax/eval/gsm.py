@@ -1,10 +1,7 @@
-r"""Answer-checked math: GSM-style answer extraction, pass@k, majority vote (METHODS.md 9.4-9.5).
+r"""Answer-checked math: pass@k and majority vote of GSM-style answers (METHODS.md 9.4-9.5).
 
-* References end with "#### <number>" (GSM8K, reasoning-gym ``gsm_symbolic``): the number after
-  the last "####", without commas, "$", whitespace or a trailing period.
-* Model outputs: ``strict`` accepts "#### N" or "The answer is N"; ``flexible`` (default) takes
-  ``\boxed{N}`` when present, else the last number in the text. Numbers compare with
-  |a - b| < 1e-6 (lm-evaluation-harness's gsm8k task does the same two extractions).
+* Answers are read by ``data.answers`` (``extract_reference``, ``extract_answer`` in ``strict``
+  or ``flexible`` mode, ``is_correct``, ``cut_at_stop``), beside the problems they belong to.
 * pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k), computed as the product
   1 - prod_{i = n - c + 1}^{n} (1 - k / i) (Chen et al., 2021, "Evaluating Large Language Models
   Trained on Code"); cons@n: the majority-voted answer's accuracy (DeepSeek-R1 report).
@@ -15,61 +12,15 @@ r"""Answer-checked math: GSM-style answer extraction, pass@k, majority vote (MET
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.data import answers as answers_lib
 from distill_jax.data import prompts as prompts_lib
 from distill_jax.models import sampling
-from distill_jax.train import rollout
-
-_NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+"
-PROMPT_FORMAT = "Question: {question}\nAnswer:"
-STOP = ("\nQuestion:",)
-
-
-def _to_number(text: str) -> float | None:
-    t = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    try:
-        return float(t)
-    except ValueError:
-        return None
-
-
-def extract_reference(solution: str) -> float | None:
-    """The number after the last "####" of a reference solution (None if there is none)."""
-    if "####" not in solution:
-        return _to_number(solution)
-    return _to_number(solution.rsplit("####", 1)[1])
-
-
-def extract_answer(text: str, mode: str = "flexible") -> float | None:
-    """The final answer of a model's output.
-
-    Args:
-        text: the completion.
-        mode: "strict" ("#### N" or "The answer is N") or "flexible" (``\\boxed{N}``, else the
-            last number).
-    """
-    if mode not in ("strict", "flexible"):
-        raise ValueError(f"mode={mode!r}: use 'strict' or 'flexible'.")
-    strict = re.findall(rf"(?:####|[Tt]he answer is:?)\s*({_NUMBER})", text)
-    if mode == "strict":
-        return _to_number(strict[-1]) if strict else None
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        value = _to_number(boxed[-1])
-        if value is not None:
-            return value
-    numbers = re.findall(_NUMBER, text)
-    return _to_number(numbers[-1]) if numbers else None
-
-
-def is_correct(answer: float | None, reference: float | None) -> bool:
-    return answer is not None and reference is not None and abs(answer - reference) < 1e-6
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -93,15 +44,6 @@ def majority_vote(answers: Sequence[float | None]) -> float | None:
     return next(a for a in valid if counts[a] == best)
 
 
-def cut_at_stop(text: str, stop: Sequence[str] = STOP) -> str:
-    """The text before the first stop string (the model starting the next question)."""
-    for s in stop:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
-
-
 def score(
     completions: Sequence[Sequence[str]],
     references: Sequence[str],
@@ -120,12 +62,12 @@ def score(
     out = {f"pass@{k}": 0.0 for k in ks}
     majority = correct = total = 0
     for samples, ref in zip(completions, references):
-        r = extract_reference(ref)
-        answers = [extract_answer(cut_at_stop(s), mode) for s in samples]
-        c = sum(is_correct(a, r) for a in answers)
+        r = answers_lib.extract_reference(ref)
+        answers = [answers_lib.extract_answer(answers_lib.cut_at_stop(s), mode) for s in samples]
+        c = sum(answers_lib.is_correct(a, r) for a in answers)
         for k in ks:
             out[f"pass@{k}"] += pass_at_k(len(samples), c, k)
-        majority += is_correct(majority_vote(answers), r)
+        majority += answers_lib.is_correct(majority_vote(answers), r)
         correct, total = correct + c, total + len(samples)
     n = len(references)
     out = {k: v / n for k, v in out.items()}
@@ -151,7 +93,7 @@ def sample_answers(
     top_p: float = 0.95,
     batch_size: int = 8,
     seed: int = 0,
-    prompt_format: str = PROMPT_FORMAT,
+    prompt_format: str = answers_lib.PROMPT_FORMAT,
 ) -> list[list[str]]:
     """``n`` completions per question (decoded, cut at the stop strings), sampled with the KV
     cache; sample j of question i uses the key fold_in(fold_in(key(seed), j), i), so the result
@@ -161,8 +103,8 @@ def sample_answers(
         ValueError: a prompt longer than ``prompt_len`` tokens; prompt + new tokens beyond the
             model's positions.
     """
-    settings = rollout.RolloutSettings(max_new_tokens, temperature, 0, top_p, tokenizer.eos_id)
-    rollout.check_settings(settings, model.config, prompt_len)
+    settings = sampling.RolloutSettings(max_new_tokens, temperature, 0, top_p, tokenizer.eos_id)
+    sampling.check_settings(settings, model.config, prompt_len)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     rows = []
     for i, q in enumerate(questions):
@@ -200,7 +142,7 @@ def sample_answers(
             t = t[:length]
             if tokenizer.eos_id is not None and len(t) and t[-1] == tokenizer.eos_id:
                 t = t[:-1]
-            out[i][j] = cut_at_stop(tokenizer.decode(t.tolist()))
+            out[i][j] = answers_lib.cut_at_stop(tokenizer.decode(t.tolist()))
     return out
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.data import seqkd as seqkd_lib
+from distill_jax import teachers
 from distill_jax.data import sources
 from distill_jax.eval import gsm, speculative
 from distill_jax.train import loop
@@ -125,6 +125,6 @@ def seqkd(c, workdir: str | None = None) -> dict:
     tokenizer = loop._tokenizer(c, k.pop("tokenizer", "teacher"))
     problems = _gsm_split(c)["train"][: k.pop("num_problems", 64)]
     teacher_name = str(c.teacher.get("init"))
-    return seqkd_lib.build_dataset(
+    return teachers.build_seqkd_dataset(
         model, tokenizer, problems, out_dir, teacher=teacher_name, seed=seed, **k
     )

@@ -31,7 +31,6 @@ from flax import nnx, struct
 
 from distill_jax.models import cache as cache_lib
 from distill_jax.models import sampling
-from distill_jax.train import rollout
 
 
 def check_pair(target_config, draft_config, gamma: int) -> None:
@@ -322,8 +321,8 @@ def speedup(alpha, gamma: int, cost_ratio: float):
 @functools.partial(jax.jit, static_argnames=("tg", "dg", "settings"))
 def _acceptance_sums(tg, ts, dg, ds, prompt_ids, prompt_mask, keys, settings):
     target, draft = nnx.merge(tg, ts), nnx.merge(dg, nnx.State(ds))
-    tokens, mask = rollout.sample(dg, ds, prompt_ids, prompt_mask, keys, settings)
-    batch = rollout.sequence_batch(prompt_ids, prompt_mask, tokens, mask)
+    tokens, mask = sampling.sample(dg, ds, prompt_ids, prompt_mask, keys, settings)
+    batch = sampling.sequence_batch(prompt_ids, prompt_mask, tokens, mask)
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
     t_logits = target(batch["input_ids"], **kw)
     d_logits = draft(batch["input_ids"], **kw)
@@ -367,15 +366,15 @@ def acceptance(
         raise ValueError(f"prefixes={prefixes!r}: use 'draft' or 'target'.")
     if prefixes == "target":  # beta and the greedy match are symmetric in the two models
         target, draft = draft, target
-    settings = rollout.RolloutSettings(max_new_tokens, temperature, top_k, top_p, eos_id)
+    settings = sampling.RolloutSettings(max_new_tokens, temperature, top_k, top_p, eos_id)
     tg, ts = nnx.split(target)
     dg, ds = nnx.split(draft, nnx.Param)
     ds = nnx.to_pure_dict(ds)
     alpha = greedy = count = 0.0
     for i, batch in enumerate(prompt_batches):
-        rollout.check_settings(settings, draft.config, batch["prompt_ids"].shape[1])
-        rollout.check_settings(settings, target.config, batch["prompt_ids"].shape[1])
-        keys = rollout.example_keys(jax.random.key(seed), jnp.asarray(batch["example_ids"]), i)
+        sampling.check_settings(settings, draft.config, batch["prompt_ids"].shape[1])
+        sampling.check_settings(settings, target.config, batch["prompt_ids"].shape[1])
+        keys = sampling.example_keys(jax.random.key(seed), jnp.asarray(batch["example_ids"]), i)
         a, g, c = _acceptance_sums(
             tg,
             ts,

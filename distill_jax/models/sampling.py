@@ -1,13 +1,24 @@
-"""Token sampling (greedy, temperature, top-k, nucleus/top-p) and KV-cached generation.
+"""Token sampling (greedy, temperature, top-k, nucleus/top-p), KV-cached generation and rollouts.
 
 Top-p follows Holtzman et al., 2020 ("The Curious Case of Neural Text Degeneration",
 arXiv:1904.09751): keep the smallest set of most-probable tokens whose mass reaches p. Filters
 apply in the order of transformers' ``generate``: temperature, then top-k, then top-p.
+
+Rollouts (used by the trainer's on-policy regimes and by eval):
+
+* ``sample``: batched sampling with the KV cache (``decode``), traceable inside a jitted
+  function, static shapes [B, P] -> [B, N]; EOS ends a row (later tokens are masked),
+  temperature / top-k / top-p (``RolloutSettings``, checked by ``check_settings``), one PRNG key
+  per example (``example_keys``), so a row's sample does not depend on the other rows of its
+  batch or on how the batch is sharded.
+* ``sequence_batch``: prompt + completion -> the step's batch fields [B, P + N], loss on the
+  completion tokens only (prompt, padding and everything after the first EOS masked).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +275,101 @@ def decode(
         before = jnp.concatenate([jnp.zeros((b, 1), bool), done_before.T], axis=1)
         lengths = jnp.sum(~before, axis=1).astype(jnp.int32)
     return Generation(tokens=tokens, logits=all_logits, lengths=lengths)
+
+
+# --- rollouts: static settings, one key per example, the step batch of prompt + completion ---
+
+
+class RolloutSettings(NamedTuple):
+    """Static sampling settings: N new tokens, temperature (0 = greedy), top-k, top-p, EOS id,
+    and vocab_limit (the tokenizer's size where the model's vocabulary is padded beyond it:
+    padded ids are never sampled)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int | None = None
+    vocab_limit: int | None = None
+
+
+def check_settings(settings: RolloutSettings, config, prompt_len: int) -> None:
+    """Raise before compiling when the settings cannot work for a model of ``config``."""
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={settings.max_new_tokens}: sample at least one token.")
+    if settings.temperature < 0:
+        raise ValueError(f"temperature={settings.temperature} must be >= 0 (0 = greedy).")
+    if not 0 < settings.top_p <= 1:
+        raise ValueError(f"top_p={settings.top_p} must be in (0, 1].")
+    total = prompt_len + settings.max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"Prompts of {prompt_len} tokens plus {settings.max_new_tokens} new tokens need a "
+            f"cache of {total} positions, more than the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; shorten prompt_len or max_new_tokens."
+        )
+
+
+def example_keys(rng: jax.Array, example_ids: jax.Array, step) -> jax.Array:
+    """[B] keys: ``fold_in(fold_in(rng, step), example_id)``, one stream per example and step."""
+    base = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(example_ids)
+
+
+def sample(graphdef, params, prompt_ids, prompt_mask, keys, settings: RolloutSettings):
+    """Completions of a left-padded prompt batch, traceable (no gradient flows into params).
+
+    Args:
+        graphdef, params: ``teachers.split_model`` of the model (pure-dict parameters).
+        prompt_ids, prompt_mask: [B, P] (padding on the left).
+        keys: [B] PRNG keys (``example_keys``).
+        settings: ``RolloutSettings``.
+
+    Returns:
+        (tokens [B, N] int32, mask [B, N] bool): mask is True up to and including the first EOS.
+    """
+    model = nnx.merge(graphdef, nnx.State(jax.lax.stop_gradient(params)))
+    gen = decode(
+        model,
+        prompt_ids,
+        prompt_mask,
+        keys,
+        max_new_tokens=settings.max_new_tokens,
+        sampling=(float(settings.temperature), int(settings.top_k), float(settings.top_p)),
+        eos_id=settings.eos_id,
+        vocab_limit=settings.vocab_limit,
+    )
+    mask = jnp.arange(settings.max_new_tokens)[None, :] < gen.lengths[:, None]
+    return gen.tokens, mask
+
+
+def sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict:
+    """The train step's batch for prompt + completion, loss on the completion only.
+
+    Column P + i holds completion token i, so the prediction of token i is at column P + i - 1:
+
+        input_ids  = [prompt, completion]                              [B, P + N]
+        targets[j] = input_ids[j + 1]                                  (0 at the last column)
+        loss_mask[j] = completion_mask[j + 1 - P]   for j >= P - 1, else False
+        segment_ids  = 1 on real prompt and completion tokens, 0 on padding
+        positions    = running count of real tokens - 1 (the prompt's first real token is 0)
+
+    Args:
+        prompt_ids, prompt_mask: [B, P], left-padded.
+        completion_ids, completion_mask: [B, N], True up to and including EOS.
+    """
+    b, p = prompt_ids.shape
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
+    real = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(real.astype(jnp.int32), axis=1) - 1, 0)
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    loss_mask = jnp.concatenate(
+        [jnp.zeros((b, p - 1), bool), completion_mask, jnp.zeros((b, 1), bool)], axis=1
+    )
+    return dict(
+        input_ids=ids,
+        targets=targets,
+        segment_ids=real.astype(jnp.int32),
+        positions=positions.astype(jnp.int32),
+        loss_mask=loss_mask,
+    )

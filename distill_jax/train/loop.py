@@ -49,7 +49,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh
 from tqdm import tqdm
 
-from distill_jax import bridges, sharding, teachers
+from distill_jax import assets, bridges, sharding, teachers
 from distill_jax.bridges import alm as bridge_alm
 from distill_jax.bridges import batches as bridge_batches
 from distill_jax.data import pipeline, sources, teacher_cache
@@ -58,8 +58,9 @@ from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.eval import speculative
 from distill_jax.losses import compose, fused
 from distill_jax.models import config as model_config
+from distill_jax.models import sampling
 from distill_jax.models import scan as scan_lib
-from distill_jax.models.convert import _assets, from_pretrained, hf, save_pretrained
+from distill_jax.models.convert import from_pretrained, hf, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
@@ -69,7 +70,7 @@ from distill_jax.transforms import params as transform_params
 from distill_jax.transforms import schedule as prune_schedule
 from distill_jax.transforms import stats as transform_stats
 
-ASSETS = {"smollm2": _assets.smollm2_gguf_path, "gemma3": _assets.gemma3_gguf_path}
+ASSETS = {"smollm2": assets.smollm2_gguf_path, "gemma3": assets.gemma3_gguf_path}
 TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "self", "none")
 
 
@@ -440,7 +441,7 @@ def build_cache(config) -> teacher_cache.TeacherCache:
     _, tokenizer, batches = _data(c)
     model = build_model(t, "teacher", int(c.get("seed", 0)) + 1)
     v = model.config.vocab_size
-    return teacher_cache.build_teacher_cache(
+    return teachers.build_teacher_cache(
         t.cache_dir,
         model,
         batches,
@@ -947,7 +948,7 @@ def train(config, workdir: str) -> dict:
         teacher = teachers.WithReference(teacher, build_model(c.reference, "reference", seed + 2))
     vocab_mask = _check_vocab(student, None if bridge else teacher, tokenizer)
     if onpolicy is not None:
-        settings = rollout.RolloutSettings(
+        settings = sampling.RolloutSettings(
             onpolicy.max_new_tokens,
             temperature=onpolicy.get("temperature", 1.0),
             top_k=onpolicy.get("top_k", 0),
@@ -955,9 +956,9 @@ def train(config, workdir: str) -> dict:
             eos_id=tokenizer.eos_id,
             vocab_limit=tokenizer.vocab_size,
         )
-        rollout.check_settings(settings, student.config, onpolicy.prompt_len)
+        sampling.check_settings(settings, student.config, onpolicy.prompt_len)
         if onpolicy.get("seq_kd"):
-            rollout.check_settings(settings, teacher.config, onpolicy.prompt_len)
+            sampling.check_settings(settings, teacher.config, onpolicy.prompt_len)
 
     # --- state, shardings and the step (the one builder; --mode=compile lowers the same)
     privileged = onpolicy is not None and "privileged_ids" in train_batches.fields

@@ -44,7 +44,7 @@ PIECES = [
     "<b>",
 ]
 # Any character except U+2581, which SentencePiece vocabularies read as a space (documented in
-# data.tokenizers.Tokenizer), surrogates, which are not text, and what SmolLM2's vocabulary cannot
+# data.token_bytes.Tokenizer), surrogates, which are not text, and what SmolLM2's vocabulary cannot
 # spell: it has no token for the bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xF1 and 0xF2 (the
 # lead bytes of U+40000..U+BFFFF); see test_unspellable_character_is_a_clear_error.
 SMOLLM2_UNSPELLABLE = "\x04\x06\x13\x14\x16\x1d"

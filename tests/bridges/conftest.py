@@ -8,19 +8,18 @@ import os
 
 import pytest
 
-from distill_jax.data import _assets as data_assets
+from distill_jax import assets
 from distill_jax.data import load_tokenizer, sources
-from distill_jax.models.convert import _assets
 
 
 @pytest.fixture(scope="session")
 def tokenizers() -> dict:
     """The real tokenizers of the bridge tests, loaded once: SmolLM2 and Gemma-3 from their
     GGUFs, the byte tokenizer, and llama.cpp's vocab-only GGUFs of four other families."""
-    vocab = data_assets.llama_cpp_vocab_dir()
+    vocab = assets.llama_cpp_vocab_dir()
     return {
-        "smollm2": load_tokenizer(_assets.smollm2_gguf_path()),
-        "gemma3": load_tokenizer(_assets.gemma3_gguf_path()),
+        "smollm2": load_tokenizer(assets.smollm2_gguf_path()),
+        "gemma3": load_tokenizer(assets.gemma3_gguf_path()),
         "byte": load_tokenizer("byte"),
         **{
             name: load_tokenizer(os.path.join(vocab, f"ggml-vocab-{name}.gguf"))

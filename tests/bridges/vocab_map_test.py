@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill_jax import assets
 from distill_jax.bridges import byteify, vocab_map
-from distill_jax.data import _assets as data_assets
 from distill_jax.data import load_tokenizer
 from distill_jax.losses import forward_kl
 
@@ -238,7 +238,7 @@ def test_map_shape_must_match_teacher_vocab():
 
 
 def test_padding_only_pair_is_identity_and_masked_kl_equals_truncated(tokenizers):
-    vocab = data_assets.llama_cpp_vocab_dir()
+    vocab = assets.llama_cpp_vocab_dir()
     student = load_tokenizer(os.path.join(vocab, "ggml-vocab-qwen2.gguf"))  # a second load
     teacher = tokenizers["qwen2"]
     true = vocab_map.check_same_tokenizer_padding(teacher, student)

@@ -24,9 +24,8 @@ import pytest
 from tokenizers import pre_tokenizers
 
 import distill_jax.data as dj_data
-from distill_jax.data import _assets as data_assets
+from distill_jax import assets
 from distill_jax.data import sources
-from distill_jax.models.convert import _assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load from local files only
 
@@ -92,13 +91,13 @@ def _assert_mask_spells_responses(tok, encoding, messages, end_text: str, strip=
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return dj_data.load_tokenizer(_assets.smollm2_gguf_path())
+    return dj_data.load_tokenizer(assets.smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def smollm2_reference():
     """transformers' GGUF tokenizer with SmolLM2's pre-tokenizer (see tokenizers_test.py)."""
-    reference = _transformers_gguf_tokenizer(_assets.smollm2_gguf_path())
+    reference = _transformers_gguf_tokenizer(assets.smollm2_gguf_path())
     reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -154,17 +153,17 @@ def test_chatml_keeps_a_given_system_message(smollm2, smollm2_reference):
 
 @pytest.fixture(scope="module")
 def gemma3():
-    return dj_data.load_tokenizer(_assets.gemma3_gguf_path())
+    return dj_data.load_tokenizer(assets.gemma3_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def gemma3_reference():
-    return _transformers_gguf_tokenizer(_assets.gemma3_gguf_path())
+    return _transformers_gguf_tokenizer(assets.gemma3_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def llama_cpp_dir() -> str:
-    return data_assets.llama_cpp_vocab_dir()
+    return assets.llama_cpp_vocab_dir()
 
 
 @pytest.mark.slow

@@ -12,16 +12,16 @@ import sys
 import numpy as np
 import pytest
 
+from distill_jax import assets
 from distill_jax.data import packing, pipeline, sources
 from distill_jax.data.tokenizers import load_tokenizer
-from distill_jax.models.convert import _assets
 
 WORKER = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(_assets.smollm2_gguf_path())
+    return load_tokenizer(assets.smollm2_gguf_path())
 
 
 def _segment_tokens(batch):

@@ -12,11 +12,11 @@ import sys
 
 
 def kjv_batches(**kwargs):
+    from distill_jax import assets
     from distill_jax.data import pipeline, sources
     from distill_jax.data.tokenizers import load_tokenizer
-    from distill_jax.models.convert import _assets
 
-    tok = load_tokenizer(_assets.smollm2_gguf_path())
+    tok = load_tokenizer(assets.smollm2_gguf_path())
     texts = [text for _, text in sources.kjv_chapters()[:60]]
     encode = pipeline.text_encoder(tok)
     return pipeline.TokenBatches(

@@ -13,14 +13,14 @@ import pytest
 import seqio  # noqa: E402  (the "data" extra, always installed by make)
 import tensorflow as tf  # noqa: E402
 
+from distill_jax import assets  # noqa: E402
 from distill_jax.data import seqio_tasks, sources  # noqa: E402
 from distill_jax.data.tokenizers import load_tokenizer  # noqa: E402
-from distill_jax.models.convert import _assets  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(_assets.smollm2_gguf_path())
+    return load_tokenizer(assets.smollm2_gguf_path())
 
 
 def _kjv_chapters_from_jsonl() -> list[str]:
@@ -44,7 +44,7 @@ def test_vocabulary_adapts_the_tokenizer(tok):
     assert [t.decode() for t in vocab.decode_tf(dense).numpy()] == texts  # stops at EOS
     assert vocab.decode_tf(tf.constant(tok.encode(texts[2]))).numpy().decode() == texts[2]
     assert vocab.decode([*tok.encode(texts[0]), 0, 0]) == texts[0]  # 0 is padding
-    again = seqio_tasks.TokenizerVocabulary(_assets.smollm2_gguf_path())
+    again = seqio_tasks.TokenizerVocabulary(assets.smollm2_gguf_path())
     assert again == vocab and hash(again) == hash(vocab)
     assert seqio_tasks.TokenizerVocabulary("byte") != vocab
 

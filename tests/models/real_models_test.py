@@ -19,9 +19,9 @@ from flax import nnx
 from transformers import AutoModelForCausalLM
 
 import distill_jax as dj
+from distill_jax import assets
 from distill_jax.data import sources
 from distill_jax.data.tokenizers import load_tokenizer
-from distill_jax.models.convert import _assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,8 +44,8 @@ def _kjv_prompt(tok, length: int = 64) -> list[int]:
 @pytest.mark.parametrize(
     "asset",
     [
-        pytest.param(_assets.smollm2_gguf_path, id="smollm2_135m_q4_1"),
-        pytest.param(_assets.gemma3_gguf_path, id="gemma3_270m_q4_k_m", marks=pytest.mark.slow),
+        pytest.param(assets.smollm2_gguf_path, id="smollm2_135m_q4_1"),
+        pytest.param(assets.gemma3_gguf_path, id="gemma3_270m_q4_k_m", marks=pytest.mark.slow),
     ],
 )
 def test_real_logits_match_transformers_gguf_loading(asset):
@@ -63,7 +63,7 @@ def test_real_logits_match_transformers_gguf_loading(asset):
 
 
 def test_smollm2_greedy_continuation_knows_paris():
-    path = _assets.smollm2_gguf_path()
+    path = assets.smollm2_gguf_path()
     model, tok = dj.models.from_pretrained(path), load_tokenizer(path)
     ids = jnp.asarray([tok.encode("The capital of France is")], jnp.int32)
     out = dj.models.generate(model, ids, max_new_tokens=8, eos_id=tok.eos_id)
@@ -72,8 +72,8 @@ def test_smollm2_greedy_continuation_knows_paris():
 
 
 REAL = [
-    pytest.param(_assets.smollm2_gguf_path, id="smollm2_135m"),
-    pytest.param(_assets.gemma3_gguf_path, id="gemma3_270m", marks=pytest.mark.slow),
+    pytest.param(assets.smollm2_gguf_path, id="smollm2_135m"),
+    pytest.param(assets.gemma3_gguf_path, id="gemma3_270m", marks=pytest.mark.slow),
 ]
 
 
@@ -96,7 +96,7 @@ def test_bf16_compute_stays_close_to_float32_on_a_real_passage(param_dtype):
     float32 on 64 KJV tokens through real SmolLM2-135M. Stated tolerance: max |delta logit| <=
     5 % of max |logit| (observed 3.3 %), the same next-token argmax at >= 95 % of positions
     (observed 100 %), mean KL(p_float32 || p_bf16) <= 0.01 nats (observed 0.0016)."""
-    path = _assets.smollm2_gguf_path()
+    path = assets.smollm2_gguf_path()
     ids = jnp.asarray([_kjv_prompt(load_tokenizer(path))], jnp.int32)
     ref = np.asarray(dj.models.from_pretrained(path)(ids))[0]
     model = dj.models.from_pretrained(path, dtype="bfloat16", param_dtype=param_dtype)

@@ -222,6 +222,7 @@ def test_onpolicy_lambda_zero_is_supervised_kd_on_the_same_batches(tmp_path):
 def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
     """Every step's batch is the student's continuation of the prompts (sampled here with
     ``dj.models.generate`` from the current student, per-example keys), scored by the teacher."""
+    from distill_jax.models import sampling
     from distill_jax.train import rollout
 
     c = tiny(steps=3, onpolicy=1.0)
@@ -232,7 +233,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
 
     def student_samples(params, prompts, i):
         model = nnx.merge(graph["g"], nnx.State(params))
-        keys = rollout.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), i)
+        keys = sampling.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), i)
         gen = dj.models.generate(
             model,
             jnp.asarray(prompts["prompt_ids"]),
@@ -244,7 +245,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
             vocab_limit=dj.data.load_tokenizer("byte").vocab_size,  # 259 of the model's 264
         )
         done = jnp.arange(16)[None] < gen.lengths[:, None]
-        return rollout.sequence_batch(
+        return sampling.sequence_batch(
             prompts["prompt_ids"], prompts["prompt_mask"], gen.tokens, done
         )
 
@@ -265,7 +266,7 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
     they spell in its tokenizer, and ALM is computed on the completion's chunks."""
     from distill_jax import teachers
     from distill_jax.data import sources
-    from distill_jax.train import rollout
+    from distill_jax.models import sampling
 
     c = tiny(ALM_CONFIG, steps=2, onpolicy=1.0)
     loop.train(c, str(tmp_path))
@@ -278,9 +279,9 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
     prompts = next(loop.make_prompt_batches(c, split["train"], tok, seed=0))
     student = loop.build_model(c.student, "student", 0)
     graphdef, params = teachers.split_model(student)
-    keys = rollout.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), 0)
-    settings = rollout.RolloutSettings(24, 1.0, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-    tokens, mask = rollout.sample(
+    keys = sampling.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), 0)
+    settings = sampling.RolloutSettings(24, 1.0, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+    tokens, mask = sampling.sample(
         graphdef,
         params,
         jnp.asarray(prompts["prompt_ids"]),

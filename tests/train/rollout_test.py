@@ -75,17 +75,17 @@ def _full_forward_samples(model, ids, mask, keys, n, settings):
 @pytest.mark.parametrize(
     "settings",
     [
-        rollout.RolloutSettings(6, temperature=1.0),
-        rollout.RolloutSettings(6, temperature=0.8, top_k=7),
-        rollout.RolloutSettings(6, temperature=1.2, top_p=0.7),
+        sampling.RolloutSettings(6, temperature=1.0),
+        sampling.RolloutSettings(6, temperature=0.8, top_k=7),
+        sampling.RolloutSettings(6, temperature=1.2, top_p=0.7),
     ],
 )
 def test_cached_rollout_equals_full_forward_sampling(settings):
     model = _model()
     graphdef, params = teachers.split_model(model)
     ids, mask = _prompts()
-    keys = rollout.example_keys(jax.random.key(3), jnp.arange(3), 11)
-    tokens, tmask = jax.jit(rollout.sample, static_argnums=(0, 5))(
+    keys = sampling.example_keys(jax.random.key(3), jnp.arange(3), 11)
+    tokens, tmask = jax.jit(sampling.sample, static_argnums=(0, 5))(
         graphdef, params, ids, mask, keys, settings
     )
     np.testing.assert_array_equal(
@@ -98,14 +98,14 @@ def test_a_rows_sample_does_not_depend_on_its_batch():
     model = _model()
     graphdef, params = teachers.split_model(model)
     ids, mask = _prompts()
-    s = rollout.RolloutSettings(5, temperature=1.0)
-    keys = rollout.example_keys(jax.random.key(0), jnp.asarray([7, 8, 9]), 2)
-    all_rows, _ = rollout.sample(graphdef, params, ids, mask, keys, s)
-    last_only, _ = rollout.sample(graphdef, params, ids[2:], mask[2:], keys[2:], s)
+    s = sampling.RolloutSettings(5, temperature=1.0)
+    keys = sampling.example_keys(jax.random.key(0), jnp.asarray([7, 8, 9]), 2)
+    all_rows, _ = sampling.sample(graphdef, params, ids, mask, keys, s)
+    last_only, _ = sampling.sample(graphdef, params, ids[2:], mask[2:], keys[2:], s)
     np.testing.assert_array_equal(all_rows[2:], last_only)
-    other_step = rollout.example_keys(jax.random.key(0), jnp.asarray([7, 8, 9]), 3)
+    other_step = sampling.example_keys(jax.random.key(0), jnp.asarray([7, 8, 9]), 3)
     assert not np.array_equal(
-        rollout.sample(graphdef, params, ids, mask, other_step, s)[0], all_rows
+        sampling.sample(graphdef, params, ids, mask, other_step, s)[0], all_rows
     )
 
 
@@ -113,17 +113,17 @@ def test_eos_masks_the_rest_of_a_rollout():
     model = _model()
     graphdef, params = teachers.split_model(model)
     ids, mask = _prompts()
-    keys = rollout.example_keys(jax.random.key(1), jnp.arange(3), 0)
-    free, _ = rollout.sample(graphdef, params, ids, mask, keys, rollout.RolloutSettings(8, 0.0))
+    keys = sampling.example_keys(jax.random.key(1), jnp.arange(3), 0)
+    free, _ = sampling.sample(graphdef, params, ids, mask, keys, sampling.RolloutSettings(8, 0.0))
     eos = int(free[0, 2])
-    tokens, tmask = rollout.sample(
-        graphdef, params, ids, mask, keys, rollout.RolloutSettings(8, 0.0, eos_id=eos)
+    tokens, tmask = sampling.sample(
+        graphdef, params, ids, mask, keys, sampling.RolloutSettings(8, 0.0, eos_id=eos)
     )
     first = int(np.argmax(np.asarray(tokens[0]) == eos))
     np.testing.assert_array_equal(tmask[0], np.arange(8) <= first)
     np.testing.assert_array_equal(
         _full_forward_samples(
-            model, ids, mask, keys, 8, rollout.RolloutSettings(8, 0.0, eos_id=eos)
+            model, ids, mask, keys, 8, sampling.RolloutSettings(8, 0.0, eos_id=eos)
         ),
         tokens,
     )
@@ -134,7 +134,7 @@ def test_sequence_batch_layout():
     pmask = prompt > 0
     comp = np.array([[7, 8, 9], [10, 11, 11]], np.int32)
     cmask = np.array([[True, True, True], [True, True, False]])
-    b = {k: np.asarray(v) for k, v in rollout.sequence_batch(prompt, pmask, comp, cmask).items()}
+    b = {k: np.asarray(v) for k, v in sampling.sequence_batch(prompt, pmask, comp, cmask).items()}
     np.testing.assert_array_equal(b["input_ids"], [[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 10, 11, 11]])
     np.testing.assert_array_equal(b["targets"][:, :-1], b["input_ids"][:, 1:])
     np.testing.assert_array_equal(b["positions"][0, 2:], np.arange(5))
@@ -213,9 +213,9 @@ def test_rollout_settings_that_cannot_fit_are_refused():
     with pytest.raises(
         ValueError, match="cache of 40 positions, more than the model's max_position_embeddings=32"
     ):
-        rollout.check_settings(rollout.RolloutSettings(20), config, prompt_len=20)
+        sampling.check_settings(sampling.RolloutSettings(20), config, prompt_len=20)
     with pytest.raises(ValueError, match="at least one token"):
-        rollout.check_settings(rollout.RolloutSettings(0), config, prompt_len=4)
+        sampling.check_settings(sampling.RolloutSettings(0), config, prompt_len=4)
 
 
 def test_gkd_coin_has_frequency_lambda_and_is_fixed_by_seed_and_step():

