@@ -183,7 +183,7 @@ class Setup:
         # with bf16 compute over float32 parameters ("Unsupported element type for
         # DotThunk::Execute: BF16 x BF16 = F32"); accelerators are unaffected.
         chunk = self.args.chunk_size or min(max(16, CHUNK_ROWS // batch), self.args.seq_len // 2)
-        return objective.LossSpec.from_config(self.terms, dict(chunk_size=chunk))
+        return objective.LossSpec.from_config(self.terms, dict(head_chunk_tokens=chunk))
 
     def fresh_state(self):
         import jax
@@ -278,7 +278,7 @@ def run_row(setup: Setup, batch: int, remat: str) -> dict:
         batch=batch,
         seq_len=args.seq_len,
         remat=remat,
-        chunk_size=setup.spec(batch).options["chunk_size"],
+        chunk_size=setup.spec(batch).options["head_chunk_tokens"],
         compile_s=compile_s,
         step_s=step_s,
         step_times=times,

@@ -166,13 +166,15 @@ def _our_setup(args, loss_implementation="custom_vjp"):
     chunk = min(fused.auto_chunk_size(args.batch, teacher.config.vocab_size), args.seq_len // 2)
     spec = objective.LossSpec.from_config(
         dict(forward_kl=dict(weight=1.0, temperature=1.0)),
-        dict(implementation=loss_implementation, chunk_size=max(chunk, 1)),
+        dict(implementation=loss_implementation, head_chunk_tokens=max(chunk, 1)),
     )
     opt = dict(name="adamw", learning_rate=ADAMW["lr"], schedule="constant", warmup_steps=0)
     opt.update(b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"], weight_decay=0.0)
     tx, _ = state_lib.make_optimizer(opt, args.warmup + args.repeats, args.batch * args.seq_len)
     graphdef, params = teachers.split_model(student)
-    state = state_lib.create({"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     ids = np.load(os.path.join(args.tmp, "ids.npy")).astype(np.int32)  # [S, B, T]
     b, t = ids.shape[1:]
     mask = np.ones((b, t), bool)

@@ -46,7 +46,7 @@ def get_config(arg=None):
         lmbda=arg.lmbda, prompt_len=192, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0
     )
     c.losses = {arg.divergence: dict(temperature=1.0)}
-    c.loss_options = dict(chunk_size=256)
+    c.loss_options = dict(head_chunk_tokens=256)
     if arg.adaspec:
         c.loss_options.selection = dict(kind="adaspec", keep_ratio=0.4)
     c.optimizer = dict(

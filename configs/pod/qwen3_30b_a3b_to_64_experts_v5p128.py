@@ -73,7 +73,7 @@ def get_config(arg=None):
         seed=0,
     )
     c.losses = dict(forward_kl=dict(temperature=1.0, weight=0.9), ce=dict(weight=0.1))
-    c.loss_options = dict(chunk_size=512)  # positions per fused-loss chunk
+    c.loss_options = dict(head_chunk_tokens=512)  # tokens per fused-loss chunk
     c.optimizer = dict(
         learning_rate=2e-5, warmup_steps=200, weight_decay=0.01, grad_clip_norm=1.0, b2=0.95
     )

@@ -215,7 +215,7 @@ def build_teacher(
             model,
             teacher_boundary_mask=t_mask,
             student_boundary_mask=s_mask,
-            chunk_size=c.get("logprob_chunk_size", 32),
+            chunk_size=c.get("logprob_chunk_tokens", 32),
         )
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
@@ -696,8 +696,7 @@ def _export(model, workdir: str) -> None:
 
 def loss_spec(c) -> objective.LossSpec:
     """``config.losses`` as a LossSpec (unknown terms fail here, before anything is loaded)."""
-    options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
-    return objective.LossSpec.from_config(c.losses, options)
+    return objective.loss_spec(c)
 
 
 def step_shape(c) -> tuple[int, int]:

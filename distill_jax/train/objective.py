@@ -10,19 +10,17 @@ The spec has two parts (configs/*.py):
     )
     c.losses = dict(alm=dict(temperature=100.0, distance="binary_kl", append_space=True))
 
-``alm`` is the cross-tokenizer term (``bridges.alm``, needs ``config.bridge``): it is summed
-over common-boundary chunks and normalised by the global *chunk* count, so it cannot be mixed
-with token-normalised terms; those may stay as metrics with ``weight=0`` (or alm itself may,
-for a baseline trained on the others). Its knobs:
-``temperature`` (tau_b), ``distance``, ``append_space``, ``chunk_size`` (positions per step of
-the student's chunked log-prob walk) and ``merge_threshold`` (> 0: minimal chunks are merged on
-device while the teacher's word-boundary probability after them is <= the threshold),
-``hidden_weight`` (> 0: adds the hidden-state loss at chunk ends, ``bridges.alm.
-chunk_hidden_loss``, ``hidden_kind`` "mse" or "cosine", with a ``projector`` init when the widths
-differ).
-    c.loss_options = dict(chunk_size=None, implementation="custom_vjp", semantics="renorm_both",
-                          temperature_squared=True, alpha=None, total_steps=None,
-                          selection=dict(kind="none"))
+The kind of each term, its knobs (typed, with defaults and ranges) and what it needs from the
+rest of the config are registry entries (``train/registry.py``); ``loss_spec(config)`` checks
+the whole config against them (``train/terms.py``) before anything loads and parses each term
+into a typed ``terms.Term``. ``alm`` is the cross-tokenizer term (``bridges.alm``, needs
+``config.bridge``): it is summed over common-boundary chunks and normalised by the global *chunk*
+count, so it cannot be mixed with token-normalised terms; those may stay as metrics with
+``weight=0`` (or alm itself may, for a baseline trained on the others). Options:
+
+    c.loss_options = dict(head_chunk_tokens=None, implementation="custom_vjp",
+                          semantics="renorm_both", temperature_squared=True, alpha=None,
+                          total_steps=None, selection=dict(kind="none"))
 
 Any number in a term (weight, temperature, beta, alpha, ...) or ``loss_options.alpha`` may be a
 schedule ``dict(schedule="linear"|"cosine"|"constant", start=a, end=b, steps=n,
@@ -49,39 +47,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from distill_jax.bridges import alm
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
-
-# Feature terms: label -> per-token loss on (student, teacher) hidden states or attention q/k/v.
-FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
-    "hidden_mse": features.hidden_mse,
-    "hidden_cosine": features.hidden_cosine,
-    "attention_relation": features.attention_relation_kl,
-    "value_relation": features.value_relation_kl,
-}
-LOGIT_KINDS = tuple(sorted(divergences.CORES)) + fused.EXTRA_KINDS
-SELECTIONS = ("none", "adakd", "tsd", "tip", "clip", "rho1", "adaspec")
-_TAID_KNOBS = ("t_start", "t_end", "step_size", "momentum", "adaptive")
-_ALM_KNOBS = (
-    "weight",
-    "temperature",
-    "distance",
-    "append_space",
-    "chunk_size",
-    "merge_threshold",
-    "hidden_weight",
-    "hidden_kind",
-    "projector",
-)
-_FEATURE_KNOBS = ("weight", "layers", "pairs", "projector", "student_layer", "teacher_layer")
+from distill_jax.train import selection_rules
+from distill_jax.train import terms as terms_lib
+from distill_jax.train.terms import Term
 
 
 @struct.dataclass
@@ -161,74 +138,73 @@ def schedule_value(spec, step):
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """The parsed config: logit terms (fused), feature terms, options; see ``from_config``."""
+    """The parsed config: typed terms by family, the checked options and the selection rule.
 
-    logit_terms: dict[str, dict]
-    feature_terms: dict[str, dict]
+    ``logit_terms`` (fused head), ``feature_terms`` and ``bridge_terms`` map a label to its
+    ``terms.Term``; ``options`` is ``loss_options`` with every default filled in; ``selection``
+    is the selection rule as a Term (``terms.SELECTIONS``).
+    """
+
+    logit_terms: dict[str, Term]
+    feature_terms: dict[str, Term]
     options: dict
-    bridge_terms: dict[str, dict] = dataclasses.field(default_factory=dict)
+    bridge_terms: dict[str, Term] = dataclasses.field(default_factory=dict)
+    selection: Term | None = None
 
     @classmethod
     def from_config(cls, losses: Mapping, options: Mapping | None = None) -> LossSpec:
         """Check a ``c.losses`` / ``c.loss_options`` pair; errors name the term and the fix."""
-        options = {
-            "chunk_size": None,
-            "implementation": "custom_vjp",
-            "semantics": "renorm_both",
-            "temperature_squared": True,
-            "alpha": None,
-            "total_steps": None,
-            "selection": dict(kind="none"),
-            **_to_dict(options or {}),
-        }
-        options["selection"] = _to_dict(options["selection"])
-        kind = options["selection"].get("kind", "none")
-        if kind not in SELECTIONS:
-            raise ValueError(f"loss_options.selection.kind={kind!r}: choose one of {SELECTIONS}.")
-        logit, feature, bridge = {}, {}, {}
-        for label, term in _to_dict(losses).items():
-            term = _to_dict(term)
-            name = term.get("divergence", label)
-            if name == "alm":
-                unknown = set(term) - set(_ALM_KNOBS) - {"divergence"}
-                if unknown:
-                    raise ValueError(f"Loss term {label!r}: unknown keys {sorted(unknown)}.")
-                bridge[label] = term
-            elif label in FEATURE_LOSSES:
-                unknown = set(term) - set(_FEATURE_KNOBS) - {"num_relation_heads", "normalize"}
-                if unknown:
-                    raise ValueError(f"Loss term {label!r}: unknown keys {sorted(unknown)}.")
-                feature[label] = term
-            elif name in LOGIT_KINDS:
-                logit[label] = term
-            else:
-                raise ValueError(
-                    f"Loss term {label!r}: unknown kind {name!r}; choose a divergence "
-                    f"{sorted(divergences.CORES)}, one of {list(fused.EXTRA_KINDS)}, a feature "
-                    f"loss {sorted(FEATURE_LOSSES)}, or set 'divergence' for a custom label."
-                )
-            if name == "taid" and not options["total_steps"]:
-                raise ValueError(
-                    "The taid term needs loss_options.total_steps (its linear t schedule)."
-                )
-        if not logit and not feature and not bridge:
+        options, selection_term = terms_lib.parse_options(options)
+        parsed = [
+            terms_lib.parse_term(label, raw) for label, raw in terms_lib.to_dict(losses).items()
+        ]
+        return cls.from_terms(parsed, options, selection_term)
+
+    @classmethod
+    def from_terms(cls, parsed, options: dict, selection_term: Term) -> LossSpec:
+        """The spec of already parsed terms (``terms.validate``); checks how they combine."""
+        family = lambda f: {t.label: t for t in parsed if t.entry.family == f}  # noqa: E731
+        logit, feature, bridge = family("logit"), family("feature"), family("bridge")
+        if any(t.kind == "taid" for t in parsed) and not options["total_steps"]:
+            raise ValueError(
+                "The taid term needs loss_options.total_steps (its linear t schedule)."
+            )
+        if not parsed:
             raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
-        weighted = [k for k, t in {**logit, **feature}.items() if t.get("weight", 1.0) != 0]
-        if any(t.get("weight", 1.0) != 0 for t in bridge.values()) and weighted:
+        weighted = [k for k, t in {**logit, **feature}.items() if t.weight != 0]
+        if any(t.weight != 0 for t in bridge.values()) and weighted:
             raise ValueError(
                 f"Loss terms {weighted} are normalised per token but 'alm' per chunk; give them "
                 "weight=0 (kept as metrics), drop them, or give alm weight=0 (a metric)."
             )
-        if bridge and len(bridge) > 1:
+        if len(bridge) > 1:
             raise ValueError(f"One alm term at most; got {sorted(bridge)}.")
-        return cls(logit, feature, options, bridge)
+        return cls(logit, feature, options, bridge, selection_term)
 
     def divergence_labels(self) -> list[str]:
-        return [k for k, t in self.logit_terms.items() if t.get("divergence", k) not in ("ce",)]
+        return [k for k, t in self.logit_terms.items() if t.kind != "ce"]
+
+    def needs(self) -> frozenset:
+        """What the terms need from the teacher ("hidden_states", "qkv", ...): the union."""
+        every = [
+            *self.logit_terms.values(),
+            *self.feature_terms.values(),
+            *self.bridge_terms.values(),
+        ]
+        return frozenset().union(*(t.entry.needs for t in every))
 
 
-def _to_dict(x) -> dict:
-    return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+def validate(config) -> None:
+    """Check ``config.losses``, ``loss_options`` and ``teacher`` against the registry
+    (``terms.validate``) and how the terms combine; reads no file and builds nothing."""
+    loss_spec(config)
+
+
+def loss_spec(config) -> LossSpec:
+    """The whole config checked (``terms.validate``), then its LossSpec. Call this before any
+    model or data loads: every error names the term, the knob and the fix."""
+    parsed, options, selection_term = terms_lib.validate(config)
+    return LossSpec.from_terms(parsed, options, selection_term)
 
 
 # ------------------------------------------------------------------------- params and state
@@ -246,13 +222,13 @@ def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_lay
     """
     params = {}
     for label, term in spec.bridge_terms.items():  # ALM's chunk-end hidden-state projector
-        if term.get("hidden_weight", 0.0) and student_dim != teacher_dim:
+        if term.knobs["hidden_weight"] and student_dim != teacher_dim:
             key, sub = jax.random.split(key)
-            init = term.get("projector") or "xavier"
+            init = term.knobs["projector"] or "xavier"
             params[label] = features.init_projector(sub, student_dim, teacher_dim, init=init)
     for label, term in spec.feature_terms.items():
-        init = term.get("projector")
-        if label not in ("hidden_mse", "hidden_cosine") or not init:
+        init = term.knobs.get("projector")
+        if "hidden_states" not in term.entry.needs or not init:
             continue
         pairs = _pairs(term, num_layers)
         keys = jax.random.split(key, len(pairs) + 1)
@@ -263,55 +239,55 @@ def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_lay
     return params
 
 
-def _pairs(term: dict, num_layers):
-    if term.get("pairs") is not None:
-        return tuple(tuple(p) for p in term["pairs"])
+def _pairs(term: Term, num_layers):
+    if term.knobs["pairs"] is not None:
+        return tuple(tuple(p) for p in term.knobs["pairs"])
     if num_layers is None:
         raise ValueError("Layer-mapped feature terms need num_layers=(L_student, L_teacher).")
-    return features.layer_map(*num_layers, kind=term.get("layers", "uniform"))
+    return features.layer_map(*num_layers, kind=term.knobs["layers"])
 
 
 def init_state(spec: LossSpec) -> dict:
     """Controller state carried across steps: {"taid": TAIDState, "adakd": AdaKDState}."""
     state = {}
-    for label, term in spec.logit_terms.items():
-        if term.get("divergence", label) == "taid":
-            state["taid"] = divergences.taid_init(term.get("t_start", 0.4))
-    sel = spec.options["selection"]
-    if sel.get("kind") == "adakd":
-        state["adakd"] = selection.adakd_init(sel.get("initial_ratio", 1.0))
+    for term in spec.logit_terms.values():
+        if term.kind == "taid":
+            state["taid"] = divergences.taid_init(term.knobs["t_start"])
+    if spec.selection.kind == "adakd":
+        state["adakd"] = selection.adakd_init(spec.selection.knobs["initial_ratio"])
     return state
 
 
 def update_state(spec: LossSpec, state: dict, metrics: dict, step) -> dict:
     """Advance the controllers once per optimizer step from the step's summed metrics."""
     state = dict(state)
-    mean = lambda key: metrics[key][0] / jnp.maximum(metrics[key][1], 1.0)
+    mean = lambda key: metrics[key][0] / jnp.maximum(metrics[key][1], 1.0)  # noqa: E731
     for label, term in spec.logit_terms.items():
-        if term.get("divergence", label) == "taid":
+        if term.kind == "taid":
+            k = term.knobs
             state["taid"] = divergences.taid_update(
                 state["taid"],
                 mean(f"loss/{label}"),
                 step,
                 spec.options["total_steps"],
-                t_start=term.get("t_start", 0.4),
-                t_end=term.get("t_end", 1.0),
-                alpha=term.get("step_size", 5e-4),
-                beta=term.get("momentum", 0.99),
-                adaptive=term.get("adaptive", True),
+                t_start=k["t_start"],
+                t_end=k["t_end"],
+                alpha=k["step_size"],
+                beta=k["momentum"],
+                adaptive=k["adaptive"],
             )
-    sel = spec.options["selection"]
-    if sel.get("kind") == "adakd":
-        label = sel.get("term") or spec.divergence_labels()[0]
+    if spec.selection.kind == "adakd":
+        k = spec.selection.knobs
+        label = k["term"] or spec.divergence_labels()[0]
         state["adakd"] = selection.adakd_update(
             state["adakd"],
             mean(f"loss/{label}"),
-            ema_decay=sel.get("ema_decay", 0.99),
-            eps_loss=sel.get("eps_loss", 0.1),
-            eps_ratio=sel.get("eps_ratio", 0.1),
-            warmup_steps=sel.get("warmup_steps", 0),
-            update_every_steps=sel.get("update_every_steps", 1),
-            min_ratio=sel.get("min_ratio", 0.1),
+            ema_decay=k["ema_decay"],
+            eps_loss=k["eps_loss"],
+            eps_ratio=k["eps_ratio"],
+            warmup_steps=k["warmup_steps"],
+            update_every_steps=k["update_every_steps"],
+            min_ratio=k["min_ratio"],
         )
     return state
 
@@ -319,142 +295,45 @@ def update_state(spec: LossSpec, state: dict, metrics: dict, step) -> dict:
 # ------------------------------------------------------------------------------- the loss
 
 
-def _teacher_kwargs(inputs: LossInputs) -> dict:
-    """The fused loss's teacher and soft-cap arguments from the inputs."""
-    kw = dict(student_softcap=inputs.student_softcap)
-    if inputs.sparse_teacher is not None:
-        return dict(kw, sparse_teacher=inputs.sparse_teacher)
-    return dict(
-        kw,
-        teacher_hidden=inputs.teacher_hidden,
-        teacher_head=inputs.teacher_head,
-        teacher_softcap=inputs.teacher_softcap,
-        teacher_combine=inputs.teacher_combine,
-    )
-
-
 def _fused_terms(spec: LossSpec, state: dict, step) -> dict:
-    """Logit terms with schedules evaluated, alpha and tau^2 applied, TAID's t filled in."""
+    """Logit terms as ``fused`` term dicts: schedules evaluated, alpha and tau^2 set by the
+    registry entry's ``alpha`` and ``tau_squared``, TAID's t filled in from its state."""
     opts = spec.options
     alpha = schedule_value(opts["alpha"], step) if opts["alpha"] is not None else None
     out = {}
     for label, term in spec.logit_terms.items():
-        term = {k: schedule_value(v, step) for k, v in term.items() if k not in _TAID_KNOBS}
-        kind = term.get("divergence", label)
-        if alpha is not None and kind != "ce":
-            term["weight"] = term.get("weight", 1.0) * alpha
-        elif alpha is not None:
-            term["weight"] = term.get("weight", 1.0) * (1.0 - alpha)
-        if kind in divergences.CORES or kind == "sinkhorn":
-            term.setdefault("temperature_squared", opts["temperature_squared"])
-        if kind == "taid":
-            term["t"] = state["taid"].t
-        out[label] = term
+        d = {k: schedule_value(v, step) for k, v in term.fn_knobs().items()}
+        d["divergence"] = term.kind
+        if alpha is not None:
+            d["weight"] = d["weight"] * (alpha if term.entry.alpha == "alpha" else 1.0 - alpha)
+        if term.entry.tau_squared and "temperature_squared" not in d:
+            d["temperature_squared"] = opts["temperature_squared"]
+        if term.kind == "taid":
+            d["t"] = state["taid"].t
+        out[label] = d
     return out
 
 
-def _token_stats(inputs: LossInputs, spec: LossSpec, terms: dict) -> dict:
-    """Per-token statistics (no gradient) for a selection rule, chunked like the loss."""
-    kw = dict(
-        mask=inputs.mask,
-        targets=inputs.targets,
-        vocab_mask=inputs.vocab_mask,
-        chunk_size=spec.options["chunk_size"],
-        semantics=spec.options["semantics"],
-    )
-    values = fused.fused_per_token(
-        inputs.student_hidden, inputs.student_head, terms=terms, **_teacher_kwargs(inputs), **kw
-    )
-    return jax.lax.stop_gradient(values)
-
-
-def _reference_stats(inputs: LossInputs, spec: LossSpec, kind: str) -> jax.Array:
-    """The reference model's per-token CE (Rho-1) or FKL to the teacher (AdaSPEC)."""
-    if inputs.reference_hidden is None:
-        raise ValueError(f"selection kind {kind!r} needs reference_hidden and reference_head.")
-    ref = inputs.replace(student_hidden=inputs.reference_hidden, student_head=inputs.reference_head)
-    if kind == "rho1":  # CE needs no teacher; the reference stands in for it
-        ref = ref.replace(
-            teacher_hidden=inputs.reference_hidden,
-            teacher_head=inputs.reference_head,
-            sparse_teacher=None,
-            teacher_combine=None,
-            teacher_softcap=None,
-        )
-        return _token_stats(ref, spec, {"ce": {}})["ce"]
-    return _token_stats(ref, spec, {"forward_kl": {}})["forward_kl"]
-
-
 def _select(inputs, spec, state, terms) -> tuple[jax.Array | None, dict, dict]:
-    """Token weights [B, T] (or None), the terms (maybe with per-token tau or caps), metrics."""
-    sel = spec.options["selection"]
-    kind, mask = sel.get("kind", "none"), inputs.mask
-    metrics = {}
-    if kind == "none":
+    """Token weights [B, T] (or None), the terms (maybe with per-token tau or caps), metrics:
+    the registered rule of ``loss_options.selection.kind`` (``selection_rules``)."""
+    rule = spec.selection
+    weights, terms, metrics = rule.entry.fn(inputs, spec, state, terms, rule.knobs)
+    if weights is None:
         return None, terms, metrics
-    label = sel.get("term") or spec.divergence_labels()[0]
-    if kind == "adakd":
-        score = sel.get("score", "hellinger")
-        s = _token_stats(inputs, spec, {"score": {"divergence": score}})["score"]
-        keep = selection.adakd_token_mask(s, mask, state["adakd"].ratio)
-        base = terms[label].get("temperature", 1.0)
-        tau = selection.idts_temperatures(
-            s, keep, base_temperature=base, kappa=sel.get("kappa", 0.6)
-        )
-        terms = {**terms, label: {**terms[label], "temperature": tau}}
-        metrics["selection/ratio"] = (state["adakd"].ratio, jnp.ones(()))
-        weights = keep
-    elif kind in ("tsd", "tip"):
-        stats = _token_stats(
-            inputs,
-            spec,
-            {
-                "hs": {"divergence": "student_entropy"},
-                "ht": {"divergence": "teacher_entropy"},
-                "d": {"divergence": sel.get("score", "reverse_kl")},
-            },
-        )
-        if kind == "tsd":
-            weights = selection.tsd_confidence_weights(stats["hs"], stats["ht"], mask)
-        else:
-            quads = selection.tip_quadrants(stats["hs"], stats["d"], mask)
-            keep = sel.get("keep", ("high_entropy", "low_entropy_high_divergence"))
-            weights = jnp.zeros(mask.shape, bool)
-            if "high_entropy" in keep:
-                weights |= quads.high_entropy_high_divergence | quads.high_entropy_low_divergence
-            if "low_entropy_high_divergence" in keep:
-                weights |= quads.low_entropy_high_divergence
-    elif kind == "clip":
-        cap = sel.get("cap")
-        if cap is None:
-            plain = {**terms[label], "temperature_squared": False}  # clip the divergence itself
-            values = _token_stats(inputs, spec, {label: plain})[label]
-            cap = selection.masked_quantile(values, mask, sel.get("quantile", 0.99))
-        terms = {**terms, label: {**terms[label], "clip": jnp.asarray(cap, jnp.float32)}}
-        metrics["selection/clip"] = (jnp.asarray(cap, jnp.float32), jnp.ones(()))
-        return None, terms, metrics
-    else:  # rho1 / adaspec: against a reference model
-        stat = "ce" if kind == "rho1" else "forward_kl"
-        ref = _reference_stats(inputs, spec, kind)
-        own = _token_stats(inputs, spec, {stat: {}})[stat]
-        ratio = sel.get("keep_ratio", 0.6)
-        if kind == "rho1":
-            weights = selection.rho1_token_mask(own, ref, mask, ratio)
-        else:
-            weights = selection.adaspec_token_mask(own, ref, mask, ratio)
     w = weights.astype(jnp.float32)
-    metrics["selection/kept"] = (jnp.sum(w * mask), jnp.sum(mask.astype(jnp.float32)))
-    return w, terms, metrics
+    kept = (jnp.sum(w * inputs.mask), jnp.sum(inputs.mask.astype(jnp.float32)))
+    return w, terms, {**metrics, "selection/kept": kept}
 
 
-def _feature_values(inputs: LossInputs, label: str, term: dict, params: dict) -> jax.Array:
-    fn = FEATURE_LOSSES[label]
-    if label in ("hidden_mse", "hidden_cosine"):
+def _feature_values(inputs: LossInputs, label: str, term: Term, params: dict) -> jax.Array:
+    fn, k = term.entry.fn, term.knobs
+    if "hidden_states" in term.entry.needs:
         s_hs, t_hs = inputs.student_hidden_states, inputs.teacher_hidden_states
         if s_hs is None or t_hs is None:
             raise ValueError(f"Loss term {label!r} needs student and teacher hidden_states.")
         pairs = _pairs(term, (len(s_hs) - 1, len(t_hs) - 1))
-        knobs = {"normalize": term["normalize"]} if "normalize" in term else {}
+        knobs = {"normalize": k["normalize"]} if k.get("normalize") is not None else {}
         return features.layerwise_hidden_loss(
             fn,
             s_hs,
@@ -466,14 +345,14 @@ def _feature_values(inputs: LossInputs, label: str, term: dict, params: dict) ->
         )
     if inputs.student_qkv is None or inputs.teacher_qkv is None:
         raise ValueError(f"Loss term {label!r} needs student_qkv and teacher_qkv.")
-    s = inputs.student_qkv[term.get("student_layer", -1)]
-    t = jax.lax.stop_gradient(inputs.teacher_qkv[term.get("teacher_layer", -1)])
+    s = inputs.student_qkv[k["student_layer"]]
+    t = jax.lax.stop_gradient(inputs.teacher_qkv[k["teacher_layer"]])
     kw = dict(
-        num_relation_heads=term.get("num_relation_heads"),
+        num_relation_heads=k["num_relation_heads"],
         positions=inputs.positions,
         segment_ids=inputs.segment_ids,
     )
-    if label == "attention_relation":
+    if term.kind == "attention_relation":
         return fn(s["q"], s["k"], t["q"], t["k"], inputs.mask, **kw)
     return fn(s["v"], t["v"], inputs.mask, **kw)
 
@@ -482,7 +361,7 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
     """Total loss sum, token count and metrics of one (micro-)batch.
 
     Args:
-        spec: LossSpec.from_config(c.losses, c.loss_options).
+        spec: ``loss_spec(config)`` or ``LossSpec.from_config(c.losses, c.loss_options)``.
         inputs: LossInputs.
         params: ``init_params`` output (projectors), differentiated with the student.
         state: ``init_state`` output (controllers), read only.
@@ -506,73 +385,24 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
             targets=inputs.targets,
             terms=terms,
             vocab_mask=inputs.vocab_mask,
-            chunk_size=spec.options["chunk_size"],
+            chunk_size=spec.options["head_chunk_tokens"],
             semantics=spec.options["semantics"],
             implementation=spec.options["implementation"],
-            **_teacher_kwargs(inputs),
+            **selection_rules.teacher_kwargs(inputs),
         )
         metrics.update(fused_metrics)
     for label, term in spec.feature_terms.items():
         values = _feature_values(inputs, label, term, params)
         s, count = masked_sum_and_count(values, inputs.mask, weights)
         metrics[f"loss/{label}"] = (s, count)
-        total = total + schedule_value(term.get("weight", 1.0), step) * s
+        total = total + schedule_value(term.weight, step) * s
     if not spec.logit_terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
     for label, term in spec.bridge_terms.items():
-        s, chunks, alm_metrics = _alm_sum(inputs, term, params.get(label))
-        metrics.update(alm_metrics, **{f"loss/{label}": (s, chunks)})
-        if term.get("weight", 1.0) != 0:  # the chunk count replaces the token count
-            total, count = schedule_value(term.get("weight", 1.0), step) * s, chunks
-    return total, count, metrics
-
-
-def _alm_sum(inputs: LossInputs, term: dict, projector=None):
-    """ALM (bridges.alm) of the student's tokens against the teacher's chunk log-likelihoods,
-    plus ``hidden_weight`` x the chunk-end hidden-state loss when that weight is not 0."""
-    if inputs.teacher_token_logprobs is None or inputs.student_chunk is None:
-        raise ValueError("The alm term needs a cross-tokenizer teacher: set config.bridge.")
-    append_space = term.get("append_space", True)
-    s_lp, s_lpb = alm.token_and_boundary_logprobs(
-        inputs.student_hidden,
-        inputs.student_head,
-        inputs.targets,
-        inputs.student_boundary_mask if append_space else None,
-        softcap=inputs.student_softcap,
-        chunk_size=term.get("chunk_size", 128),
-    )
-    t_chunk, s_chunk, c = inputs.teacher_chunk, inputs.student_chunk, inputs.student_chunk.shape[1]
-    threshold = term.get("merge_threshold", 0.0)
-    if threshold:  # coarsen on device by the teacher's word-boundary probability (tokenkit)
-        prob = jnp.exp(alm.at_chunk_ends(inputs.teacher_boundary_logprobs, t_chunk, c))
-        t_chunk = alm.merge_chunks_by_boundary_prob(t_chunk, prob, threshold)
-        s_chunk = alm.merge_chunks_by_boundary_prob(s_chunk, prob, threshold)
-    total, count, metrics = alm.alm_loss(
-        inputs.teacher_token_logprobs,
-        s_lp,
-        t_chunk,
-        s_chunk,
-        c,
-        teacher_lp_boundary=inputs.teacher_boundary_logprobs if append_space else None,
-        student_lp_boundary=s_lpb if append_space else None,
-        temperature=term.get("temperature", 100.0),
-        distance=term.get("distance", "binary_kl"),
-    )
-    hidden_weight = term.get("hidden_weight", 0.0)
-    if hidden_weight:
-        if inputs.teacher_token_hidden is None:
-            raise ValueError("alm hidden_weight needs the teacher's hidden states (config.bridge).")
-        h_sum, h_count = alm.chunk_hidden_loss(
-            inputs.student_hidden,
-            inputs.teacher_token_hidden,
-            s_chunk,
-            t_chunk,
-            c,
-            projector=projector,
-            kind=term.get("hidden_kind", "mse"),
-        )
-        metrics["alm/chunk_hidden"] = (h_sum, h_count)
-        total = total + hidden_weight * h_sum  # the same chunks: one chunk count for both
+        s, chunks, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
+        metrics.update(bridge_metrics, **{f"loss/{label}": (s, chunks)})
+        if term.weight != 0:  # the chunk count replaces the token count
+            total, count = schedule_value(term.weight, step) * s, chunks
     return total, count, metrics
 
 

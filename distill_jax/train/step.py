@@ -46,10 +46,8 @@ def _micro_batches(batch: dict, n: int) -> dict:
 
 def _needs(spec: objective.LossSpec) -> tuple[bool, bool]:
     """(hidden states, attention q/k/v) that the spec's feature terms read."""
-    labels = set(spec.feature_terms)
-    return bool(labels & {"hidden_mse", "hidden_cosine"}), bool(
-        labels & {"attention_relation", "value_relation"}
-    )
+    needs = spec.needs()
+    return "hidden_states" in needs, "qkv" in needs
 
 
 def make_distill_step(

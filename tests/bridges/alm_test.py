@@ -310,8 +310,8 @@ def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepi
     )
     assert float(n) > 50 and float(zero) == 0.0
 
-    # Through the objective: alm + hidden_weight x the chunk-end term, over the same chunk count, with
-    # the projector init_params makes for different widths.
+    # Through the objective: alm + hidden_weight x the chunk-end term, over the same chunk count,
+    # with the projector init_params makes for different widths.
     t_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(teacher_tok))
     s_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(student_tok))
     teacher, student = _model(teacher_tok.vocab_size, 1), _model(student_tok.vocab_size, 2)
@@ -334,9 +334,7 @@ def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepi
     params = objective.init_params(spec, jax.random.key(0), 32, 8)
     assert params["alm"]["kernel"].shape == (32, 8)
     total, count, metrics = objective.loss_fn(spec, inputs, params, {}, 0)
-    plain = objective.loss_fn(
-        objective.LossSpec.from_config(dict(alm={})), inputs, {}, {}, 0
-    )
+    plain = objective.loss_fn(objective.LossSpec.from_config(dict(alm={})), inputs, {}, {}, 0)
     hidden = alm.chunk_hidden_loss(
         s_hidden, jnp.asarray(ht), jnp.asarray(s_chunk), jnp.asarray(t_chunk), c,
         projector=params["alm"],

@@ -183,7 +183,9 @@ def _supervised_reference(c, make_batch, steps):
     length = c.onpolicy.prompt_len + c.onpolicy.max_new_tokens
     tx, _ = state_lib.make_optimizer(c.optimizer, steps, c.data.global_batch_size * length)
     graphdef, params = teachers.split_model(student)
-    state = state_lib.create({"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     step_fn = jax.jit(
         step_lib.make_distill_step(
             student_graphdef=graphdef,

@@ -11,8 +11,8 @@ import pytest
 from flax import serialization
 
 from distill_jax.losses import divergences, features, selection
-from distill_jax.train import objective
 from distill_jax.losses.tokens import cross_entropy
+from distill_jax.train import objective
 
 B, T, D, V = 2, 9, 8, 23
 
@@ -34,7 +34,7 @@ def _inputs(seed=0, **extra):
 
 
 def _run(losses, options=None, inputs=None, step=0, state=None, params=None):
-    spec = objective.LossSpec.from_config(losses, dict(chunk_size=4, **(options or {})))
+    spec = objective.LossSpec.from_config(losses, dict(head_chunk_tokens=4, **(options or {})))
     inputs = inputs or _inputs()
     state = objective.init_state(spec) if state is None else state
     total, count, metrics = jax.jit(lambda x, p, s, k: objective.loss_fn(spec, x, p, s, k))(
@@ -203,7 +203,7 @@ def test_feature_terms_with_projectors_and_layer_map():
     )  # L_t = 8
     x = _inputs(6, student_hidden_states=hs, teacher_hidden_states=ht)
     losses = dict(hidden_cosine=dict(weight=0.3, layers="uniform", projector="xavier"), ce=dict())
-    spec = objective.LossSpec.from_config(losses, dict(chunk_size=4))
+    spec = objective.LossSpec.from_config(losses, dict(head_chunk_tokens=4))
     params = objective.init_params(spec, jax.random.key(0), D, 6, num_layers=(4, 8))
     assert len(params["hidden_cosine"]) == 4
     _, _, total, _, metrics = _run(losses, inputs=x, params=params)
@@ -229,6 +229,8 @@ def test_bad_specs_are_clear_errors():
         objective.LossSpec.from_config(dict(forward_kl=dict()), dict(selection=dict(kind="adakdd")))
     with pytest.raises(ValueError, match="no terms"):
         objective.LossSpec.from_config(dict())
-    spec = objective.LossSpec.from_config(dict(forward_kl=dict()), dict(selection=dict(kind="rho1")))
+    spec = objective.LossSpec.from_config(
+        dict(forward_kl=dict()), dict(selection=dict(kind="rho1"))
+    )
     with pytest.raises(ValueError, match="needs reference_hidden"):
         objective.loss_fn(spec, _inputs(), {}, {}, 0)

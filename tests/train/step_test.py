@@ -48,7 +48,8 @@ def _setup(teacher=None, losses=None, lr=1e-2, optimizer="adamw"):
     student = _model(1, 2)
     teacher = teachers.OnlineTeacher(_model(2, 1)) if teacher is None else teacher
     spec = objective.LossSpec.from_config(
-        losses or dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)), dict(chunk_size=8)
+        losses or dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)),
+        dict(head_chunk_tokens=8),
     )
     tx, _ = state_lib.make_optimizer(
         dict(name=optimizer, learning_rate=lr, warmup_steps=0), 10, 128
