@@ -64,17 +64,4 @@ def get_config(arg=None):
     # alpha at sampling temperature 1 over 2 batches x 8 held-out prompts x 64 draft tokens.
     c.eval = dict(num_batches=2, every_steps=None, at_start=True, acceptance=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -70,17 +70,4 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=2, every_steps=4, at_start=False)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c
