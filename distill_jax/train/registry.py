@@ -102,7 +102,8 @@ WEIGHT = _k(
 _TEMPERATURE = _k(
     float, 1.0, "softmax temperature tau of both sides", low=0.0, open_low=True, schedule=True
 )
-_UNIT = dict(low=0.0, high=1.0, schedule=True)
+_UNIT = dict(low=0.0, high=1.0, schedule=True)  # a term knob in [0, 1], may be a schedule
+_PROB = dict(low=0.0, high=1.0)
 _LOGIT_COMMON = {
     "weight": WEIGHT,
     "temperature": _TEMPERATURE,
@@ -117,18 +118,20 @@ _LOGIT_COMMON = {
     ),
 }
 _TAID_KNOBS = {
-    "t_start": _k(float, 0.4, "initial interpolation t", **_UNIT, to_fn=False),
-    "t_end": _k(float, 1.0, "final interpolation t", **_UNIT, to_fn=False),
+    "t_start": _k(float, 0.4, "initial interpolation t", low=0.0, high=1.0, to_fn=False),
+    "t_end": _k(float, 1.0, "final interpolation t", low=0.0, high=1.0, to_fn=False),
     "step_size": _k(float, 5e-4, "adaptive step size of t (TAID's alpha)", low=0.0, to_fn=False),
     "momentum": _k(
-        float, 0.99, "momentum of the adaptive update (TAID's beta)", **_UNIT, to_fn=False
+        float, 0.99, "momentum of the adaptive update (TAID's beta)", low=0.0, high=1.0, to_fn=False
     ),
     "adaptive": _k(bool, True, "adapt t to the loss's relative change", to_fn=False),
 }
 _CORE_KNOBS = {
     "jsd": {
         "beta": _k(float, 0.5, "mixture m = beta p + (1 - beta) q", **_UNIT),
-        "normalize": _k(bool, False, "divide by the mixture's entropy bound"),
+        "normalize": _k(
+            bool, False, "divide the interior by beta (1 - beta), continuous at the ends"
+        ),
     },
     "skew_kl": {"alpha": _k(float, 0.1, "skew: KL(p || alpha p + (1 - alpha) q)", **_UNIT)},
     "skew_reverse_kl": {"alpha": _k(float, 0.1, "skew: KL(q || alpha q + (1 - alpha) p)", **_UNIT)},
@@ -310,7 +313,7 @@ LOSS_TERMS: dict[str, Entry] = {
 # -------------------------------------------------------------------------- selection rules
 
 _TERM = _k(str, None, "the term it acts on (default: the first divergence)")
-_RATIO = _k(float, 0.6, "fraction of valid tokens kept", **_UNIT)
+_RATIO = _k(float, 0.6, "fraction of valid tokens kept", **_PROB)
 _SCORE = _k(
     str, None, "per-token score (a divergence name)", choices=tuple(sorted(divergences.CORES))
 )
@@ -327,13 +330,13 @@ _SELECTION_LIST = [
                 str, "hellinger", "difficulty score", choices=tuple(sorted(divergences.CORES))
             ),
             "kappa": _k(float, 0.6, "IDTS temperature spread", low=0.0),
-            "initial_ratio": _k(float, 1.0, "keep ratio at step 0", **_UNIT),
-            "ema_decay": _k(float, 0.99, "loss EMA decay", **_UNIT),
+            "initial_ratio": _k(float, 1.0, "keep ratio at step 0", **_PROB),
+            "ema_decay": _k(float, 0.99, "loss EMA decay", **_PROB),
             "eps_loss": _k(float, 0.1, "relative loss change that counts as progress", low=0.0),
             "eps_ratio": _k(float, 0.1, "ratio step", low=0.0),
             "warmup_steps": _k(int, 0, "steps before the ratio adapts", low=0),
             "update_every_steps": _k(int, 1, "steps between ratio updates", low=1),
-            "min_ratio": _k(float, 0.1, "smallest keep ratio", **_UNIT),
+            "min_ratio": _k(float, 0.1, "smallest keep ratio", **_PROB),
         },
         ("teacher",),
     ),
@@ -370,7 +373,7 @@ _SELECTION_LIST = [
         {
             "term": _TERM,
             "cap": _k(float, None, "fixed cap (None: the batch quantile)", low=0.0),
-            "quantile": _k(float, 0.99, "cap = this quantile of the term's values", **_UNIT),
+            "quantile": _k(float, 0.99, "cap = this quantile of the term's values", **_PROB),
         },
         ("teacher",),
     ),
@@ -409,7 +412,7 @@ MODEL_KNOBS = {
     "keep_layers": _k("any", None, "layers kept at load"),
     "rules": _k("seq", None, "the teacher's own logical-axis rules"),
 }
-_DECAY = _k(float, 0.999, "EMA decay", **_UNIT)
+_DECAY = _k(float, 0.999, "EMA decay", **_PROB)
 _MODELS = _k("seq", None, "model blocks, one per teacher")
 _ALL = ("teacher", "hidden_states", "qkv")
 _TEACHER_LIST = [
@@ -469,7 +472,7 @@ _TEACHER_LIST = [
         "z_a + alpha (z_b - z_c) of three models",
         {
             "models": _MODELS,
-            "alpha": _k(float, 1.0, "scale of the logit difference", schedule=True),
+            "alpha": _k(float, 1.0, "scale of the logit difference"),
             "rules": MODEL_KNOBS["rules"],
         },
         supplies=frozenset({"teacher"}),
