@@ -147,7 +147,7 @@ class Setup:
         from flax import nnx
 
         from distill_jax import models, teachers
-        from distill_jax.losses import compose
+        from distill_jax.train import objective
         from distill_jax.train import state as state_lib
 
         self.teacher_config, self.student_config = configs(args.pair, args.tiny, args.attention)
@@ -166,7 +166,7 @@ class Setup:
         t0 = time.perf_counter()
         self.teacher_params = jax.jit(lambda k: _random_params(t_abstract, k))(jax.random.key(0))
         jax.block_until_ready(self.teacher_params)
-        self.loss_state = compose.init_state(self.spec(args.batch))
+        self.loss_state = objective.init_state(self.spec(args.batch))
 
         def fresh_state(key):
             params = {"student": _random_params(s_abstract, key), "loss": {}}
@@ -177,13 +177,13 @@ class Setup:
         self.init_s = time.perf_counter() - t0
 
     def spec(self, batch: int):
-        from distill_jax.losses import compose
+        from distill_jax.train import objective
 
         # At least two chunks: with one, XLA's CPU backend (jax 0.10) fails to run the step
         # with bf16 compute over float32 parameters ("Unsupported element type for
         # DotThunk::Execute: BF16 x BF16 = F32"); accelerators are unaffected.
         chunk = self.args.chunk_size or min(max(16, CHUNK_ROWS // batch), self.args.seq_len // 2)
-        return compose.LossSpec.from_config(self.terms, dict(chunk_size=chunk))
+        return objective.LossSpec.from_config(self.terms, dict(head_chunk_tokens=chunk))
 
     def fresh_state(self):
         import jax
@@ -278,7 +278,7 @@ def run_row(setup: Setup, batch: int, remat: str) -> dict:
         batch=batch,
         seq_len=args.seq_len,
         remat=remat,
-        chunk_size=setup.spec(batch).options["chunk_size"],
+        chunk_size=setup.spec(batch).options["head_chunk_tokens"],
         compile_s=compile_s,
         step_s=step_s,
         step_times=times,

@@ -71,7 +71,7 @@ def _abstract_step(blocks: int, scan: bool):
     from flax import nnx
 
     from distill_jax import models, teachers
-    from distill_jax.losses import compose
+    from distill_jax.train import objective
     from distill_jax.train import state as state_lib
     from distill_jax.train import step as step_lib
 
@@ -89,14 +89,14 @@ def _abstract_step(blocks: int, scan: bool):
     student = nnx.eval_shape(lambda: models.Transformer(student_config, rngs=nnx.Rngs(1)))
     build_s = time.perf_counter() - t0
 
-    spec = compose.LossSpec.from_config(dict(forward_kl=dict(weight=1.0, temperature=1.0)))
+    spec = objective.LossSpec.from_config(dict(forward_kl=dict(weight=1.0, temperature=1.0)))
     opt = dict(name="adamw", learning_rate=1e-5, schedule="constant", weight_decay=0.0)
     tx, _ = state_lib.make_optimizer(opt, 100, BATCH * SEQ_LEN)
     graphdef, params = teachers.split_model(student)
     online = teachers.OnlineTeacher(teacher)
     state = jax.eval_shape(
         lambda p: state_lib.create(
-            {"student": p, "loss": {}}, tx, compose.init_state(spec), seed=0
+            {"student": p, "loss": {}}, tx, objective.init_state(spec), seed=0
         ),
         params,
     )

@@ -146,7 +146,8 @@ def _our_setup(args, loss_implementation="custom_vjp"):
 
     import distill_jax as dj
     from distill_jax import teachers
-    from distill_jax.losses import compose, fused
+    from distill_jax.losses import fused
+    from distill_jax.train import objective
     from distill_jax.train import state as state_lib
 
     bf16 = args.impl == "ours_bf16"
@@ -163,15 +164,17 @@ def _our_setup(args, loss_implementation="custom_vjp"):
     # The library's chunk, but at least two chunks: with a single one XLA's CPU backend (jax
     # 0.10) cannot run the bf16 row ("Unsupported element type for DotThunk::Execute").
     chunk = min(fused.auto_chunk_size(args.batch, teacher.config.vocab_size), args.seq_len // 2)
-    spec = compose.LossSpec.from_config(
+    spec = objective.LossSpec.from_config(
         dict(forward_kl=dict(weight=1.0, temperature=1.0)),
-        dict(implementation=loss_implementation, chunk_size=max(chunk, 1)),
+        dict(implementation=loss_implementation, head_chunk_tokens=max(chunk, 1)),
     )
     opt = dict(name="adamw", learning_rate=ADAMW["lr"], schedule="constant", warmup_steps=0)
     opt.update(b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"], weight_decay=0.0)
     tx, _ = state_lib.make_optimizer(opt, args.warmup + args.repeats, args.batch * args.seq_len)
     graphdef, params = teachers.split_model(student)
-    state = state_lib.create({"student": params, "loss": {}}, tx, compose.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     ids = np.load(os.path.join(args.tmp, "ids.npy")).astype(np.int32)  # [S, B, T]
     b, t = ids.shape[1:]
     mask = np.ones((b, t), bool)
@@ -248,7 +251,7 @@ def run_parts(args) -> dict:
     import optax
     from flax import nnx
 
-    from distill_jax.losses import compose
+    from distill_jax.train import objective
 
     teacher, spec, tx, graphdef, state, batch = _our_setup(args)
     b = jax.tree.map(jnp.asarray, batch(0))
@@ -274,7 +277,7 @@ def run_parts(args) -> dict:
 
     def loss_grad(h, w, t_hidden, t_head):
         def loss(h, w):
-            inputs = compose.LossInputs(
+            inputs = objective.LossInputs(
                 student_hidden=h,
                 student_head=w,
                 targets=b["targets"],
@@ -282,7 +285,7 @@ def run_parts(args) -> dict:
                 teacher_hidden=t_hidden,
                 teacher_head=t_head,
             )
-            return compose.loss_fn(spec, inputs, {}, state.loss_state, state.step)[0]
+            return objective.loss_fn(spec, inputs, {}, state.loss_state, state.step)[0]
 
         return jax.grad(loss, argnums=(0, 1))(h, w)
 

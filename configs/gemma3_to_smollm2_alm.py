@@ -47,7 +47,11 @@ def get_config(arg=None):
     )
     c.losses = dict(
         alm=dict(
-            weight=1.0, temperature=100.0, distance="binary_kl", append_space=True, chunk_size=32
+            weight=1.0,
+            temperature=100.0,
+            distance="binary_kl",
+            append_space=True,
+            student_logprob_chunk_tokens=32,
         ),
         ce=dict(weight=0.0),  # the student's next-token NLL, a metric
     )

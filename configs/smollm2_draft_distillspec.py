@@ -46,7 +46,7 @@ def get_config(arg=None):
         lmbda=arg.lmbda, prompt_len=192, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0
     )
     c.losses = {arg.divergence: dict(temperature=1.0)}
-    c.loss_options = dict(chunk_size=256)
+    c.loss_options = dict(head_chunk_tokens=256)
     if arg.adaspec:
         c.loss_options.selection = dict(kind="adaspec", keep_ratio=0.4)
     c.optimizer = dict(
@@ -64,17 +64,4 @@ def get_config(arg=None):
     # alpha at sampling temperature 1 over 2 batches x 8 held-out prompts x 64 draft tokens.
     c.eval = dict(num_batches=2, every_steps=None, at_start=True, acceptance=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -68,17 +68,4 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=4, every_steps=None, at_start=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -58,7 +58,7 @@ def get_config(arg=None):
         batch_size=8,
     )
     c.losses = dict(ce=dict())
-    c.loss_options = dict(chunk_size=256)
+    c.loss_options = dict(head_chunk_tokens=256)
     c.optimizer = dict(
         learning_rate=2e-4, warmup_steps=2, weight_decay=0.0, grad_clip_norm=1.0, b2=0.99
     )
@@ -88,17 +88,4 @@ def get_config(arg=None):
         ),
     )
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

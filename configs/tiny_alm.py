@@ -53,7 +53,7 @@ def get_config(arg=None):
         alm=dict(temperature=100.0, distance="binary_kl", append_space=True),
         ce=dict(weight=0.0),  # the student's next-byte NLL, a metric
     )
-    c.loss_options = dict(chunk_size=64)
+    c.loss_options = dict(head_chunk_tokens=64)
     if arg.onpolicy >= 0:
         del c.data.seq_len  # rows are prompt_len + max_new_tokens
         c.data.prompt_chars = 30

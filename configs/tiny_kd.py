@@ -58,7 +58,7 @@ def get_config(arg=None):
         if arg.replay:
             c.onpolicy.replay = dict(capacity=arg.replay, init_threshold=0.5, loss_eps=0.0)
         c.losses = dict(jsd=dict(beta=0.5))
-    c.loss_options = dict(chunk_size=32)
+    c.loss_options = dict(head_chunk_tokens=32)
     c.optimizer = dict(learning_rate=3e-3, warmup_steps=2, weight_decay=0.01, grad_clip_norm=1.0)
     c.train = dict(
         steps=arg.steps,
@@ -70,17 +70,4 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=2, every_steps=4, at_start=False)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    # Logical axis -> mesh axes (sharding.DEFAULT_RULES); the teacher may set its own.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -1,7 +1,7 @@
 r"""Teachers: what the student learns from, each turned into loss inputs inside the train step.
 
 Every teacher answers ``loss_inputs(teacher_params, batch, state) -> dict`` of
-``losses.compose.LossInputs`` fields, computed under ``stop_gradient`` inside the jitted step
+``train.objective.LossInputs`` fields, computed under ``stop_gradient`` inside the jitted step
 (METHODS.md section 3):
 
 * ``OnlineTeacher``: a frozen model run on the batch; its final hidden states and head go to the

@@ -54,7 +54,7 @@ def get_config(arg=None):
         config=teacher,
         dtype="bfloat16",
         param_dtype="bfloat16",
-        logprob_chunk_size=256,  # teacher positions per step of its log-prob walk
+        logprob_chunk_tokens=256,  # teacher positions per step of its log-prob walk
         **execution,
     )
     c.student = dict(
@@ -79,11 +79,15 @@ def get_config(arg=None):
     )
     c.losses = dict(
         alm=dict(
-            weight=1.0, temperature=100.0, distance="binary_kl", append_space=True, chunk_size=256
+            weight=1.0,
+            temperature=100.0,
+            distance="binary_kl",
+            append_space=True,
+            student_logprob_chunk_tokens=256,
         ),
         ce=dict(weight=0.0),  # the student's next-token NLL, a metric
     )
-    c.loss_options = dict(chunk_size=512)
+    c.loss_options = dict(head_chunk_tokens=512)
     c.optimizer = dict(
         learning_rate=5e-5, warmup_steps=500, weight_decay=0.0, grad_clip_norm=1.0, b2=0.95
     )
@@ -98,16 +102,4 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=8, every_steps=1000, at_start=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -62,7 +62,7 @@ def get_config(arg=None):
         seed=0,
     )
     c.losses = dict(forward_kl=dict(temperature=1.0, weight=0.9), ce=dict(weight=0.1))
-    c.loss_options = dict(chunk_size=512)  # positions per fused-loss chunk
+    c.loss_options = dict(head_chunk_tokens=512)  # tokens per fused-loss chunk
     c.optimizer = dict(
         learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip_norm=1.0, b2=0.95
     )
@@ -77,16 +77,4 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=8, every_steps=1000, at_start=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
     return c

@@ -30,7 +30,7 @@ share of assignments, default 1.25, the overflow dropped and counted; 0: droples
 
 import ml_collections as mlc
 
-from distill_jax import config_lib
+from distill_jax import config_lib, sharding
 from distill_jax.models.presets import architecture
 
 
@@ -73,7 +73,7 @@ def get_config(arg=None):
         seed=0,
     )
     c.losses = dict(forward_kl=dict(temperature=1.0, weight=0.9), ce=dict(weight=0.1))
-    c.loss_options = dict(chunk_size=512)  # positions per fused-loss chunk
+    c.loss_options = dict(head_chunk_tokens=512)  # tokens per fused-loss chunk
     c.optimizer = dict(
         learning_rate=2e-5, warmup_steps=200, weight_decay=0.01, grad_clip_norm=1.0, b2=0.95
     )
@@ -88,16 +88,6 @@ def get_config(arg=None):
     )
     c.eval = dict(num_batches=8, every_steps=500, at_start=True)
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1), ("expert", 8))
-    c.rules = (
-        ("batch", ("data", "fsdp", "expert")),
-        ("length", None),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("experts", "expert"),
-        ("layers", None),
-    )
+    # sharding.DEFAULT_RULES, except that batch rows are also split over the expert axis.
+    c.rules = tuple(dict(sharding.DEFAULT_RULES, batch=("data", "fsdp", "expert")).items())
     return c

@@ -19,7 +19,7 @@ first answer token of each side and truncates to the shorter answer): the k-th v
 position is paired with the k-th valid teacher position, for k < min(#valid student, #valid
 teacher). The paper's total loss is CE + lambda * mean l with lambda = 1.5 (``distil_factor``);
 here only l is computed, per pair, and the caller reduces it with ``masked_sum_and_count`` and
-weights it in compose.
+weights it in the objective (train/objective.py).
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ divergence exists twice:
   vocab_mask=None, **knobs) -> [...]``: per-token values, zero where ``mask`` is False, not reduced.
 
 Directions are fixed by the argument names (DESIGN.md): ``forward_kl`` = KL(p || q) (mode
-covering), ``reverse_kl`` = KL(q || p) (mode seeking). No tau^2 factor appears here; ``compose.py``
-applies it once. ``sinkhorn`` couples the tokens of a batch (optimal transport between two point
-clouds) and so has no per-position core; it still returns per-token values (see its docstring).
+covering), ``reverse_kl`` = KL(q || p) (mode seeking). No tau^2 factor appears here;
+``train/objective.py`` applies it once. ``sinkhorn`` couples the tokens of a batch (optimal
+transport between two point clouds) and so has no per-position core; it still returns per-token
+values (see its docstring).
 """
 
 from __future__ import annotations

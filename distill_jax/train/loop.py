@@ -56,13 +56,13 @@ from distill_jax.data import pipeline, sources, teacher_cache
 from distill_jax.data import prompts as prompts_lib
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.eval import speculative
-from distill_jax.losses import compose, fused
+from distill_jax.losses import fused
 from distill_jax.models import config as model_config
 from distill_jax.models import sampling
 from distill_jax.models import scan as scan_lib
 from distill_jax.models.convert import from_pretrained, hf, save_pretrained
 from distill_jax.models.transformer import Transformer, to_scanned
-from distill_jax.train import rollout
+from distill_jax.train import objective, rollout
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 from distill_jax.transforms import drop_layers
@@ -216,7 +216,7 @@ def build_teacher(
             model,
             teacher_boundary_mask=t_mask,
             student_boundary_mask=s_mask,
-            chunk_size=c.get("logprob_chunk_size", 32),
+            chunk_size=c.get("logprob_chunk_tokens", 32),
         )
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
@@ -695,10 +695,9 @@ def _export(model, workdir: str) -> None:
 # builder, so the two cannot drift apart.
 
 
-def loss_spec(c) -> compose.LossSpec:
+def loss_spec(c) -> objective.LossSpec:
     """``config.losses`` as a LossSpec (unknown terms fail here, before anything is loaded)."""
-    options = dict(c.get("loss_options") or {}, total_steps=c.train.steps)
-    return compose.LossSpec.from_config(c.losses, options)
+    return objective.loss_spec(c)
 
 
 def step_shape(c) -> tuple[int, int]:
@@ -779,7 +778,7 @@ def build_step(
     *,
     mesh,
     rules,
-    spec: compose.LossSpec,
+    spec: objective.LossSpec,
     student,
     teacher,
     vocab_mask,
@@ -807,7 +806,7 @@ def build_step(
     t_config = getattr(teacher, "config", None)
 
     def init_state(student_params):
-        loss_params = compose.init_params(
+        loss_params = objective.init_params(
             spec,
             jax.random.key(seed + 7),
             student.config.hidden_size,
@@ -821,7 +820,7 @@ def build_step(
         return state_lib.create(
             params,
             tx,
-            compose.init_state(spec),
+            objective.init_state(spec),
             seed=seed,
             ema=teacher is not None and teacher.kind == "ema",
         )

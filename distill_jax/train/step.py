@@ -6,12 +6,12 @@ r"""The distillation step: teacher forward, student forward and backward, optimi
    to micro-batch a, so every data shard holds part of every micro-batch).
 2. For each micro-batch (a ``lax.scan``): the teacher's loss inputs under ``stop_gradient``
    (``teachers``), the student's final hidden states, the loss *sum* and token count of
-   ``losses.compose.loss_fn``, and the gradient of the sum.
+   ``train.objective.loss_fn``, and the gradient of the sum.
 3. Gradients and sums are added over micro-batches and divided once by the global count
    N = sum of the counts, so A micro-batches give exactly the gradient of one A-times batch
    (normalising per micro-batch is the bug TRL #4719 describes).
 4. optax updates the trainable parameters (student + loss projectors; never the teacher), the
-   loss controllers advance (``compose.update_state``), an EMA teacher follows the student.
+   loss controllers advance (``objective.update_state``), an EMA teacher follows the student.
 
 ``jit_step`` compiles it with in/out shardings on the mesh and the state donated.
 """
@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from distill_jax import sharding
-from distill_jax.losses import compose
+from distill_jax.train import objective
 from distill_jax.train.state import TrainState
 
 BATCH_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -44,19 +44,17 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _needs(spec: compose.LossSpec) -> tuple[bool, bool]:
+def _needs(spec: objective.LossSpec) -> tuple[bool, bool]:
     """(hidden states, attention q/k/v) that the spec's feature terms read."""
-    labels = set(spec.feature_terms)
-    return bool(labels & {"hidden_mse", "hidden_cosine"}), bool(
-        labels & {"attention_relation", "value_relation"}
-    )
+    needs = spec.needs()
+    return "hidden_states" in needs, "qkv" in needs
 
 
 def make_distill_step(
     *,
     student_graphdef,
     teacher,
-    spec: compose.LossSpec,
+    spec: objective.LossSpec,
     tx: optax.GradientTransformation,
     micro_batches: int = 1,
     remat: str | bool = False,
@@ -68,7 +66,7 @@ def make_distill_step(
         student_graphdef: ``nnx.split`` graph of the student (its config fixes the family).
         teacher: a ``teachers`` object (online, cached, ensemble, composite, EMA), or None
             for teacher-free terms only (a CE baseline).
-        spec: the loss spec (``compose.LossSpec.from_config``).
+        spec: the loss spec (``objective.LossSpec.from_config``).
         tx: the optimizer over ``state.params``.
         micro_batches: A, gradient accumulation steps inside one optimizer step.
         remat: the student's rematerialisation policy, "none" | "full" | "dots" | "offload"
@@ -88,7 +86,7 @@ def make_distill_step(
             output_attention_qkv=want_qkv,
             remat=remat,
         )
-        inputs = compose.LossInputs(
+        inputs = objective.LossInputs(
             student_hidden=out.hidden,
             student_head=student.head_weights(),
             targets=mb["targets"],
@@ -101,7 +99,7 @@ def make_distill_step(
             student_softcap=student.config.final_logit_softcapping,
             **(teacher.loss_inputs(teacher_params, mb, state) if teacher is not None else {}),
         )
-        total, count, metrics = compose.loss_fn(
+        total, count, metrics = objective.loss_fn(
             spec, inputs, trainable["loss"], state.loss_state, state.step
         )
         coef = student.config.router_aux_loss_coef
@@ -145,7 +143,7 @@ def make_distill_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
-        loss_state = compose.update_state(spec, state.loss_state, sums, new_step)
+        loss_state = objective.update_state(spec, state.loss_state, sums, new_step)
         is_ema = teacher is not None and teacher.kind == "ema"
         ema = teacher.update(state.ema, params["student"]) if is_ema else state.ema
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}

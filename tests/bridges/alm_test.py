@@ -14,6 +14,7 @@ from flax import nnx
 import distill_jax as dj
 from distill_jax.bridges import alm
 from distill_jax.data import load_tokenizer
+from distill_jax.train import objective
 
 ARCH = dict(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 TEXTS = [
@@ -204,7 +205,7 @@ def test_same_model_same_tokenizer_gives_zero_loss_and_gradient():
 
 
 def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentencepiece):
-    """compose's alm term with merge_threshold equals alm_loss on chunks merged in NumPy: a
+    """objective's alm term with merge_threshold equals alm_loss on chunks merged in NumPy: a
     chunk joins the next while the teacher's p(word boundary | text through it) <= threshold."""
     teacher_tok, student_tok = kjv_sentencepiece, load_tokenizer("byte")
     batch = dj.bridges.ChunkCollator(teacher_tok, student_tok, teacher_len=64, student_len=96)(
@@ -216,7 +217,7 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
     t_lp, t_lpb = _side_lp(teacher, batch["teacher_ids"], batch["teacher_segment"], t_bmask)
     s_lp, s_lpb = _side_lp(student, batch["student_ids"], batch["student_segment"], s_bmask)
     ids = jnp.asarray(batch["student_ids"])
-    inputs = dj.losses.compose.LossInputs(
+    inputs = objective.LossInputs(
         student_hidden=student.forward(ids, compute_logits=False).hidden,
         student_head=student.head_weights(),
         targets=jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1),
@@ -246,8 +247,8 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
             t_lp, s_lp, jnp.asarray(t_new), jnp.asarray(s_new), c,
             teacher_lp_boundary=t_lpb, student_lp_boundary=s_lpb,
         )  # fmt: skip
-        spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(merge_threshold=threshold)))
-        total, count, _ = dj.losses.compose.loss_fn(spec, inputs, {}, {}, 0)
+        spec = objective.LossSpec.from_config(dict(alm=dict(merge_threshold=threshold)))
+        total, count, _ = objective.loss_fn(spec, inputs, {}, {}, 0)
         np.testing.assert_allclose(float(count), float(want[1]))
         np.testing.assert_allclose(float(total), float(want[0]), rtol=1e-5)
         if threshold == 1.1:  # everything merged: one chunk per row, and it is chunk 0 (unscored)
@@ -255,8 +256,8 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
         elif threshold == middle:
             assert 0 < float(count) < float((batch["num_chunks"] - 1).sum())
     # alm as a metric (weight 0) beside a weighted CE: the total and count are CE's, per token.
-    spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(weight=0.0), ce=dict(weight=1.0)))
-    total, count, metrics = dj.losses.compose.loss_fn(spec, inputs, {}, {}, 0)
+    spec = objective.LossSpec.from_config(dict(alm=dict(weight=0.0), ce=dict(weight=1.0)))
+    total, count, metrics = objective.loss_fn(spec, inputs, {}, {}, 0)
     logits = inputs.student_hidden @ inputs.student_head
     ce = dj.losses.masked_sum_and_count(
         dj.losses.cross_entropy(logits, inputs.targets, inputs.mask), inputs.mask
@@ -268,7 +269,7 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
     )  # fmt: skip
     np.testing.assert_allclose(float(metrics["loss/alm"][0]), float(want[0]), rtol=1e-5)
     with pytest.raises(ValueError, match="normalised per token but 'alm' per chunk"):
-        dj.losses.compose.LossSpec.from_config(dict(alm=dict(weight=1.0), ce=dict(weight=1.0)))
+        objective.LossSpec.from_config(dict(alm=dict(weight=1.0), ce=dict(weight=1.0)))
 
 
 def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepiece):
@@ -309,15 +310,15 @@ def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepi
     )
     assert float(n) > 50 and float(zero) == 0.0
 
-    # Through compose: alm + hidden_weight x the chunk-end term, over the same chunk count, with
-    # the projector init_params makes for different widths.
+    # Through the objective: alm + hidden_weight x the chunk-end term, over the same chunk count,
+    # with the projector init_params makes for different widths.
     t_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(teacher_tok))
     s_bmask = jnp.asarray(dj.bridges.boundary_vocab_mask(student_tok))
     teacher, student = _model(teacher_tok.vocab_size, 1), _model(student_tok.vocab_size, 2)
     t_lp, t_lpb = _side_lp(teacher, batch["teacher_ids"], batch["teacher_segment"], t_bmask)
     ids = jnp.asarray(batch["student_ids"])
     s_hidden = student.forward(ids, compute_logits=False).hidden
-    inputs = dj.losses.compose.LossInputs(
+    inputs = objective.LossInputs(
         student_hidden=s_hidden,
         student_head=student.head_weights(),
         targets=jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1),
@@ -329,13 +330,11 @@ def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepi
         student_boundary_mask=s_bmask,
         teacher_token_hidden=jnp.asarray(ht),
     )
-    spec = dj.losses.compose.LossSpec.from_config(dict(alm=dict(hidden_weight=0.5)))
-    params = dj.losses.compose.init_params(spec, jax.random.key(0), 32, 8)
+    spec = objective.LossSpec.from_config(dict(alm=dict(hidden_weight=0.5)))
+    params = objective.init_params(spec, jax.random.key(0), 32, 8)
     assert params["alm"]["kernel"].shape == (32, 8)
-    total, count, metrics = dj.losses.compose.loss_fn(spec, inputs, params, {}, 0)
-    plain = dj.losses.compose.loss_fn(
-        dj.losses.compose.LossSpec.from_config(dict(alm={})), inputs, {}, {}, 0
-    )
+    total, count, metrics = objective.loss_fn(spec, inputs, params, {}, 0)
+    plain = objective.loss_fn(objective.LossSpec.from_config(dict(alm={})), inputs, {}, {}, 0)
     hidden = alm.chunk_hidden_loss(
         s_hidden, jnp.asarray(ht), jnp.asarray(s_chunk), jnp.asarray(t_chunk), c,
         projector=params["alm"],

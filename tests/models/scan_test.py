@@ -20,9 +20,9 @@ from flax import nnx
 
 import distill_jax as dj
 from distill_jax import sharding, teachers
-from distill_jax.losses import compose
 from distill_jax.models import scan
 from distill_jax.models.transformer import to_looped, to_scanned
+from distill_jax.train import objective
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 from distill_jax.transforms import params as transform_params
@@ -266,13 +266,15 @@ def test_calibration_and_plans_on_a_scanned_model_equal_the_loop():
 
 def _step_state(model, spec, tx):
     graphdef, params = teachers.split_model(model)
-    state = state_lib.create({"student": params, "loss": {}}, tx, compose.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     return graphdef, state
 
 
 def test_sharded_scanned_train_step_equals_the_unsharded_loop():
-    spec = compose.LossSpec.from_config(
-        dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)), dict(chunk_size=8)
+    spec = objective.LossSpec.from_config(
+        dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)), dict(head_chunk_tokens=8)
     )
     # SGD, so that the update is the gradient itself (Adam's first step divides by |g|).
     tx, _ = state_lib.make_optimizer(

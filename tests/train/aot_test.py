@@ -336,7 +336,7 @@ def test_compile_mode_lowers_the_trainers_program():
     devices = jax.devices()
     _, abstract, args, _ = aot.build_abstract(config, devices)
     mesh = loop.build_mesh(config, devices)
-    rules = tuple(tuple(r) for r in config.rules)
+    rules = tuple(tuple(r) for r in config.get("rules", sharding.DEFAULT_RULES))
     student = loop.build_model(config.student, "student", 0)
     teacher = loop.build_teacher(config.teacher, student, 0, None, None)
     real = loop.build_step(

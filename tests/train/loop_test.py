@@ -170,7 +170,7 @@ def _supervised_reference(c, make_batch, steps):
     the trainer: ``make_batch(student_params, prompts, step)`` gives each step's batch."""
     from distill_jax import teachers
     from distill_jax.data import sources
-    from distill_jax.losses import compose
+    from distill_jax.train import objective
     from distill_jax.train import state as state_lib
     from distill_jax.train import step as step_lib
 
@@ -179,11 +179,13 @@ def _supervised_reference(c, make_batch, steps):
     batches = loop.make_prompt_batches(c, split["train"], tok, seed=0)
     student = loop.build_model(c.student, "student", 0)
     teacher = teachers.OnlineTeacher(loop.build_model(c.teacher, "teacher", 1))
-    spec = compose.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=steps))
+    spec = objective.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=steps))
     length = c.onpolicy.prompt_len + c.onpolicy.max_new_tokens
     tx, _ = state_lib.make_optimizer(c.optimizer, steps, c.data.global_batch_size * length)
     graphdef, params = teachers.split_model(student)
-    state = state_lib.create({"student": params, "loss": {}}, tx, compose.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     step_fn = jax.jit(
         step_lib.make_distill_step(
             student_graphdef=graphdef,
@@ -304,10 +306,10 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
         student_boundary_mask=dj.bridges.boundary_vocab_mask(tok, 264),
         chunk_size=32,
     )
-    from distill_jax.losses import compose
+    from distill_jax.train import objective
 
-    spec = compose.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=2))
-    inputs = compose.LossInputs(
+    spec = objective.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=2))
+    inputs = objective.LossInputs(
         student_hidden=student.forward(
             jnp.asarray(batch["input_ids"]),
             positions=jnp.asarray(batch["positions"]),
@@ -319,7 +321,7 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
         mask=jnp.asarray(batch["loss_mask"]),
         **teacher.loss_inputs(teacher.params(), {k: jnp.asarray(v) for k, v in batch.items()}),
     )
-    total, count, _ = compose.loss_fn(spec, inputs, {}, compose.init_state(spec), 0)
+    total, count, _ = objective.loss_fn(spec, inputs, {}, objective.init_state(spec), 0)
     assert float(total / count) == pytest.approx(rows[0]["train/loss"], rel=1e-4)
 
 

@@ -14,9 +14,8 @@ from flax import nnx
 import distill_jax as dj
 from distill_jax import teachers
 from distill_jax.data import prompts as prompts_lib
-from distill_jax.losses import compose
 from distill_jax.models import sampling
-from distill_jax.train import rollout
+from distill_jax.train import objective, rollout
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 
@@ -48,9 +47,11 @@ def _prompt_batch(tok, pairs, p=48, n=12):
 
 def _one_step(student, batch, spec_terms):
     graphdef, params = teachers.split_model(student)
-    spec = compose.LossSpec.from_config(spec_terms, {})
+    spec = objective.LossSpec.from_config(spec_terms, {})
     tx = optax.sgd(0.1)
-    state = state_lib.create({"student": params, "loss": {}}, tx, compose.init_state(spec), seed=0)
+    state = state_lib.create(
+        {"student": params, "loss": {}}, tx, objective.init_state(spec), seed=0
+    )
     step = jax.jit(
         step_lib.make_distill_step(
             student_graphdef=graphdef, teacher=teachers.SelfTeacher(student), spec=spec, tx=tx

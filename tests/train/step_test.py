@@ -13,7 +13,8 @@ from flax import nnx
 
 import distill_jax as dj
 from distill_jax import sharding, teachers
-from distill_jax.losses import compose, topk
+from distill_jax.losses import topk
+from distill_jax.train import objective
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 
@@ -46,8 +47,9 @@ def _batch(b=8, t=16, seed=0):
 def _setup(teacher=None, losses=None, lr=1e-2, optimizer="adamw"):
     student = _model(1, 2)
     teacher = teachers.OnlineTeacher(_model(2, 1)) if teacher is None else teacher
-    spec = compose.LossSpec.from_config(
-        losses or dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)), dict(chunk_size=8)
+    spec = objective.LossSpec.from_config(
+        losses or dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)),
+        dict(head_chunk_tokens=8),
     )
     tx, _ = state_lib.make_optimizer(
         dict(name=optimizer, learning_rate=lr, warmup_steps=0), 10, 128
@@ -56,7 +58,7 @@ def _setup(teacher=None, losses=None, lr=1e-2, optimizer="adamw"):
     state = state_lib.create(
         {"student": params, "loss": {}},
         tx,
-        compose.init_state(spec),
+        objective.init_state(spec),
         seed=0,
         ema=teacher is not None and teacher.kind == "ema",
     )
@@ -96,14 +98,14 @@ def _manual_loss(student_params, graphdef, teacher_inputs, batch, spec, state):
         segment_ids=jnp.asarray(batch["segment_ids"]),
         compute_logits=False,
     )
-    inputs = compose.LossInputs(
+    inputs = objective.LossInputs(
         student_hidden=out.hidden,
         student_head=student.head_weights(),
         targets=jnp.asarray(batch["targets"]),
         mask=jnp.asarray(batch["loss_mask"]),
         **teacher_inputs,
     )
-    s, c, _ = compose.loss_fn(spec, inputs, {}, state.loss_state, state.step)
+    s, c, _ = objective.loss_fn(spec, inputs, {}, state.loss_state, state.step)
     return s / c
 
 

@@ -1,4 +1,4 @@
-"""compose: a config spec becomes the loss a user would write by hand (alpha, tau^2, schedules,
+"""objective: a config spec becomes the loss a user would write by hand (alpha, tau^2, schedules,
 TAID, selection, features), exact accumulation, state round trip, clear errors."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from distill_jax.losses import compose, divergences, features, selection
+from distill_jax.losses import divergences, features, selection
 from distill_jax.losses.tokens import cross_entropy
+from distill_jax.train import objective
 
 B, T, D, V = 2, 9, 8, 23
 
@@ -21,7 +22,7 @@ def _inputs(seed=0, **extra):
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     mask = jnp.asarray(rng.random((B, T)) > 0.2)
     targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    return compose.LossInputs(
+    return objective.LossInputs(
         student_hidden=f(B, T, D),
         student_head=f(D, V) * 0.7,
         teacher_hidden=f(B, T, D),
@@ -33,10 +34,10 @@ def _inputs(seed=0, **extra):
 
 
 def _run(losses, options=None, inputs=None, step=0, state=None, params=None):
-    spec = compose.LossSpec.from_config(losses, dict(chunk_size=4, **(options or {})))
+    spec = objective.LossSpec.from_config(losses, dict(head_chunk_tokens=4, **(options or {})))
     inputs = inputs or _inputs()
-    state = compose.init_state(spec) if state is None else state
-    total, count, metrics = jax.jit(lambda x, p, s, k: compose.loss_fn(spec, x, p, s, k))(
+    state = objective.init_state(spec) if state is None else state
+    total, count, metrics = jax.jit(lambda x, p, s, k: objective.loss_fn(spec, x, p, s, k))(
         inputs, params or {}, state, step
     )
     return spec, inputs, total, count, metrics
@@ -79,14 +80,14 @@ def test_hinton_kd_with_alpha_and_tau_squared():
 def test_schedules_by_hand():
     lin = dict(schedule="linear", start=0.9, end=0.5, steps=100, warmup_steps=10)
     cos = dict(schedule="cosine", start=4.0, end=1.0, steps=50)
-    assert compose.schedule_value(0.3, 5) == 0.3
-    np.testing.assert_allclose(compose.schedule_value(lin, 0), 0.9)
-    np.testing.assert_allclose(compose.schedule_value(lin, 60), 0.7, rtol=1e-6)
-    np.testing.assert_allclose(compose.schedule_value(lin, 500), 0.5, rtol=1e-6)
-    np.testing.assert_allclose(compose.schedule_value(cos, 25), 2.5, rtol=1e-6)
-    np.testing.assert_allclose(compose.schedule_value(cos, 50), 1.0, rtol=1e-6)
+    assert objective.schedule_value(0.3, 5) == 0.3
+    np.testing.assert_allclose(objective.schedule_value(lin, 0), 0.9)
+    np.testing.assert_allclose(objective.schedule_value(lin, 60), 0.7, rtol=1e-6)
+    np.testing.assert_allclose(objective.schedule_value(lin, 500), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(objective.schedule_value(cos, 25), 2.5, rtol=1e-6)
+    np.testing.assert_allclose(objective.schedule_value(cos, 50), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown schedule 'exp'"):
-        compose.schedule_value(dict(schedule="exp", start=1.0), 0)
+        objective.schedule_value(dict(schedule="exp", start=1.0), 0)
 
 
 def test_scheduled_temperature_beta_and_alpha():
@@ -116,7 +117,7 @@ def test_micro_batches_with_global_normalisation_equal_one_batch():
     _, _, s2, c2, _ = _run(losses, inputs=half(slice(1, 2)))
     _, _, s, c, _ = _run(losses, inputs=x)
     np.testing.assert_allclose(
-        compose.normalize(s1 + s2, c1 + c2), compose.normalize(s, c), rtol=1e-5
+        objective.normalize(s1 + s2, c1 + c2), objective.normalize(s, c), rtol=1e-5
     )
 
 
@@ -125,9 +126,9 @@ def test_taid_uses_and_advances_its_state():
     spec, x, total, _, metrics = _run(losses, dict(total_steps=100))
     zs, zt = _logits(x)
     np.testing.assert_allclose(total, jnp.sum(divergences.taid(zs, zt, t=0.4) * x.mask), rtol=1e-5)
-    state = compose.init_state(spec)
+    state = objective.init_state(spec)
     for step in range(1, 4):
-        state = compose.update_state(spec, state, metrics, step)
+        state = objective.update_state(spec, state, metrics, step)
     assert 0.4 < float(state["taid"].t) <= 1.0
     _, _, total2, _, _ = _run(losses, dict(total_steps=100), state=state)
     t = state["taid"].t
@@ -146,10 +147,10 @@ def test_adakd_selection_and_idts_temperatures():
     np.testing.assert_allclose(total, want, rtol=1e-5)
     assert float(count) == float(jnp.sum(keep & x.mask)) == np.ceil(0.5 * float(x.mask.sum()))
     # The controller state survives a checkpoint-like round trip and keeps evolving identically.
-    state = compose.update_state(spec, compose.init_state(spec), metrics, 1)
-    restored = serialization.from_bytes(compose.init_state(spec), serialization.to_bytes(state))
-    a = compose.update_state(spec, state, metrics, 2)
-    b = compose.update_state(spec, restored, metrics, 2)
+    state = objective.update_state(spec, objective.init_state(spec), metrics, 1)
+    restored = serialization.from_bytes(objective.init_state(spec), serialization.to_bytes(state))
+    a = objective.update_state(spec, state, metrics, 2)
+    b = objective.update_state(spec, restored, metrics, 2)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -202,8 +203,8 @@ def test_feature_terms_with_projectors_and_layer_map():
     )  # L_t = 8
     x = _inputs(6, student_hidden_states=hs, teacher_hidden_states=ht)
     losses = dict(hidden_cosine=dict(weight=0.3, layers="uniform", projector="xavier"), ce=dict())
-    spec = compose.LossSpec.from_config(losses, dict(chunk_size=4))
-    params = compose.init_params(spec, jax.random.key(0), D, 6, num_layers=(4, 8))
+    spec = objective.LossSpec.from_config(losses, dict(head_chunk_tokens=4))
+    params = objective.init_params(spec, jax.random.key(0), D, 6, num_layers=(4, 8))
     assert len(params["hidden_cosine"]) == 4
     _, _, total, _, metrics = _run(losses, inputs=x, params=params)
     pairs = features.layer_map(4, 8)
@@ -215,19 +216,21 @@ def test_feature_terms_with_projectors_and_layer_map():
     np.testing.assert_allclose(total, want, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss/hidden_cosine"][0], jnp.sum(feat * x.mask), rtol=1e-5)
     # Gradients reach the projectors (they are trained with the student).
-    grads = jax.grad(lambda p: compose.loss_fn(spec, x, p, {}, 0)[0])(params)
+    grads = jax.grad(lambda p: objective.loss_fn(spec, x, p, {}, 0)[0])(params)
     assert all(float(jnp.abs(g["kernel"]).sum()) > 0 for g in grads["hidden_cosine"])
 
 
 def test_bad_specs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown kind 'fkl'"):
-        compose.LossSpec.from_config(dict(fkl=dict()))
+        objective.LossSpec.from_config(dict(fkl=dict()))
     with pytest.raises(ValueError, match="total_steps"):
-        compose.LossSpec.from_config(dict(taid=dict()))
+        objective.LossSpec.from_config(dict(taid=dict()))
     with pytest.raises(ValueError, match="selection.kind='adakdd'"):
-        compose.LossSpec.from_config(dict(forward_kl=dict()), dict(selection=dict(kind="adakdd")))
+        objective.LossSpec.from_config(dict(forward_kl=dict()), dict(selection=dict(kind="adakdd")))
     with pytest.raises(ValueError, match="no terms"):
-        compose.LossSpec.from_config(dict())
-    spec = compose.LossSpec.from_config(dict(forward_kl=dict()), dict(selection=dict(kind="rho1")))
+        objective.LossSpec.from_config(dict())
+    spec = objective.LossSpec.from_config(
+        dict(forward_kl=dict()), dict(selection=dict(kind="rho1"))
+    )
     with pytest.raises(ValueError, match="needs reference_hidden"):
-        compose.loss_fn(spec, _inputs(), {}, {}, 0)
+        objective.loss_fn(spec, _inputs(), {}, {}, 0)

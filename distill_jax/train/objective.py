@@ -1,0 +1,411 @@
+r"""A loss spec from an ml_collections config becomes one function returning (sum, count, metrics).
+
+The spec has two parts (configs/*.py):
+
+    c.losses = dict(                                   # label -> term; the label picks the kind
+        forward_kl=dict(weight=0.9, temperature=2.0),   # a divergence on logits (fused)
+        ce=dict(weight=0.1),                            # hard-label cross-entropy, tau = 1
+        kl_t1=dict(divergence="forward_kl", weight=0.0),   # weight 0: a metric only
+        hidden_cosine=dict(weight=0.1, layers="uniform", projector="xavier"),  # features
+    )
+    c.losses = dict(alm=dict(temperature=100.0, distance="binary_kl", append_space=True))
+
+The kind of each term, its knobs (typed, with defaults and ranges) and what it needs from the
+rest of the config are registry entries (``train/registry.py``); ``loss_spec(config)`` checks
+the whole config against them (``train/terms.py``) before anything loads and parses each term
+into a typed ``terms.Term``. ``alm`` is the cross-tokenizer term (``bridges.alm``, needs
+``config.bridge``): it is summed over common-boundary chunks and normalised by the global *chunk*
+count, so it cannot be mixed with token-normalised terms; those may stay as metrics with
+``weight=0`` (or alm itself may, for a baseline trained on the others). Options:
+
+    c.loss_options = dict(head_chunk_tokens=None, implementation="custom_vjp",
+                          semantics="renorm_both", temperature_squared=True, alpha=None,
+                          total_steps=None, selection=dict(kind="none"))
+
+Any number in a term (weight, temperature, beta, alpha, ...) or ``loss_options.alpha`` may be a
+schedule ``dict(schedule="linear"|"cosine"|"constant", start=a, end=b, steps=n,
+warmup_steps=0)`` evaluated at the step (MaxText's alpha/temperature/beta schedules).
+
+**The tau^2 factor lives here and only here.** With ``temperature_squared=True`` (default) every
+divergence term is multiplied by tau^2 per token (tau_i^2 for AdaKD's per-token temperatures), so
+its gradient keeps its size as tau changes (Hinton et al., 2015); CE and feature terms are not.
+``alpha`` (if set) scales every divergence term by alpha and ``ce`` by 1 - alpha:
+L = alpha tau^2 KL(p_tau || q_tau) + (1 - alpha) CE (METHODS.md 1.12).
+
+**Normalisation.** ``loss_fn`` returns sums: ``loss_sum = sum_terms w_term sum_i m_i s_i
+l_term(i)`` and ``count = sum_i m_i s_i`` (m the loss mask, s the selection weights). The mean is
+``loss_sum / N`` with N the count summed over every micro-batch and data shard of the optimizer
+step (``normalize``), which is what makes gradient accumulation exact. Metrics are
+``loss/<label>`` (sum, count) pairs, unweighted and without tau^2.
+
+State carried across steps (TrainState, checkpointed): TAID's interpolation (``taid`` term) and
+AdaKD's keep ratio (``selection.kind="adakd"``); ``update_state`` advances it once per optimizer
+step from that step's summed metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from distill_jax.losses import divergences, features, fused, selection
+from distill_jax.losses.tokens import masked_sum_and_count
+from distill_jax.train import selection_rules
+from distill_jax.train import terms as terms_lib
+from distill_jax.train.terms import Term
+
+
+@struct.dataclass
+class LossInputs:
+    """Everything a loss term may read; unused fields stay None.
+
+    student_hidden [B, T, D] (final, after the norm) and student_head [D, V]; the teacher as
+    teacher_hidden [B, T, D_t] + teacher_head [D_t, V] or sparse_teacher (topk.SparseTeacher);
+    targets [B, T] next-token ids; mask [B, T] loss mask; *_hidden_states (L + 1 arrays) and
+    *_qkv (per-layer {"q", "k", "v"}) from ``Transformer.forward`` for feature terms; positions,
+    segment_ids [B, T] as given to the models; reference_hidden/head for Rho-1 and AdaSPEC;
+    vocab_mask [V]; softcaps and teacher_combine (static) as the models define them.
+    """
+
+    student_hidden: jax.Array
+    student_head: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+    teacher_hidden: jax.Array | None = None
+    teacher_head: jax.Array | None = None
+    sparse_teacher: Any = None
+    student_hidden_states: tuple[jax.Array, ...] | None = None
+    teacher_hidden_states: tuple[jax.Array, ...] | None = None
+    student_qkv: tuple[dict[str, jax.Array], ...] | None = None
+    teacher_qkv: tuple[dict[str, jax.Array], ...] | None = None
+    positions: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    reference_hidden: jax.Array | None = None
+    reference_head: jax.Array | None = None
+    vocab_mask: jax.Array | None = None
+    # Cross-tokenizer (bridges.alm): per-token next-token and boundary log-probs of the teacher on
+    # its own tokens [B, U], both sides' chunk ids [B, U] / [B, T], the student's boundary set [V].
+    teacher_token_logprobs: jax.Array | None = None
+    teacher_boundary_logprobs: jax.Array | None = None
+    teacher_chunk: jax.Array | None = None
+    student_chunk: jax.Array | None = None
+    student_boundary_mask: jax.Array | None = None
+    teacher_token_hidden: jax.Array | None = None  # [B, U, D_t]: the teacher's, on its tokens
+    # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers.py);
+    # multiplied into the selection weights, so the normaliser is sum(mask * weights).
+    token_weights: jax.Array | None = None
+    # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
+    # (see fused.fused_distill_loss).
+    student_softcap: float | None = struct.field(pytree_node=False, default=None)
+    teacher_softcap: Any = struct.field(pytree_node=False, default=None)
+    teacher_combine: Any = struct.field(pytree_node=False, default=None)
+
+
+# -------------------------------------------------------------------------------- schedules
+
+
+def schedule_value(spec, step):
+    """A number, or ``dict(schedule, start, end, steps, warmup_steps=0)`` at ``step``.
+
+    constant: start; linear: start -> end over ``steps`` after the warm-up; cosine:
+    end + (start - end) (1 + cos(pi f)) / 2 with f the same fraction. Clamped at ``end``.
+    """
+    if not isinstance(spec, Mapping):
+        return spec
+    spec = dict(spec)
+    kind = spec.get("schedule", "constant")
+    start = float(spec["start"])
+    if kind == "constant":
+        return jnp.asarray(start, jnp.float32)
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"Unknown schedule {kind!r}; use 'constant', 'linear' or 'cosine'.")
+    end, steps = float(spec["end"]), max(int(spec["steps"]), 1)
+    f = (jnp.asarray(step, jnp.float32) - spec.get("warmup_steps", 0)) / steps
+    f = jnp.clip(f, 0.0, 1.0)
+    if kind == "linear":
+        return start + (end - start) * f
+    return end + (start - end) * 0.5 * (1.0 + jnp.cos(math.pi * f))
+
+
+# ------------------------------------------------------------------------------ the spec
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The parsed config: typed terms by family, the checked options and the selection rule.
+
+    ``logit_terms`` (fused head), ``feature_terms`` and ``bridge_terms`` map a label to its
+    ``terms.Term``; ``options`` is ``loss_options`` with every default filled in; ``selection``
+    is the selection rule as a Term (``terms.SELECTIONS``).
+    """
+
+    logit_terms: dict[str, Term]
+    feature_terms: dict[str, Term]
+    options: dict
+    bridge_terms: dict[str, Term] = dataclasses.field(default_factory=dict)
+    selection: Term | None = None
+
+    @classmethod
+    def from_config(cls, losses: Mapping, options: Mapping | None = None) -> LossSpec:
+        """Check a ``c.losses`` / ``c.loss_options`` pair; errors name the term and the fix."""
+        options, selection_term = terms_lib.parse_options(options)
+        parsed = [
+            terms_lib.parse_term(label, raw) for label, raw in terms_lib.to_dict(losses).items()
+        ]
+        return cls.from_terms(parsed, options, selection_term)
+
+    @classmethod
+    def from_terms(cls, parsed, options: dict, selection_term: Term) -> LossSpec:
+        """The spec of already parsed terms (``terms.validate``); checks how they combine."""
+        family = lambda f: {t.label: t for t in parsed if t.entry.family == f}  # noqa: E731
+        logit, feature, bridge = family("logit"), family("feature"), family("bridge")
+        if any(t.kind == "taid" for t in parsed) and not options["total_steps"]:
+            raise ValueError(
+                "The taid term needs loss_options.total_steps (its linear t schedule)."
+            )
+        if not parsed:
+            raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
+        weighted = [k for k, t in {**logit, **feature}.items() if t.weight != 0]
+        if any(t.weight != 0 for t in bridge.values()) and weighted:
+            raise ValueError(
+                f"Loss terms {weighted} are normalised per token but 'alm' per chunk; give them "
+                "weight=0 (kept as metrics), drop them, or give alm weight=0 (a metric)."
+            )
+        if len(bridge) > 1:
+            raise ValueError(f"One alm term at most; got {sorted(bridge)}.")
+        return cls(logit, feature, options, bridge, selection_term)
+
+    def divergence_labels(self) -> list[str]:
+        return [k for k, t in self.logit_terms.items() if t.kind != "ce"]
+
+    def needs(self) -> frozenset:
+        """What the terms need from the teacher ("hidden_states", "qkv", ...): the union."""
+        every = [
+            *self.logit_terms.values(),
+            *self.feature_terms.values(),
+            *self.bridge_terms.values(),
+        ]
+        return frozenset().union(*(t.entry.needs for t in every))
+
+
+def validate(config) -> None:
+    """Check ``config.losses``, ``loss_options`` and ``teacher`` against the registry
+    (``terms.validate``) and how the terms combine; reads no file and builds nothing."""
+    loss_spec(config)
+
+
+def loss_spec(config) -> LossSpec:
+    """The whole config checked (``terms.validate``), then its LossSpec. Call this before any
+    model or data loads: every error names the term, the knob and the fix."""
+    parsed, options, selection_term = terms_lib.validate(config)
+    return LossSpec.from_terms(parsed, options, selection_term)
+
+
+# ------------------------------------------------------------------------- params and state
+
+
+def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_layers=None):
+    """Trainable loss parameters (projectors of feature terms), trained with the student.
+
+    Args:
+        spec: the LossSpec; key: PRNG key; student_dim, teacher_dim: model widths D_s, D_t;
+        num_layers: (L_s, L_t), needed for layer-mapped feature terms.
+
+    Returns:
+        {label: [projector per layer pair]} (a pytree, possibly empty).
+    """
+    params = {}
+    for label, term in spec.bridge_terms.items():  # ALM's chunk-end hidden-state projector
+        if term.knobs["hidden_weight"] and student_dim != teacher_dim:
+            key, sub = jax.random.split(key)
+            init = term.knobs["projector"] or "xavier"
+            params[label] = features.init_projector(sub, student_dim, teacher_dim, init=init)
+    for label, term in spec.feature_terms.items():
+        init = term.knobs.get("projector")
+        if "hidden_states" not in term.entry.needs or not init:
+            continue
+        pairs = _pairs(term, num_layers)
+        keys = jax.random.split(key, len(pairs) + 1)
+        key = keys[0]
+        params[label] = [
+            features.init_projector(k, student_dim, teacher_dim, init=init) for k in keys[1:]
+        ]
+    return params
+
+
+def _pairs(term: Term, num_layers):
+    if term.knobs["pairs"] is not None:
+        return tuple(tuple(p) for p in term.knobs["pairs"])
+    if num_layers is None:
+        raise ValueError("Layer-mapped feature terms need num_layers=(L_student, L_teacher).")
+    return features.layer_map(*num_layers, kind=term.knobs["layers"])
+
+
+def init_state(spec: LossSpec) -> dict:
+    """Controller state carried across steps: {"taid": TAIDState, "adakd": AdaKDState}."""
+    state = {}
+    for term in spec.logit_terms.values():
+        if term.kind == "taid":
+            state["taid"] = divergences.taid_init(term.knobs["t_start"])
+    if spec.selection.kind == "adakd":
+        state["adakd"] = selection.adakd_init(spec.selection.knobs["initial_ratio"])
+    return state
+
+
+def update_state(spec: LossSpec, state: dict, metrics: dict, step) -> dict:
+    """Advance the controllers once per optimizer step from the step's summed metrics."""
+    state = dict(state)
+    mean = lambda key: metrics[key][0] / jnp.maximum(metrics[key][1], 1.0)  # noqa: E731
+    for label, term in spec.logit_terms.items():
+        if term.kind == "taid":
+            k = term.knobs
+            state["taid"] = divergences.taid_update(
+                state["taid"],
+                mean(f"loss/{label}"),
+                step,
+                spec.options["total_steps"],
+                t_start=k["t_start"],
+                t_end=k["t_end"],
+                alpha=k["step_size"],
+                beta=k["momentum"],
+                adaptive=k["adaptive"],
+            )
+    if spec.selection.kind == "adakd":
+        k = spec.selection.knobs
+        label = k["term"] or spec.divergence_labels()[0]
+        state["adakd"] = selection.adakd_update(
+            state["adakd"],
+            mean(f"loss/{label}"),
+            ema_decay=k["ema_decay"],
+            eps_loss=k["eps_loss"],
+            eps_ratio=k["eps_ratio"],
+            warmup_steps=k["warmup_steps"],
+            update_every_steps=k["update_every_steps"],
+            min_ratio=k["min_ratio"],
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------- the loss
+
+
+def _fused_terms(spec: LossSpec, state: dict, step) -> dict:
+    """Logit terms as ``fused`` term dicts: schedules evaluated, alpha and tau^2 set by the
+    registry entry's ``alpha`` and ``tau_squared``, TAID's t filled in from its state."""
+    opts = spec.options
+    alpha = schedule_value(opts["alpha"], step) if opts["alpha"] is not None else None
+    out = {}
+    for label, term in spec.logit_terms.items():
+        d = {k: schedule_value(v, step) for k, v in term.fn_knobs().items()}
+        d["divergence"] = term.kind
+        if alpha is not None:
+            d["weight"] = d["weight"] * (alpha if term.entry.alpha == "alpha" else 1.0 - alpha)
+        if term.entry.tau_squared and "temperature_squared" not in d:
+            d["temperature_squared"] = opts["temperature_squared"]
+        if term.kind == "taid":
+            d["t"] = state["taid"].t
+        out[label] = d
+    return out
+
+
+def _select(inputs, spec, state, terms) -> tuple[jax.Array | None, dict, dict]:
+    """Token weights [B, T] (or None), the terms (maybe with per-token tau or caps), metrics:
+    the registered rule of ``loss_options.selection.kind`` (``selection_rules``)."""
+    rule = spec.selection
+    weights, terms, metrics = rule.entry.fn(inputs, spec, state, terms, rule.knobs)
+    if weights is None:
+        return None, terms, metrics
+    w = weights.astype(jnp.float32)
+    kept = (jnp.sum(w * inputs.mask), jnp.sum(inputs.mask.astype(jnp.float32)))
+    return w, terms, {**metrics, "selection/kept": kept}
+
+
+def _feature_values(inputs: LossInputs, label: str, term: Term, params: dict) -> jax.Array:
+    fn, k = term.entry.fn, term.knobs
+    if "hidden_states" in term.entry.needs:
+        s_hs, t_hs = inputs.student_hidden_states, inputs.teacher_hidden_states
+        if s_hs is None or t_hs is None:
+            raise ValueError(f"Loss term {label!r} needs student and teacher hidden_states.")
+        pairs = _pairs(term, (len(s_hs) - 1, len(t_hs) - 1))
+        knobs = {"normalize": k["normalize"]} if k.get("normalize") is not None else {}
+        return features.layerwise_hidden_loss(
+            fn,
+            s_hs,
+            jax.lax.stop_gradient(t_hs),
+            inputs.mask,
+            pairs,
+            projectors=params.get(label),
+            **knobs,
+        )
+    if inputs.student_qkv is None or inputs.teacher_qkv is None:
+        raise ValueError(f"Loss term {label!r} needs student_qkv and teacher_qkv.")
+    s = inputs.student_qkv[k["student_layer"]]
+    t = jax.lax.stop_gradient(inputs.teacher_qkv[k["teacher_layer"]])
+    kw = dict(
+        num_relation_heads=k["num_relation_heads"],
+        positions=inputs.positions,
+        segment_ids=inputs.segment_ids,
+    )
+    if term.kind == "attention_relation":
+        return fn(s["q"], s["k"], t["q"], t["k"], inputs.mask, **kw)
+    return fn(s["v"], t["v"], inputs.mask, **kw)
+
+
+def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step):
+    """Total loss sum, token count and metrics of one (micro-)batch.
+
+    Args:
+        spec: ``loss_spec(config)`` or ``LossSpec.from_config(c.losses, c.loss_options)``.
+        inputs: LossInputs.
+        params: ``init_params`` output (projectors), differentiated with the student.
+        state: ``init_state`` output (controllers), read only.
+        step: the optimizer step (schedules), int scalar.
+
+    Returns:
+        (loss_sum [], count [], metrics {name: (sum, count)}); divide with ``normalize``.
+    """
+    terms = _fused_terms(spec, state, step)
+    weights, terms, metrics = _select(inputs, spec, state, terms)
+    if inputs.token_weights is not None:
+        tw = jax.lax.stop_gradient(inputs.token_weights.astype(jnp.float32))
+        weights = tw if weights is None else weights * tw
+    total = jnp.zeros((), jnp.float32)
+    if spec.logit_terms:
+        total, count, fused_metrics = fused.fused_distill_loss(
+            inputs.student_hidden,
+            inputs.student_head,
+            mask=inputs.mask,
+            weights=weights,
+            targets=inputs.targets,
+            terms=terms,
+            vocab_mask=inputs.vocab_mask,
+            chunk_size=spec.options["head_chunk_tokens"],
+            semantics=spec.options["semantics"],
+            implementation=spec.options["implementation"],
+            **selection_rules.teacher_kwargs(inputs),
+        )
+        metrics.update(fused_metrics)
+    for label, term in spec.feature_terms.items():
+        values = _feature_values(inputs, label, term, params)
+        s, count = masked_sum_and_count(values, inputs.mask, weights)
+        metrics[f"loss/{label}"] = (s, count)
+        total = total + schedule_value(term.weight, step) * s
+    if not spec.logit_terms:
+        count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
+    for label, term in spec.bridge_terms.items():
+        s, chunks, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
+        metrics.update(bridge_metrics, **{f"loss/{label}": (s, chunks)})
+        if term.weight != 0:  # the chunk count replaces the token count
+            total, count = schedule_value(term.weight, step) * s, chunks
+    return total, count, metrics
+
+
+def normalize(loss_sum: jax.Array, num_tokens: jax.Array) -> jax.Array:
+    """loss_sum / N, N the global token count of the optimizer step (>= 1 to stay finite)."""
+    return loss_sum / jnp.maximum(num_tokens, 1.0)
