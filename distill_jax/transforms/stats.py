@@ -15,6 +15,10 @@ ungated output; g_j(x) its gate renormalised over the selected top-k, REAP's def
     max_activation_j    = max_{X_j} max_d |f_j(x)_d|                    (super experts)
     router_gram         = sum_x l(x) l(x)^T  [E, E], l = router logits  (column similarity)
     output_sum          = sum_x f(x)         [E, D] over ALL tokens     (HC-SMoE representation)
+    moe_input           = the layer's input rows [N, D] (only with moe_inputs=True: NAEE)
+
+Everything is read from the model's own forward (``Transformer.forward(intermediates=...)``,
+reduced per block inside the walk), so the loop and the scanned layouts give the same sums.
 
 Dense parts (Minitron activation importance, a = sqrt(sum over examples of (mean_seq |x|)^2);
 each example's mean is over its valid tokens):
