@@ -4,9 +4,11 @@ the UniSD contrastive hinge (METHODS.md section 5).
 Every loss returns per-token values [B, T] in float32, zero where ``mask`` is False, not reduced
 (``tokens.masked_sum_and_count`` reduces). Teacher inputs are constants (``stop_gradient``).
 Attention-side inputs are the per-layer q, k, v that ``Transformer.forward(...,
-output_attention_qkv=True)`` returns in ``ModelOutput.attention_qkv``; which keys a query sees
-follows ``models.attention.attention_mask`` (same segment, not in the future, inside the window),
-with the ``positions`` and ``segment_ids`` given to the model (defaults: 0..T-1, one segment).
+output_attention_qkv=True)`` returns in ``ModelOutput.attention_qkv`` (the blocks' "qkv"
+intermediates, ``models.transformer.BLOCK_INTERMEDIATES``; hidden states are their "output");
+which keys a query sees follows ``models.attention.attention_mask`` (same segment, not in the
+future, inside the window), with the ``positions`` and ``segment_ids`` given to the model
+(defaults: 0..T-1, one segment).
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def attention_probs(
 def attention_probs_from_model(
     model, attention_qkv: Sequence[dict[str, jax.Array]], positions=None, segment_ids=None
 ) -> tuple[jax.Array, ...]:
-    """Every layer's [B, N, T, T] probabilities from ``ModelOutput.attention_qkv`` of ``model``."""
+    """Every layer's [B, N, T, T] probabilities from ``ModelOutput.attention_qkv`` of ``model``
+    (the scale is ``config.attention_scale``, the one ``models.attention.Attention`` uses)."""
     c = model.config
     if len(attention_qkv) != c.num_layers:
         raise ValueError(f"Got q/k/v of {len(attention_qkv)} layers for {c.num_layers} blocks.")

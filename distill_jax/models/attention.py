@@ -50,7 +50,7 @@ class Attention(nnx.Module):
     def __init__(self, config, layer: int, *, rngs: nnx.Rngs):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        self.scale = c.attention_scale
         self.softcap = c.attn_logit_softcapping
         self.sliding_window = c.sliding_window if c.is_sliding(layer) else None
         self.attention_impl = c.attention_impl

@@ -2,13 +2,22 @@
 
 ``model(input_ids)`` gives logits [B, T, V]. ``model.forward(...)`` gives a ``ModelOutput`` with the
 final hidden states (the fused-loss path skips the head), per-layer hidden states, per-layer
-attention q/k/v (for attention-relation losses), MoE router statistics and load-balancing loss, and
-the updated KV cache.
+attention q/k/v (for attention-relation losses), MoE router statistics and load-balancing loss, the
+updated KV cache, and any of the blocks' named intermediates (``BLOCK_INTERMEDIATES``).
+
+The block walk is written once, in ``Block.__call__``: the feature losses (hidden states, q/k/v),
+the calibration statistics (``transforms.stats``) and NAEE (``transforms.experts``) all read what
+they need from the model's own forward by naming intermediates, in the loop and the scanned
+layouts alike. A name that is not requested is not computed or returned, so the default forward
+keeps nothing beyond the residual stream (and the router statistics of MoE blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +41,9 @@ class ModelOutput:
     [B,T,D] (embeddings, then each block's output) or None; router_stats: one dict per MoE layer;
     router_logits: one [B,T,E] per MoE layer; aux_loss: [] load-balancing loss (0 for dense);
     attention_qkv: one {"q": [B,T,N,H], "k": [B,T,K,H], "v": [B,T,K,H]} per layer (q and k after
-    q/k norm and RoPE: what the scores are computed from) or None."""
+    q/k norm and RoPE: what the scores are computed from) or None; intermediates: one entry per
+    block (a dict of the requested ``BLOCK_INTERMEDIATES``, or what ``reduce_intermediates`` made
+    of it) or None."""
 
     logits: jax.Array | None
     hidden: jax.Array
@@ -42,6 +53,34 @@ class ModelOutput:
     aux_loss: jax.Array | None = None
     cache: KVCache | None = None
     attention_qkv: tuple[dict[str, jax.Array], ...] | None = None
+    intermediates: tuple | None = None
+
+
+# Name -> what ``Block.__call__`` returns under it when asked (B batch, T positions, D width, N
+# heads, H head dim, F FFN width, E experts). MoE-only and dense-only names are absent from the
+# other kind of block.
+BLOCK_INTERMEDIATES = {
+    "input": "[B,T,D] the block's input (residual stream)",
+    "attn_input": "[B,T,D] attn_norm(input)",
+    "qkv": '{"q": [B,T,N,H], "k", "v": [B,T,K,H]} (q, k after q/k norm and RoPE)',
+    "heads": "[B,T,N,H] per-head attention outputs before o_proj",
+    "mlp_input": "[B,T,D] mlp_norm(input + attention): the FFN / MoE input",
+    "mlp_hidden": "[B,T,F] dense FFN only: the down projection's input",
+    "router_logits": "[B,T,E] float32, MoE only",
+    "expert_outputs": "[B,T,E,D] MoE only: every expert's ungated output on every token",
+    "output": "[B,T,D] the block's output (residual stream)",
+}
+
+
+def check_intermediates(names) -> frozenset[str]:
+    """The requested names as a frozenset; unknown names fail naming the valid ones."""
+    names = frozenset(names)
+    bad = sorted(names - set(BLOCK_INTERMEDIATES))
+    if bad:
+        raise ValueError(
+            f"Unknown block intermediates {bad}; choose from {list(BLOCK_INTERMEDIATES)}."
+        )
+    return names
 
 
 class Block(nnx.Module):
@@ -76,24 +115,61 @@ class Block(nnx.Module):
             )
         self.layer = layer
 
-    def __call__(self, x, positions, segment_ids, cache=None, output_qkv=False, slot=None):
-        """One block; ``slot`` is the block's index in the KV cache (default: its layer)."""
+    def __call__(self, x, positions, segment_ids, cache=None, *, slot=None, want=frozenset()):
+        """One block.
+
+        Args:
+            x: [B, T, D] residual stream; positions, segment_ids: [B, T] int.
+            cache: a KVCache or None; slot: the block's index in it (default: its layer).
+            want: names of ``BLOCK_INTERMEDIATES`` to return.
+
+        Returns:
+            (output [B, T, D], cache, MoE router statistics or None, {name: intermediate}).
+        """
         slot = self.layer if slot is None else slot
-        h, cache, qkv = self.attn(
-            self.attn_norm(x), positions, segment_ids, cache, slot, output_qkv
+        got = {"input": x}
+        a_in = self.attn_norm(x)
+        got["attn_input"] = a_in
+        heads, cache, got["qkv"] = self.attn.attend(
+            a_in, positions, segment_ids, cache, slot, "qkv" in want
         )
+        got["heads"] = heads
+        h = self.attn.project_out(heads)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp_norm(x)
+        h = got["mlp_input"] = self.mlp_norm(x)
         stats = None
         if isinstance(self.mlp, moe_lib.MoE):
             h, stats = self.mlp(h, segment_ids != 0)
+            got["router_logits"] = stats["router_logits"]
+            if "expert_outputs" in want:
+                got["expert_outputs"] = self.mlp.expert_outputs(got["mlp_input"])
         else:
-            h = self.mlp(h)
+            hid = got["mlp_hidden"] = self.mlp.hidden(h)
+            h = self.mlp.down(hid)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return shard(x + h, ("batch", "length", "embed")), stats, cache, qkv
+        x = got["output"] = shard(x + h, ("batch", "length", "embed"))
+        return x, cache, stats, {k: v for k, v in got.items() if k in want}
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """What every block of one forward pass gets: the token layout, the intermediates to
+    compute (``want``), what to keep of them (``keep``: {name: array} -> pytree, applied right
+    after the block) and the remat policy."""
+
+    positions: jax.Array
+    segment_ids: jax.Array
+    want: frozenset[str]
+    keep: Callable[[dict], Any]
+    policy: Callable | None
+
+    def run(self, block: Block, x: jax.Array):
+        """One block without a cache: (output, MoE stats or None, keep(intermediates))."""
+        x, _, stats, got = block(x, self.positions, self.segment_ids, want=self.want)
+        return x, stats, self.keep(got)
 
 
 class Transformer(nnx.Module):
@@ -146,6 +222,15 @@ class Transformer(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return shard(logits, ("batch", "length", "vocab"))
 
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, D] block-0 input: the embedding rows, times sqrt(D) with
+        ``embed_scale`` (Gemma; the scale rounded to the parameter dtype, as transformers does)."""
+        c = self.config
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype)  # [B, T, D]
+        if c.embed_scale:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
+        return shard(x, ("batch", "length", "embed"))
+
     def forward(
         self,
         input_ids: jax.Array,
@@ -156,6 +241,8 @@ class Transformer(nnx.Module):
         compute_logits: bool = True,
         output_hidden_states: bool = False,
         output_attention_qkv: bool = False,
+        intermediates: Sequence[str] = (),
+        reduce_intermediates: Callable[[dict], Any] | None = None,
         remat: str | bool = False,
     ) -> ModelOutput:
         """Run the model.
@@ -171,6 +258,12 @@ class Transformer(nnx.Module):
             output_attention_qkv: also return every layer's attention q, k, v (for MiniLM
                 relations and attention transfer, ``losses.features``); with a cache, k and v
                 are those of the new tokens only.
+            intermediates: names of ``BLOCK_INTERMEDIATES`` to return per block in
+                ``ModelOutput.intermediates``.
+            reduce_intermediates: applied to each block's {name: array} inside the walk (inside
+                the scan body for a stacked model), so only its result is kept per block:
+                calibration sums instead of [B, T, E, D] expert outputs. Must not depend on
+                the block index (it sees the requested names present in that block).
             remat: rematerialisation policy of each block (each scanned group) in the backward
                 pass: "none"/False, "full"/True (activation memory of one block instead of L),
                 "dots" or "offload" (``models.scan.remat_policy``); ignored with a cache.
@@ -179,6 +272,7 @@ class Transformer(nnx.Module):
             ModelOutput.
         """
         c = self.config
+        want = check_intermediates(intermediates)
         b, t = input_ids.shape
         cache_lib.check_length(c, t)  # a cache's slots may outnumber positions (speculative)
         if positions is None:
@@ -186,29 +280,28 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.dtype)  # [B, T, D]
-        if c.embed_scale:
-            x = x * jnp.asarray(math.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
-        x = shard(x, ("batch", "length", "embed"))
-        embedded = x
+        x = embedded = self.embed_tokens(input_ids)
         # Decoding with a cache has no backward pass: nothing to rematerialise.
         policy = None if cache is not None else scan_lib.remat_policy(remat, platform())
+        # Per block: the output (hidden states), q/k/v, and the caller's names (reduced or not).
+        extra = {"output"} if output_hidden_states else set()
+        extra |= {"qkv"} if output_attention_qkv else set()
+
+        def keep(got):
+            own = {k: got[k] for k in extra}
+            if want:
+                asked = {k: v for k, v in got.items() if k in want}
+                own["asked"] = reduce_intermediates(asked) if reduce_intermediates else asked
+            return own
+
+        walk = Walk(positions, segment_ids, frozenset(want | extra), keep, policy)
         if self.scanned and cache is None:
-            x, per_layer = self._scan_blocks(
-                x, positions, segment_ids, output_hidden_states, output_attention_qkv, policy
-            )
+            x, per_layer = self._scan_blocks(x, walk)
         else:
-            x, per_layer, cache = self._loop_blocks(
-                x, positions, segment_ids, cache, output_hidden_states, output_attention_qkv, policy
-            )
-        stats, router_logits = [], []
-        for _, layer_stats, _ in per_layer:
-            if layer_stats is not None:
-                layer_stats = dict(layer_stats)
-                router_logits.append(layer_stats.pop("router_logits"))
-                stats.append(layer_stats)
-        hidden_states = [embedded] + [h for h, _, _ in per_layer] if output_hidden_states else None
-        qkvs = [qkv for _, _, qkv in per_layer]
+            x, per_layer, cache = self._loop_blocks(x, walk, cache)
+        stats = [dict(s) for s, _ in per_layer if s is not None]
+        router_logits = [s.pop("router_logits") for s in stats]
+        kept = [k for _, k in per_layer]
         if cache is not None:
             cache = cache.replace(
                 positions=cache_lib.write(cache.positions, positions, cache.index),
@@ -220,47 +313,58 @@ class Transformer(nnx.Module):
         return ModelOutput(
             logits=self.logits_from_hidden(hidden) if compute_logits else None,
             hidden=hidden,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=(
+                (embedded, *(k["output"] for k in kept)) if output_hidden_states else None
+            ),
             router_stats=tuple(stats),
             router_logits=tuple(router_logits),
             aux_loss=aux,
             cache=cache,
-            attention_qkv=tuple(qkvs) if output_attention_qkv else None,
+            attention_qkv=tuple(k["qkv"] for k in kept) if output_attention_qkv else None,
+            intermediates=tuple(k["asked"] for k in kept) if want else None,
         )
 
-    def _loop_blocks(self, x, positions, segment_ids, cache, want_hidden, want_qkv, policy):
+    def _loop_blocks(self, x, walk: Walk, cache):
         """The blocks one after the other (a stacked model's blocks sliced out one by one).
 
         Returns:
-            (x, per block (output or None, MoE stats or None, qkv or None), cache).
+            (x, per block (MoE stats or None, walk.keep of its intermediates), cache).
         """
         per_layer = []
         for i, block in enumerate(self.blocks()):
-            if policy is not None:  # recompute the block in the backward pass
-                run = nnx.remat(lambda blk, x, p, s: blk(x, p, s, None, want_qkv), policy=policy)
-                x, stats, _, qkv = run(block, x, positions, segment_ids)
+            if walk.policy is not None:  # recompute the block in the backward pass
+                run = nnx.remat(
+                    lambda blk, x, p, s: dataclasses.replace(walk, positions=p, segment_ids=s).run(
+                        blk, x
+                    ),
+                    policy=walk.policy,
+                )
+                x, stats, kept = run(block, x, walk.positions, walk.segment_ids)
             else:
-                x, stats, cache, qkv = block(x, positions, segment_ids, cache, want_qkv, slot=i)
-            per_layer.append((x if want_hidden else None, stats, qkv))
+                x, cache, stats, got = block(
+                    x, walk.positions, walk.segment_ids, cache, slot=i, want=walk.want
+                )
+                kept = walk.keep(got)
+            per_layer.append((stats, kept))
         return x, per_layer, cache
 
-    def _scan_blocks(self, x, positions, segment_ids, want_hidden, want_qkv, policy):
+    def _scan_blocks(self, x, walk: Walk):
         """``lax.scan`` over the groups of a stacked model; the body runs one group's p blocks.
 
         Returns:
-            (x, per block (output or None, MoE stats or None, qkv or None)) in model order.
+            (x, per block (MoE stats or None, walk.keep of its intermediates)) in model order.
         """
         graphdef, state = nnx.split(self.layers)
 
         def body(x, group_state):
             outs = []
             for block in nnx.merge(graphdef, group_state):
-                x, stats, _, qkv = block(x, positions, segment_ids, None, want_qkv)
-                outs.append((x if want_hidden else None, stats, qkv))
+                x, stats, kept = walk.run(block, x)
+                outs.append((stats, kept))
             return x, outs
 
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        if walk.policy is not None:
+            body = jax.checkpoint(body, policy=walk.policy, prevent_cse=False)
         x, outs = jax.lax.scan(body, x, state)
         return x, scan_lib.gather_layers(outs, self.config)
 

@@ -7,8 +7,10 @@
 from distill_jax.transforms.depth import drop_layers, keep_layers_spec, prune_blocks, rank_blocks
 from distill_jax.transforms.experts import (
     align_expert,
+    average_linkage,
     merge_experts,
     naee_plan,
+    naee_plan_from_stats,
     plan_merge,
     prune_experts,
     rank_experts,
@@ -18,6 +20,7 @@ from distill_jax.transforms.params import to_model, to_params
 from distill_jax.transforms.stats import (
     block_importance,
     calibrate,
+    collecting_moe_inputs,
     embed_importance,
     expert_scores,
     ffn_importance,

@@ -18,10 +18,12 @@ terms (REAP, Lasby et al., 2025; vLLM llm-compressor's REAP modifier).
 Merging groups experts and averages each group with frequency weights, W = sum_i f_i W_i /
 sum_i f_i for gate, up and down, after aligning every member's SwiGLU hidden units to the group's
 dominant expert (a permutation found by the Hungarian algorithm on weight distances; REAP's
-``permute.py``, MC-SMoE, Li et al., 2024, "Merge, Then Compress", ICLR). Grouping (MC-SMoE):
-dominant experts are the highest-ranked; every other expert joins its most similar dominant by
-router-logit column cosine (MC-SMoE) or mean-output cosine over all tokens (HC-SMoE, Chen et al.,
-2025, ICML). Partial preservation (SlimQwen, arXiv:2605.08738): the top ``preserve_fraction`` of
+``permute.py``, MC-SMoE, Li et al., 2024, "Merge, Then Compress", ICLR). Grouping, ``plan_merge``:
+"mc_smoe", dominant experts are the highest-ranked and every other expert joins its most similar
+dominant by router-logit column cosine (MC-SMoE) or mean-output cosine; "hc_smoe", average-linkage
+hierarchical clustering of the experts' mean outputs over all calibration tokens (HC-SMoE, Chen
+et al., 2025, ICML), merged without alignment in ``student.prune`` as the paper does. Partial
+preservation (SlimQwen, arXiv:2605.08738): the top ``preserve_fraction`` of
 the budget stays bitwise intact and only the rest is merged. Router semantics, explicitly:
 
 * ``router="dominant"``: E' experts remain; a merged expert is routed by its dominant's router
@@ -37,7 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +76,15 @@ def _check_moe(config: ModelConfig) -> tuple[int, ...]:
 
 
 def _layer_budgets(keep, sizes: Mapping[int, int], top_k: int, scores, global_budget: bool):
-    """{block: experts to keep} from ``keep`` (int, fraction, or {block: int})."""
+    """{block: experts to keep} from ``keep``: an int, a fraction, {block: int}, or a list of
+    ints in MoE-block order."""
+    if isinstance(keep, Sequence) and not isinstance(keep, str):
+        if len(keep) != len(sizes):
+            raise ValueError(
+                f"keep lists {len(keep)} budgets; the model has {len(sizes)} MoE blocks "
+                f"{sorted(sizes)}: give one per MoE block, in order."
+            )
+        keep = dict(zip(sorted(sizes), keep))
     if isinstance(keep, Mapping):
         keep = {int(b): n for b, n in keep.items()}
         if sorted(keep) != sorted(sizes):
@@ -85,6 +95,8 @@ def _layer_budgets(keep, sizes: Mapping[int, int], top_k: int, scores, global_bu
     per = {b: _budget(keep, e, top_k) for b, e in sizes.items()}
     if not global_budget:
         return per
+    if scores is None:
+        raise ValueError("A global expert budget needs per-expert scores (rank_experts).")
     # One threshold for all layers: every layer keeps its top_k, the rest of the total budget
     # goes to the highest scores overall, each layer's scores divided by its mean first.
     total = sum(per.values())
@@ -198,92 +210,96 @@ def _subset_errors(logits, outputs, full, masks, k, normalize):
 
 
 def naee_plan(model, batches, keep, *, max_subsets: int = 2000) -> dict:
-    """NAEE-style plan: per MoE layer, the keep-set minimising ||Z - Z_S||_F on calibration tokens.
+    """NAEE plan from calibration batches: ``naee_plan_from_stats`` of
+    ``stats.calibrate(model, batches, moe_inputs=True)``."""
+    return naee_plan_from_stats(
+        model, stats_lib.calibrate(model, batches, moe_inputs=True), keep, max_subsets=max_subsets
+    )
 
-    Z is the layer's routed output with all experts, Z_S with only the experts in S (the dropped
-    logits set to -inf and tokens re-routed). Every keep-set is tried when there are at most
+
+def naee_plan_from_stats(model, stats: Mapping, keep, *, max_subsets: int = 2000) -> dict:
+    """NAEE plan: per MoE layer, the keep-set minimising ||Z - Z_S||_F on calibration tokens.
+
+    Lu et al., 2024, "Not All Experts are Equal" (ACL), layer-wise expert pruning. Z is the
+    layer's routed output with all experts, Z_S with only the experts in S (the dropped logits
+    set to -inf and tokens re-routed). Every keep-set is tried when there are at most
     ``max_subsets`` of them (C(E, keep)); otherwise experts are removed greedily, one at a time,
-    each time the one whose removal raises the error least. Layer inputs come from the unpruned
-    model (the one-shot variant of Lu et al., 2024).
+    each time the one whose removal raises the error least. Layer inputs are the unpruned
+    model's (``moe_input`` of ``stats.calibrate(..., moe_inputs=True)``: the paper's
+    ``layerwise_pruning``; its ``progressive_pruning`` recomputes them after each layer).
+
+    Args:
+        model: the model ``stats`` were collected on.
+        stats: ``calibrate`` output with ``moe_input`` rows for every MoE block.
+        keep: experts per layer (int), a fraction of E (float < 1), per-layer budgets (a list
+            in MoE-block order or {block: int}).
+        max_subsets: the exhaustive search's limit.
+
+    Returns:
+        {"criterion": "naee", "num_experts", "top_k", "shape", "keep": {block: kept experts},
+         "errors": {block: ||Z - Z_S||_F of the kept set}}.
     """
     model = to_looped(model)  # blocks addressed one by one
     c = model.config
     blocks = _check_moe(c)
-    inputs = _moe_inputs(model, batches)  # {block: [N, D]}
-    kept = {}
+    stats_lib.check_stats(stats, c)
+    if any("moe_input" not in stats["layers"][b] for b in blocks):
+        raise ValueError(
+            "NAEE needs every MoE block's inputs: collect the statistics with "
+            "calibrate(..., moe_inputs=True) (or inside stats.collecting_moe_inputs())."
+        )
+    k, norm = c.num_experts_per_tok, c.norm_topk_prob
+    sizes = {b: c.experts_in(b) for b in blocks}
+    budgets = _layer_budgets(keep, sizes, k, None, False)
+    kept, errs = {}, {}
     for block in blocks:
         mlp = model.layers[block].mlp
-        x = inputs[block][None]
+        x = jnp.asarray(stats["layers"][block]["moe_input"], c.dtype)[None]  # [1, N, D]
         logits = mlp.router_logits(x)[0]
         outs = mlp.expert_outputs(x)[0].astype(jnp.float32)
-        k, norm = c.num_experts_per_tok, c.norm_topk_prob
-        e = c.experts_in(block)
-        n = _budget(keep, e, k)
+        e, n = sizes[block], budgets[block]
         full = _routed_output(logits, outs, jnp.ones(e, bool), k, norm)
-        errors = lambda masks, lg=logits, o=outs, z=full, k=k, nm=norm: np.asarray(
-            _subset_errors(lg, o, z, jnp.asarray(masks), k, nm)
+        errors = lambda masks, lg=logits, o=outs, z=full: np.asarray(
+            _subset_errors(lg, o, z, jnp.asarray(masks), k, norm)
         )
         if math.comb(e, n) <= max_subsets:
             subsets = list(itertools.combinations(range(e), n))
             masks = np.zeros((len(subsets), e), bool)
-            for i, s in enumerate(subsets):
-                masks[i, list(s)] = True
-            kept[block] = tuple(subsets[int(np.argmin(errors(masks)))])
+            for i, sub in enumerate(subsets):
+                masks[i, list(sub)] = True
+            err = errors(masks)
+            kept[block] = tuple(subsets[int(np.argmin(err))])
+            errs[block] = float(np.min(err))
         else:
             alive = list(range(e))
             while len(alive) > n:
                 masks = np.zeros((len(alive), e), bool)
                 for i, drop in enumerate(alive):
                     masks[i, [j for j in alive if j != drop]] = True
-                alive.remove(alive[int(np.argmin(errors(masks)))])
+                err = errors(masks)
+                alive.remove(alive[int(np.argmin(err))])
+                errs[block] = float(np.min(err))
+            errs.setdefault(block, 0.0)
             kept[block] = tuple(alive)
     return {
         "criterion": "naee",
-        "num_experts": [c.experts_in(b) for b in blocks],
-        "top_k": c.num_experts_per_tok,
+        "num_experts": [sizes[b] for b in blocks],
+        "top_k": k,
         "shape": stats_lib.shape_key(c),
         "keep": kept,
+        "errors": {b: round(v, 6) for b, v in errs.items()},
     }
 
 
 def _moe_inputs(model, batches) -> dict[int, jax.Array]:
-    """{MoE block: [N, D] inputs of its MoE FFN over the valid calibration tokens}."""
-    from flax import nnx
-
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    @jax.jit
-    def run(params, ids, pos, seg):
-        m = nnx.merge(graphdef, params)
-        captured = {}
-        x = jnp.take(m.embed[...], ids, axis=0).astype(m.config.dtype)
-        if m.config.embed_scale:
-            x = x * jnp.asarray(np.sqrt(m.config.hidden_size), x.dtype)
-        for i, block in enumerate(m.layers):
-            h, _, _ = block.attn(block.attn_norm(x), pos, seg)
-            if block.post_attn_norm is not None:
-                h = block.post_attn_norm(h)
-            x = x + h
-            m_in = block.mlp_norm(x)
-            if isinstance(block.mlp, moe_lib.MoE):
-                captured[i] = m_in
-                y, _ = block.mlp(m_in, seg != 0)
-            else:
-                y = block.mlp(m_in)
-            if block.post_mlp_norm is not None:
-                y = block.post_mlp_norm(y)
-            x = x + y
-        return captured
-
-    got: dict[int, list] = {}
-    for batch in batches:
-        ids, pos, seg = stats_lib._as_batch(batch)
-        valid = seg.reshape(-1) != 0
-        for i, v in run(params, ids, pos, seg).items():
-            got.setdefault(i, []).append(np.asarray(v).reshape(-1, v.shape[-1])[valid])
-    if not got:
-        raise ValueError("naee_plan got no calibration batches.")
-    return {i: jnp.asarray(np.concatenate(v)) for i, v in got.items()}
+    """{MoE block: [N, D] inputs of its MoE FFN over the valid calibration tokens}, read from
+    the model's own forward (``calibrate(..., moe_inputs=True)``)."""
+    stats = stats_lib.calibrate(model, batches, moe_inputs=True)
+    return {
+        i: jnp.asarray(layer["moe_input"])
+        for i, layer in enumerate(stats["layers"])
+        if "moe_input" in layer
+    }
 
 
 # ---------------------------------------------------------------------------------- merging
@@ -317,10 +333,69 @@ def align_expert(ref: Mapping, other: Mapping) -> tuple[dict, np.ndarray]:
     return out, perm
 
 
+MERGE_GROUPINGS = ("mc_smoe", "hc_smoe")
+
+
+def average_linkage(points, n_clusters: int) -> list[list[int]]:
+    """Agglomerative clustering of the rows of ``points`` [M, X] into ``n_clusters`` with
+    average linkage (UPGMA) on Euclidean distances: repeatedly merge the two clusters with the
+    smallest mean pairwise distance between their members (ties: the pair of lowest first
+    members). Same merges as ``scipy.cluster.hierarchy.linkage(points, "average")``.
+
+    Returns:
+        The clusters as sorted member lists, ordered by their first member.
+    """
+    x = np.asarray(points, np.float64)
+    m = len(x)
+    if not 1 <= n_clusters <= m:
+        raise ValueError(f"Cannot cluster {m} points into {n_clusters} clusters.")
+    d = np.sqrt(np.sum((x[:, None] - x[None]) ** 2, axis=-1))  # [M, M]
+    clusters = [[i] for i in range(m)]
+    while len(clusters) > n_clusters:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                dist = d[np.ix_(clusters[a], clusters[b])].mean()
+                if best is None or dist < best[0]:
+                    best = (dist, a, b)
+        _, a, b = best
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters)
+
+
+def _hc_smoe_groups(rest: list[int], n: int, means: np.ndarray) -> list[list[int]]:
+    """HC-SMoE: ``rest`` clustered into n groups by average linkage on the experts' mean
+    outputs; each group's dominant (listed first: its router column and alignment reference) is
+    the member nearest the group's mean representation."""
+    if n == 0:
+        return []
+    out = []
+    for members in average_linkage(means[rest], n):
+        group = [rest[i] for i in members]
+        centre = means[group].mean(0)
+        dom = group[int(np.argmin(np.linalg.norm(means[group] - centre, axis=-1)))]
+        out.append([dom] + [j for j in group if j != dom])
+    return out
+
+
+def _mc_smoe_groups(rest: list[int], n: int, sim: np.ndarray) -> list[list[int]]:
+    """MC-SMoE: the first n of ``rest`` (ranked) are dominants; every other expert joins the
+    dominant it is most similar to."""
+    dominants = rest[:n]
+    members = {d: [d] for d in dominants}
+    if dominants:
+        for j in rest[n:]:
+            best = max(dominants, key=lambda d: (sim[j, d], -d))
+            members[best].append(j)
+    return [members[d] for d in dominants]
+
+
 def plan_merge(
     stats: Mapping,
     keep,
     *,
+    grouping: str = "mc_smoe",
     criterion: str = "frequency",
     similarity: str = "router_logits",
     preserve_fraction: float = 0.0,
@@ -328,10 +403,19 @@ def plan_merge(
     """A merging plan: per MoE layer, ``keep`` groups of experts.
 
     The top round(preserve_fraction * keep) experts by ``criterion`` are singleton groups
-    (preserved intact); the next-ranked ones among the rest are the dominants of the remaining
-    groups, and every other expert joins the dominant it is most similar to (``similarity``:
-    "router_logits", MC-SMoE, or "outputs", HC-SMoE). preserve_fraction = 1 is pruning by the
-    ranking; 0 is pure merging.
+    (preserved intact); the others are grouped into the remaining budget by ``grouping``:
+
+    * "mc_smoe" (MC-SMoE, Li et al., 2024): the next-ranked experts are the dominants and every
+      other expert joins the dominant it is most similar to (``similarity``: "router_logits",
+      MC-SMoE's router-logit columns, or "outputs", cosine of the mean expert outputs).
+    * "hc_smoe" (HC-SMoE, Chen et al., 2025, ICML; wazenmai/HC-SMoE ``clustering.py``): each
+      expert is represented by its mean output over all calibration tokens and the experts are
+      clustered by average-linkage hierarchical clustering (Euclidean) into the budget; the
+      dominant of a group is the member nearest its mean representation. ``similarity`` is
+      not used.
+
+    Both merge each group with frequency weights (``merge_experts``). preserve_fraction = 1 is
+    pruning by the ranking; 0 is pure merging.
 
     Returns:
         {"num_experts", "top_k", "shape", "groups": {block: [[dominant, member, ...], ...]},
@@ -339,6 +423,8 @@ def plan_merge(
     """
     if not 0.0 <= preserve_fraction <= 1.0:
         raise ValueError(f"preserve_fraction={preserve_fraction} must be in [0, 1].")
+    if grouping not in MERGE_GROUPINGS:
+        raise ValueError(f"grouping={grouping!r}: use one of {MERGE_GROUPINGS}.")
     shape = stats["shape"]
     k = shape["num_experts_per_tok"]
     if not shape["num_experts"]:
@@ -351,7 +437,7 @@ def plan_merge(
     }.get(similarity)
     if sims is None:
         raise ValueError(f"similarity={similarity!r}: use 'router_logits' or 'outputs'.")
-    sims = sims(stats)
+    sims = sims(stats) if grouping == "mc_smoe" else stats_lib.mean_outputs(stats)
     blocks = [i for i, layer in enumerate(stats["layers"]) if "tokens_per_expert" in layer]
     groups, weights = {}, {}
     sizes = {b: len(stats["layers"][b]["tokens_per_expert"]) for b in blocks}
@@ -361,18 +447,14 @@ def plan_merge(
         n_keep = int(round(preserve_fraction * n))
         order = [int(j) for j in np.lexsort((np.arange(e), -row))]
         preserved, rest = order[:n_keep], order[n_keep:]
-        dominants = rest[: n - n_keep]
-        members = {d: [d] for d in dominants}
-        if dominants:
-            for j in rest[n - n_keep :]:
-                best = max(dominants, key=lambda d: (sim[j, d], -d))
-                members[best].append(j)
-        layer_groups = [[p] for p in preserved] + [members[d] for d in dominants]
+        make = _mc_smoe_groups if grouping == "mc_smoe" else _hc_smoe_groups
+        layer_groups = [[p] for p in preserved] + make(rest, n - n_keep, sim)
         groups[block] = sorted(layer_groups, key=lambda g: g[0])
         weights[block] = [float(f) for f in freq]
     return {
+        "grouping": grouping,
         "criterion": criterion,
-        "similarity": similarity,
+        "similarity": similarity if grouping == "mc_smoe" else "mean_outputs",
         "preserve_fraction": preserve_fraction,
         "num_experts": [sizes[b] for b in blocks],
         "top_k": k,

@@ -15,7 +15,12 @@ the new shapes. Kinds and targets:
     ffn      intermediate_size=F (width.ffn_plan)
     heads    num_heads=N [, num_kv_heads=K]
     embed    hidden_size=D
-    experts  keep=E' [, criterion="reap"]  (experts.rank_experts)
+    experts  keep=E' [, criterion="reap", global_budget=False]  (experts.rank_experts)
+
+``keep`` of an experts stage is an int (per layer), a fraction of each layer's E, a list of ints
+(one per MoE block, in order) or {block: int}; ``global_budget=True`` keeps the same total but
+distributes it across layers by score. In ``student.prune`` (one-shot) the criterion may also be
+"naee": the keep-set that best reconstructs each layer's output (experts.naee_plan_from_stats).
 
 Staged pruning reaches the target shape in steps with distillation in between; SlimQwen reports
 that it beats one-shot pruning at equal tokens (arXiv:2605.08738); Minitron advises <= 1/3 of the
@@ -52,9 +57,29 @@ def make_plan(stage: Mapping, stats: Mapping, config: ModelConfig, tensor_parall
     if kind == "embed":
         return width.embed_plan(stats, config, int(stage["hidden_size"]), **tp)
     if kind == "experts":
-        plan = experts.rank_experts(stats, int(stage["keep"]), stage.get("criterion", "reap"))
+        criterion = stage.get("criterion", "reap")
+        if criterion == "naee":
+            raise ValueError(
+                "criterion='naee' searches keep-sets on the layers' inputs, which progressive "
+                "schedules do not collect: use it in student.prune (one-shot, before training)."
+            )
+        plan = experts.rank_experts(
+            stats,
+            _keep(stage["keep"]),
+            criterion,
+            global_budget=bool(stage.get("global_budget", False)),
+        )
         return {"kind": "experts", **{k: plan[k] for k in ("num_experts", "keep", "shape")}}
     raise ValueError(f"Unknown pruning stage kind {kind!r}; use one of {KINDS}.")
+
+
+def _keep(keep):
+    """An experts stage's ``keep`` from a config: int, fraction, list or {block: int}."""
+    if isinstance(keep, Mapping):
+        return {int(b): int(n) for b, n in keep.items()}
+    if isinstance(keep, Sequence) and not isinstance(keep, str):
+        return [int(n) for n in keep]
+    return keep if isinstance(keep, float) and keep < 1 else int(keep)
 
 
 def apply_plan(tree: dict, config: ModelConfig, plan: Mapping) -> tuple[dict, ModelConfig]:
@@ -106,10 +131,12 @@ def transform_state(state, config: ModelConfig, plan: Mapping):
 
 
 def apply_once(model, stage: Mapping, stats_fn, tensor_parallel: int = 1):
-    """One stage of ``config.student.prune`` (before distillation) on a model: the plan kinds,
-    and ``moefication`` / ``upcycle`` (num_experts, top_k) and ``merge_experts`` (keep,
-    criterion, similarity, preserve_fraction, router). ``stats_fn(model)`` calibrates."""
+    """One stage of ``config.student.prune`` (before distillation) on a model: the plan kinds
+    (``experts`` also with criterion="naee", knob ``max_subsets``), and ``moefication`` /
+    ``upcycle`` (num_experts, top_k) and ``merge_experts`` (keep, grouping, criterion,
+    similarity, preserve_fraction, router, align). ``stats_fn(model)`` calibrates."""
     from distill_jax.transforms import moefy, params
+    from distill_jax.transforms import stats as stats_lib
 
     kind = stage.get("kind")
     p, config = params.to_params(model)
@@ -121,17 +148,35 @@ def apply_once(model, stage: Mapping, stats_fn, tensor_parallel: int = 1):
         return params.to_model(
             *moefy.upcycle(p, config, int(stage["num_experts"]), int(stage["top_k"]))
         )
+    if kind == "experts" and stage.get("criterion") == "naee":
+        if stage.get("global_budget"):
+            raise ValueError(
+                "criterion='naee' searches each layer's keep-set for its own budget; give keep "
+                "as an int or per-layer list, or use a scored criterion with global_budget."
+            )
+        with stats_lib.collecting_moe_inputs():  # NAEE reads every MoE block's inputs
+            stats = stats_fn(model)
+        plan = experts.naee_plan_from_stats(
+            model, stats, _keep(stage["keep"]), max_subsets=int(stage.get("max_subsets", 2000))
+        )
+        return params.to_model(*experts.prune_experts(p, config, plan))
     stats = stats_fn(model)
     if kind == "merge_experts":
+        grouping = stage.get("grouping", "mc_smoe")
         plan = experts.plan_merge(
             stats,
-            int(stage["keep"]),
+            _keep(stage["keep"]),
+            grouping=grouping,
             criterion=stage.get("criterion", "frequency"),
             similarity=stage.get("similarity", "router_logits"),
             preserve_fraction=float(stage.get("preserve_fraction", 0.0)),
         )
+        # HC-SMoE averages the members as they are; MC-SMoE aligns their hidden units first.
+        align = bool(stage.get("align", grouping != "hc_smoe"))
         return params.to_model(
-            *experts.merge_experts(p, config, plan, router=stage.get("router", "dominant"))
+            *experts.merge_experts(
+                p, config, plan, align=align, router=stage.get("router", "dominant")
+            )
         )
     if kind not in KINDS:
         raise ValueError(f"student.prune kind {kind!r}: use one of {ONCE_KINDS}.")
@@ -145,6 +190,11 @@ def check_schedule(stages: Sequence[Mapping], total_steps: int) -> list[dict]:
         stage = dict(stage)
         if stage.get("kind") not in KINDS:
             raise ValueError(f"prune_schedule[{i}].kind={stage.get('kind')!r}: use one of {KINDS}.")
+        if stage.get("kind") == "experts" and stage.get("criterion") == "naee":
+            raise ValueError(
+                f"prune_schedule[{i}]: criterion='naee' is one-shot (it needs the layers' "
+                "inputs); put the stage in student.prune."
+            )
         step = int(stage.get("step", -1))
         if not last < step < total_steps:
             raise ValueError(

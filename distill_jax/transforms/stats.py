@@ -15,6 +15,10 @@ ungated output; g_j(x) its gate renormalised over the selected top-k, REAP's def
     max_activation_j    = max_{X_j} max_d |f_j(x)_d|                    (super experts)
     router_gram         = sum_x l(x) l(x)^T  [E, E], l = router logits  (column similarity)
     output_sum          = sum_x f(x)         [E, D] over ALL tokens     (HC-SMoE representation)
+    moe_input           = the layer's input rows [N, D] (only with moe_inputs=True: NAEE)
+
+Everything is read from the model's own forward (``Transformer.forward(intermediates=...)``,
+reduced per block inside the walk), so the loop and the scanned layouts give the same sums.
 
 Dense parts (Minitron activation importance, a = sqrt(sum over examples of (mean_seq |x|)^2);
 each example's mean is over its valid tokens):
@@ -31,6 +35,9 @@ influence (Men et al., 2024, arXiv:2403.03853).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from collections.abc import Iterable, Mapping
 
 import jax
@@ -39,11 +46,27 @@ import numpy as np
 from flax import nnx
 
 from distill_jax import sharding
-from distill_jax.models import moe as moe_lib
 from distill_jax.models.config import ModelConfig
-from distill_jax.models.transformer import Transformer, to_looped
+from distill_jax.models.transformer import Transformer
 
 _MAX_KEYS = ("max_activation",)
+_CONCAT_KEYS = ("moe_input",)  # per-token rows: merged by concatenation
+_MOE_INPUTS = contextvars.ContextVar("calibrate_moe_inputs", default=False)
+
+
+@contextlib.contextmanager
+def collecting_moe_inputs():
+    """Inside this context ``calibrate`` also keeps every MoE block's input rows (NAEE's data).
+
+    For callers that reach ``calibrate`` through a ``stats_fn(model)`` they do not write
+    (``schedule.apply_once`` under the trainer): the rows are [N, D] float32 on the host per MoE
+    block, N valid calibration tokens, so keep the calibration set small for large models.
+    """
+    token = _MOE_INPUTS.set(True)
+    try:
+        yield
+    finally:
+        _MOE_INPUTS.reset(token)
 
 
 def shape_key(config: ModelConfig) -> dict[str, int]:
@@ -79,15 +102,28 @@ def _example_sq(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(has, mean * mean, 0.0), axis=0)
 
 
-def _moe_sums(block_mlp, x, w, k) -> dict[str, jax.Array]:
-    logits = block_mlp.router_logits(x)  # [B, T, E]
+# What the statistics read from each block's forward (``models.transformer.BLOCK_INTERMEDIATES``).
+_INTERMEDIATES = (
+    "input",
+    "attn_input",
+    "heads",
+    "mlp_input",
+    "mlp_hidden",
+    "router_logits",
+    "expert_outputs",
+    "output",
+)
+
+
+def _moe_sums(logits, f, w, k) -> dict[str, jax.Array]:
+    """logits [B, T, E] float32, f [B, T, E, D] ungated expert outputs, w [B, T] -> the sums."""
     e = logits.shape[-1]
     probs = jax.nn.softmax(logits, axis=-1)
     _, top_idx = jax.lax.top_k(probs, k)
     sel = jax.nn.one_hot(top_idx, e, dtype=jnp.float32).sum(-2)  # [B, T, E] 0/1
     g = probs * sel
     g = g / jnp.sum(g, axis=-1, keepdims=True)
-    f = block_mlp.expert_outputs(x).astype(jnp.float32)  # [B, T, E, D]
+    f = f.astype(jnp.float32)
     norm = jnp.linalg.norm(f, axis=-1)  # [B, T, E]
     ws = sel * w[..., None]
     return {
@@ -102,49 +138,59 @@ def _moe_sums(block_mlp, x, w, k) -> dict[str, jax.Array]:
     }
 
 
-def _batch_stats(graphdef, params, input_ids, positions, segment_ids):
-    """The sums of one batch (the module docstring's table)."""
+def _example_mean(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Per example, the mean over valid tokens: x [B, T, C], w [B, T] -> [B, C]."""
+    return jnp.einsum("btc,bt->bc", x, w) / jnp.maximum(w.sum(1), 1.0)[:, None]
+
+
+def _layer_sums(got: dict, w: jax.Array, k: int, moe_inputs: bool) -> dict[str, jax.Array]:
+    """One block's sums from its intermediates (runs inside the model's walk, per block); with
+    ``moe_inputs`` a MoE block also keeps its input [B, T, D] (``moe_input``)."""
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    heads = jnp.linalg.norm(f32(got["heads"]), axis=-1)  # [B, T, N]
+    sums = {
+        "head_sq": _example_sq(heads, w),
+        # Minitron's embedding-channel activation, summed over layers by the caller.
+        "embed_mean": _example_mean(jnp.abs(f32(got["attn_input"])) + jnp.abs(got["mlp_input"]), w),
+    }
+    if "router_logits" in got:
+        sums.update(_moe_sums(got["router_logits"], got["expert_outputs"], w, k))
+        if moe_inputs:
+            sums["moe_input"] = got["mlp_input"].astype(jnp.float32)
+    else:
+        sums["ffn_sq"] = _example_sq(jnp.abs(f32(got["mlp_hidden"])), w)
+    a, b = f32(got["input"]), f32(got["output"])
+    cos = jnp.sum(a * b, -1) / jnp.maximum(
+        jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12
+    )
+    sums["block_cos"] = jnp.sum(cos * w)
+    return sums
+
+
+def _batch_stats(graphdef, moe_inputs, params, input_ids, positions, segment_ids):
+    """The sums of one batch (the module docstring's table), reduced per block inside the
+    model's own forward (loop or scan layout)."""
     model = nnx.merge(graphdef, params)
-    c = model.config
     w = (segment_ids != 0).astype(jnp.float32)
-    x = jnp.take(model.embed[...], input_ids, axis=0).astype(c.dtype)
-    if c.embed_scale:
-        x = x * jnp.asarray(np.sqrt(c.hidden_size), c.param_dtype).astype(c.dtype)
-    embed_abs = jnp.zeros(x.shape, jnp.float32)
-    layers = []
-    for block in model.layers:
-        h_in = x
-        a_in = block.attn_norm(x)
-        heads, _, _ = block.attn.attend(a_in, positions, segment_ids)  # [B, T, N, H]
-        h = block.attn.project_out(heads)
-        if block.post_attn_norm is not None:
-            h = block.post_attn_norm(h)
-        x = x + h
-        m_in = block.mlp_norm(x)
-        embed_abs = embed_abs + jnp.abs(a_in).astype(jnp.float32) + jnp.abs(m_in)
-        sums = {"head_sq": _example_sq(jnp.linalg.norm(heads.astype(jnp.float32), axis=-1), w)}
-        if isinstance(block.mlp, moe_lib.MoE):
-            y, _ = block.mlp(m_in, segment_ids != 0)
-            sums.update(_moe_sums(block.mlp, m_in, w, c.num_experts_per_tok))
-        else:
-            hid = block.mlp.hidden(m_in)
-            y = block.mlp.down(hid)
-            sums["ffn_sq"] = _example_sq(jnp.abs(hid).astype(jnp.float32), w)
-        if block.post_mlp_norm is not None:
-            y = block.post_mlp_norm(y)
-        x = x + y
-        a, b = h_in.astype(jnp.float32), x.astype(jnp.float32)
-        cos = jnp.sum(a * b, -1) / jnp.maximum(
-            jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12
-        )
-        sums["block_cos"] = jnp.sum(cos * w)
-        layers.append(sums)
+    out = model.forward(
+        input_ids,
+        positions=positions,
+        segment_ids=segment_ids,
+        compute_logits=False,
+        intermediates=_INTERMEDIATES,
+        reduce_intermediates=lambda got: _layer_sums(
+            got, w, model.config.num_experts_per_tok, moe_inputs
+        ),
+    )
+    layers = [dict(layer) for layer in out.intermediates]
+    embed_mean = sum(layer.pop("embed_mean") for layer in layers)  # [B, D]
+    has = (w.sum(1) > 0)[:, None]
     return {
         "num_tokens": jnp.sum(w),
         "num_examples": jnp.sum(w.sum(1) > 0).astype(jnp.float32),
-        "embed_sq": _example_sq(embed_abs, w),
+        "embed_sq": jnp.sum(jnp.where(has, embed_mean * embed_mean, 0.0), axis=0),
         "layers": layers,
-        "hidden": model.final_norm(x),  # for the test that this pass is the model's forward
+        "hidden": out.hidden,
     }
 
 
@@ -158,6 +204,8 @@ def merge_stats(a: Mapping, b: Mapping) -> dict:
             return {k: one(x[k], y[k], k) for k in x}
         if isinstance(x, list | tuple):
             return [one(u, v, key) for u, v in zip(x, y)]
+        if key in _CONCAT_KEYS:
+            return np.concatenate([x, y])
         return np.maximum(x, y) if key in _MAX_KEYS else x + y
 
     out = {k: one(a[k], b[k], k) for k in a if k != "shape"}
@@ -185,6 +233,7 @@ def calibrate(
     *,
     mesh=None,
     rules=sharding.DEFAULT_RULES,
+    moe_inputs: bool | None = None,
 ) -> dict:
     """Sum the statistics of the module docstring over ``batches``.
 
@@ -194,15 +243,18 @@ def calibrate(
             ``segment_ids`` (0 = padding, excluded everywhere) and ``positions``.
         mesh: optional mesh; the parameters are placed by ``rules`` and the batch is split over
             its batch axes (the result equals the unsharded one).
+        moe_inputs: also keep every MoE block's input rows over the valid tokens,
+            ``moe_input`` [N, D] (NAEE, ``experts.naee_plan``); None: as the enclosing
+            ``collecting_moe_inputs()`` says (default off).
 
     Returns:
         {"shape": shape_key(config), "num_tokens", "num_examples", "embed_sq" [D],
          "layers": per block {"head_sq" [N], "block_cos", and "ffn_sq" [F] (dense) or the MoE
          sums}} as NumPy arrays.
     """
-    model = to_looped(model)  # the walk below addresses blocks one by one
+    moe_inputs = _MOE_INPUTS.get() if moe_inputs is None else bool(moe_inputs)
     graphdef, params = nnx.split(model, nnx.Param)
-    fn = jax.jit(_batch_stats, static_argnums=0)
+    fn = jax.jit(functools.partial(_batch_stats, graphdef, moe_inputs))
     total = None
     for batch in batches:
         ids, pos, seg = _as_batch(batch)
@@ -214,11 +266,17 @@ def calibrate(
                 jax.device_put(a, bs) for a in (ids, pos, seg)
             )
             with sharding.use_mesh(mesh, rules):
-                out = fn(graphdef, *args)
+                out = fn(*args)
         else:
-            out = fn(graphdef, *args)
+            out = fn(*args)
         out.pop("hidden")
         out = jax.tree.map(np.asarray, out)
+        valid = seg.reshape(-1) != 0
+        for layer in out["layers"]:
+            if "moe_input" in layer:
+                layer["moe_input"] = layer["moe_input"].reshape(-1, layer["moe_input"].shape[-1])[
+                    valid
+                ]
         out["shape"] = shape_key(model.config)
         total = out if total is None else merge_stats(total, out)
     if total is None:
@@ -228,13 +286,14 @@ def calibrate(
 
 def calibration_hidden(model: Transformer, input_ids, positions=None, segment_ids=None):
     """The final hidden states of the statistics pass (equal to ``model.forward``'s)."""
-    graphdef, params = nnx.split(to_looped(model), nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
     ids, pos, seg = _as_batch(
         dict(input_ids=input_ids, positions=positions, segment_ids=segment_ids)
         if positions is not None or segment_ids is not None
         else input_ids
     )
-    return jax.jit(_batch_stats, static_argnums=0)(graphdef, params, ids, pos, seg)["hidden"]
+    fn = jax.jit(functools.partial(_batch_stats, graphdef, False))
+    return fn(params, ids, pos, seg)["hidden"]
 
 
 # ------------------------------------------------------------------------------ derived scores
@@ -306,8 +365,19 @@ def router_similarity(stats: Mapping) -> list[np.ndarray]:
     return out
 
 
+def mean_outputs(stats: Mapping) -> list[np.ndarray]:
+    """Per MoE layer [E, D] each expert's mean (ungated) output over ALL valid calibration
+    tokens: HC-SMoE's expert representation."""
+    return [
+        np.asarray(layer["output_sum"], np.float64) / max(float(layer["num_tokens"]), 1.0)
+        for layer in stats["layers"]
+        if "output_sum" in layer
+    ]
+
+
 def output_similarity(stats: Mapping) -> list[np.ndarray]:
-    """Per MoE layer [E, E] cosine similarity of mean expert outputs over all tokens (HC-SMoE)."""
+    """Per MoE layer [E, E] cosine similarity of mean expert outputs over all tokens (HC-SMoE's
+    representation, compared by cosine for MC-SMoE's assignment)."""
     out = []
     for layer in stats["layers"]:
         if "output_sum" in layer:

@@ -326,3 +326,51 @@ def test_sharded_scanned_train_step_equals_the_unsharded_loop():
     (loss_a, a), (loss_b, b) = results
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
     _close(b, a, 1e-5, "updated params")
+
+
+# --------------------------------------------------------------------------- intermediates
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_moe"])
+def test_scanned_block_intermediates_equal_the_loop(family):
+    loop, scanned = _pair(family)
+    names = tuple(dj.models.transformer.BLOCK_INTERMEDIATES)
+
+    @jax.jit
+    def run(graphdef, state, ids, pos, seg):
+        out = nnx.merge(graphdef, state).forward(
+            ids, positions=pos, segment_ids=seg, intermediates=names
+        )
+        return out.intermediates
+
+    a = run(*nnx.split(loop), *_batch())
+    b = run(*nnx.split(scanned), *_batch())
+    assert [sorted(x) for x in a] == [sorted(x) for x in b]
+    _close(b, a, 1e-5, "intermediates")
+
+
+def _scan_outputs(model, **kw) -> list[tuple[int, ...]]:
+    """Shapes of the per-group arrays the forward's lax.scan returns beside its carry."""
+    graphdef, state = nnx.split(model)
+    ids, pos, seg = _batch()
+    jaxpr = jax.make_jaxpr(
+        lambda st: nnx.merge(graphdef, st).forward(ids, compute_logits=False, **kw).hidden
+    )(state)
+    (eqn,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    return [v.aval.shape for v in eqn.outvars[eqn.params["num_carry"] :]]
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_a_forward_without_intermediates_keeps_no_per_block_arrays(remat):
+    """The fused-loss path: nothing but the residual stream leaves the scanned blocks."""
+    _, scanned = _pair("llama")
+    assert _scan_outputs(scanned, remat=remat) == []
+    assert _scan_outputs(scanned, remat=remat, output_hidden_states=True) == [(4, B, T, 32)]
+    reduced = _scan_outputs(
+        scanned,
+        intermediates=("expert_outputs", "mlp_hidden"),
+        reduce_intermediates=lambda got: got["mlp_hidden"].sum(),
+    )
+    assert reduced == [(4,)]  # a reducer keeps its result only, not the [B, T, F] arrays
+    with pytest.raises(ValueError, match="Unknown block intermediates \\['hiden'\\]"):
+        scanned.forward(_batch()[0], intermediates=("hiden",))

@@ -197,3 +197,77 @@ def test_statistics_of_another_shape_are_refused():
         dj.transforms.prune_ffn(params, config, stats, 32)
     with pytest.raises(ValueError, match="no batches"):
         dj.transforms.calibrate(_model("llama"), [])
+
+
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("mixtral", MOE),
+        ("gemma3", dict(layer_types=("sliding", "full") * 2, sliding_window=4, num_layers=4)),
+    ],
+)
+def test_statistics_of_the_scanned_layout_equal_the_loop(family, extra):
+    """The statistics read the model's own forward, so a stacked (lax.scan) model gives the
+    same sums as the per-layer one: an independent check of the intermediates' plumbing."""
+    looped = _model(family, **extra)
+    scanned = dj.models.transformer.to_scanned(looped)
+    assert scanned.scanned
+    batches = _batches(n=1)
+    want = dj.transforms.calibrate(looped, batches)
+    got = dj.transforms.calibrate(scanned, batches)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def test_block_intermediates_equal_a_numpy_forward_of_the_block():
+    """Every named intermediate of a Llama block against a float64 NumPy forward."""
+    model = _model("llama", num_layers=1)
+    c = model.config
+    ids = np.random.RandomState(1).randint(0, 96, (2, 6))
+    names = tuple(dj.models.transformer.BLOCK_INTERMEDIATES)
+    got = jax.tree.map(
+        lambda a: np.asarray(a, np.float64),
+        model.forward(jnp.asarray(ids), intermediates=names).intermediates[0],
+    )
+    assert sorted(got) == sorted(set(names) - {"router_logits", "expert_outputs"})
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
+    blk, eps = p["layers"][0], c.rms_norm_eps
+    x = p["embed"][ids]  # [B, T, D]
+    a_in = _rms(x, blk["attn_norm"]["scale"], eps)
+    att = blk["attn"]
+    q, k, v = (np.einsum("btd,dnh->btnh", a_in, att[f"{n}_proj"]) for n in "qkv")
+    h = c.head_dim
+    inv = 1.0 / c.rope_theta ** (np.arange(0, h, 2) / h)
+    ang = np.arange(6)[:, None] * inv[None]  # [T, H / 2]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(z):
+        rot = np.concatenate([-z[..., h // 2 :], z[..., : h // 2]], -1)
+        return z * cos[None, :, None] + rot * sin[None, :, None]
+
+    q, k = rope(q), rope(k)
+    rep = c.num_heads // c.num_kv_heads
+    kk, vv = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, kk) * h**-0.5
+    s = np.where(np.tril(np.ones((6, 6), bool)), s, -np.inf)
+    prob = np.exp(s - s.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    heads = np.einsum("bnts,bsnh->btnh", prob, vv)
+    x1 = x + np.einsum("btnh,nhd->btd", heads, att["o_proj"])
+    m_in = _rms(x1, blk["mlp_norm"]["scale"], eps)
+    mlp = blk["mlp"]
+    gate = m_in @ mlp["gate_proj"]
+    hid = gate / (1 + np.exp(-gate)) * (m_in @ mlp["up_proj"])
+    want = dict(
+        input=x,
+        attn_input=a_in,
+        qkv=dict(q=q, k=k, v=v),
+        heads=heads,
+        mlp_input=m_in,
+        mlp_hidden=hid,
+        output=x1 + hid @ mlp["down_proj"],
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
