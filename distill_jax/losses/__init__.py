@@ -12,6 +12,7 @@ from distill_jax.losses.divergences import (
     hellinger,
     jsd,
     reverse_kl,
+    multilevel_ot,
     sinkhorn,
     skew_kl,
     skew_reverse_kl,
