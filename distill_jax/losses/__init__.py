@@ -34,7 +34,7 @@ from distill_jax.losses.features import (
     init_projector,
     layer_map,
     layerwise_hidden_loss,
-    transition_matching_kl,
+    output_relation_kl,
     value_relation_kl,
 )
 from distill_jax.losses.fused import auto_chunk_size, fused_distill_loss, fused_per_token
