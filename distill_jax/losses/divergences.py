@@ -622,8 +622,9 @@ def multilevel_ot(
     logarithmic term has the student as the target; we take the teacher as the target.
 
     The vocabulary order couples all tokens of the (micro-)batch and the sequence term couples
-    the tokens of a row, so values depend on the batch composition; the fused chunked path does
-    not compute this loss (use the unfused logits).
+    the tokens of a row, so values depend on the batch composition (with micro-batches, each has
+    its own order). The fused path computes the same values over vocabulary blocks
+    (``fused._multilevel_ot_values``), never forming [B, T, V].
 
     Args:
         student_logits, teacher_logits: [B, T, V] float (same vocabulary here).

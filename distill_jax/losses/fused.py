@@ -36,14 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.losses import divergences, topk
+from distill_jax.losses import composite, divergences, topk
 from distill_jax.losses.tokens import cross_entropy, entropy_from_log_probs, log_probs
 from distill_jax.sharding import shard
 
 IMPLEMENTATIONS = ("custom_vjp", "remat")
 # Term kinds besides the per-position divergences: hard-label CE and the two entropies (per-token
 # statistics for selection rules), and Sinkhorn, which couples tokens.
-EXTRA_KINDS = ("ce", "student_entropy", "teacher_entropy", "sinkhorn")
+EXTRA_KINDS = ("ce", "student_entropy", "teacher_entropy", "sinkhorn", "multilevel_ot")
+# Terms that couple tokens: computed over vocabulary blocks after the token-chunk scan.
+COUPLED_KINDS = ("sinkhorn", "multilevel_ot")
 
 
 # ------------------------------------------------------------------------------ term specs
@@ -54,7 +56,7 @@ class _Term:
     """Static part of one loss term (hashable; the traced part lives in ``_dynamic``)."""
 
     label: str  # metric name: loss/<label>
-    kind: str  # a divergences.CORES name, "ce" or "sinkhorn"
+    kind: str  # a divergences.CORES name or one of EXTRA_KINDS
     semantics: str  # for a sparse teacher
     static_knobs: tuple[tuple[str, Any], ...]
     per_token_temperature: bool
@@ -135,7 +137,7 @@ def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict
     masked; values clipped where asked, without the factor)."""
     out = {}
     for term in static.terms:
-        if term.kind == "sinkhorn":
+        if term.kind in COUPLED_KINDS:
             continue
         dyn = dynamic[term.label]
         if term.per_token_temperature:  # padded positions carry tau = 0: keep them finite
@@ -184,7 +186,7 @@ def _tau_factor(term: _Term, tau):
 
 def _zero_sums(static: _Static) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scan carry: (loss sum, metric sums) at zero; its keys follow ``_chunk_sums``."""
-    keys = [f"loss/{t.label}" for t in static.terms if t.kind != "sinkhorn"]
+    keys = [f"loss/{t.label}" for t in static.terms if t.kind not in COUPLED_KINDS]
     keys += ["agreement"] if static.has_teacher else []
     keys += ["topk/teacher_mass"] if static.sparse else []
     zero = jnp.zeros((), jnp.float32)
@@ -240,6 +242,8 @@ def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature, 
 
     Several teachers (tuples of hidden states and heads) are combined per chunk:
     ``("logits", c)``: z = sum_j c_j z_j (e.g. a composite z_a + alpha (z_b - z_c));
+    ``("aligndistil", (scale, max_alpha))``: three teachers, z = z_a + alpha_t (z_b - z_c) with
+    AlignDistil's per-token alpha_t (``composite.token_adaptive_alpha``);
     ``("probs", w)``: z = log sum_j w_j softmax(z_j), the log of the probability average, used
     as the teacher's logits (a temperature then tempers the averaged distribution).
     """
@@ -255,6 +259,12 @@ def _teacher_logits(static: _Static, t_chunk, teacher_head, sparse_temperature, 
         z = zs[0]
     elif static.teacher_combine[0] == "logits":
         z = sum(c * z_j for c, z_j in zip(static.teacher_combine[1], zs))
+    elif static.teacher_combine[0] == composite.ADAPTIVE:
+        scale, max_alpha = static.teacher_combine[1]
+        alpha = composite.token_adaptive_alpha(
+            zs[1], zs[2], scale=scale, max_alpha=max_alpha, vocab_mask=vocab_mask
+        )
+        z = composite.composite_logits(*zs, alpha)
     else:
         logp = jnp.stack([log_probs(z_j, 1.0, vocab_mask) for z_j in zs])  # [J, B, C, V]
         log_w = jnp.log(jnp.asarray(static.teacher_combine[1], jnp.float32))[:, None, None, None]
@@ -419,6 +429,91 @@ def _sinkhorn_values(
     return values.reshape(b, t)
 
 
+def _vocab_blocks(head: jax.Array, vb: int, nb: int) -> jax.Array:
+    """[D, V] -> [nb, D, vb], zero-padded to nb * vb columns."""
+    v = head.shape[-1]
+    return jnp.moveaxis(jnp.pad(head, ((0, 0), (0, nb * vb - v))).reshape(-1, nb, vb), 1, 0)
+
+
+def _multilevel_ot_values(
+    static, term, dyn, student_hidden, student_head, teacher_hidden, teacher_head, valid, vm
+):
+    """Per-token ``divergences.multilevel_ot`` values [B, T] over vocabulary blocks.
+
+    Three passes over vocabulary blocks (live arrays [B, T, vocab_block]): each token's logit
+    mean and variance (Chan et al.'s pairwise merge, for the z-score), the log-normaliser of the
+    standardised logits, and each vocabulary entry's total probability over the batch (the
+    column order). The top-k columns of the head are then gathered and [B, T, K] distributions
+    formed directly; the rest is ``divergences.multilevel_ot_from_columns``.
+    """
+    knobs = _knobs(term, dyn)
+    top_k = int(knobs.pop("top_k", 50))
+    tau = jnp.asarray(dyn["temperature"], jnp.float32)
+    v = student_head.shape[-1]
+    if not 1 <= top_k <= v:
+        raise ValueError(f"multilevel_ot: top_k={top_k} must be in [1, V={v}].")
+    vb = min(static.vocab_block, v)
+    nb = -(-v // vb)
+    vmask = jnp.ones((v,), bool) if vm is None else vm
+    vmask_blocks = jnp.pad(vmask, (0, nb * vb - v)).reshape(nb, vb)
+    sides = (
+        (student_hidden, student_head, static.student_softcap),
+        (jax.lax.stop_gradient(teacher_hidden), teacher_head, static.teacher_softcap[0]),
+    )
+
+    def logits(h, w, cap):
+        z = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return _softcap(z, cap)
+
+    def side_columns(h, w, cap):
+        blocks = (_vocab_blocks(w, vb, nb), vmask_blocks)
+
+        @jax.checkpoint
+        def stats_body(carry, x):
+            n_a, mean_a, m2_a = carry
+            wb, mb = x
+            z = logits(h, wb, cap)
+            n_b = jnp.sum(mb).astype(jnp.float32)
+            mean_b = jnp.sum(jnp.where(mb, z, 0.0), -1) / jnp.maximum(n_b, 1.0)
+            m2_b = jnp.sum(jnp.where(mb, jnp.square(z - mean_b[..., None]), 0.0), -1)
+            n = n_a + n_b
+            delta = mean_b - mean_a
+            mean = mean_a + delta * n_b / jnp.maximum(n, 1.0)
+            m2 = m2_a + m2_b + jnp.square(delta) * n_a * n_b / jnp.maximum(n, 1.0)
+            return (n, mean, m2), None
+
+        zero = jnp.zeros(h.shape[:2], jnp.float32)
+        (n, mean, m2), _ = jax.lax.scan(stats_body, (jnp.zeros(()), zero, zero), blocks)
+        scale = (jnp.sqrt(m2 / (n - 1)) + 1e-4) * tau  # [B, T]
+
+        def standardised(z, mb):
+            return jnp.where(mb, (z - mean[..., None]) / scale[..., None], -jnp.inf)
+
+        @jax.checkpoint
+        def lse_body(carry, x):
+            wb, mb = x
+            return jnp.logaddexp(
+                carry, jax.nn.logsumexp(standardised(logits(h, wb, cap), mb), -1)
+            ), None
+
+        lse, _ = jax.lax.scan(lse_body, jnp.full(h.shape[:2], -jnp.inf), blocks)
+
+        def mass_body(_, x):
+            wb, mb = x
+            prob = jnp.exp(standardised(logits(h, wb, cap), mb) - lse[..., None])
+            return None, jnp.sum(jnp.where(valid[..., None], prob, 0.0), axis=(0, 1))
+
+        _, mass = jax.lax.scan(mass_body, None, jax.lax.stop_gradient(blocks))
+        mass = jnp.where(vmask_blocks, jax.lax.stop_gradient(mass), -1.0).reshape(-1)[:v]
+        _, cols = jax.lax.top_k(mass, top_k)
+        z = logits(h, jnp.take(w, cols, axis=1), cap)  # [B, T, K]
+        return jnp.exp((z - mean[..., None]) / scale[..., None] - lse[..., None])
+
+    xs = side_columns(*sides[0])
+    xt = jax.lax.stop_gradient(side_columns(*sides[1]))
+    return divergences.multilevel_ot_from_columns(xs, xt, valid, **knobs)
+
+
 # ----------------------------------------------------------------------------------- public
 
 
@@ -510,8 +605,9 @@ def _prepare(
         )
     if "ce" in kinds and targets is None:
         raise ValueError("A 'ce' loss term needs targets [B, T] (the next-token ids).")
-    if "sinkhorn" in kinds and (sparse or len(teacher_hidden) > 1):
-        raise ValueError("sinkhorn needs one teacher's full distribution (no sparse/ensemble).")
+    for kind in sorted(kinds & set(COUPLED_KINDS)):
+        if sparse or len(teacher_hidden) > 1:
+            raise ValueError(f"{kind} needs one teacher's full distribution (no sparse/ensemble).")
     static = _Static(
         terms=static_terms,
         chunk_size=min(int(chunk_size), t),
@@ -532,8 +628,8 @@ def _prepare(
         "targets": jnp.zeros((b, t), jnp.int32) if targets is None else targets.astype(jnp.int32),
     }
     for term in static_terms:
-        if term.per_token_temperature and term.kind == "sinkhorn":
-            raise ValueError(f"Loss term {term.label!r}: sinkhorn takes a scalar temperature.")
+        if term.per_token_temperature and term.kind in COUPLED_KINDS:
+            raise ValueError(f"Loss term {term.label!r}: {term.kind} takes a scalar temperature.")
         if term.per_token_temperature:
             tok[f"tau/{term.label}"] = jnp.asarray(dynamic[term.label]["temperature"], jnp.float32)
             dynamic[term.label]["temperature"] = None
@@ -556,10 +652,17 @@ def _teacher_tuples(hidden, head, softcap, combine):
         raise ValueError("Several teachers need teacher_combine=('logits'|'probs', coefficients).")
     if combine is not None:
         kind, coeffs = combine
-        if kind not in ("logits", "probs") or len(coeffs) != len(hidden):
+        if kind == composite.ADAPTIVE:
+            if len(hidden) != 3 or len(coeffs) != 2:
+                raise ValueError(
+                    f"teacher_combine={combine!r}: ('{kind}', (scale, max_alpha)) needs three "
+                    f"teachers (a, b, c), got {len(hidden)}."
+                )
+        elif kind not in ("logits", "probs") or len(coeffs) != len(hidden):
             raise ValueError(
                 f"teacher_combine={combine!r}: use ('logits', c) or ('probs', w) with one "
-                f"coefficient per teacher ({len(hidden)})."
+                f"coefficient per teacher ({len(hidden)}), or ('{composite.ADAPTIVE}', "
+                "(scale, max_alpha)) for three."
             )
     return hidden, head, softcap
 
@@ -654,8 +757,9 @@ def fused_distill_loss(
         )
     count = jnp.sum(tok["weight"])
     for term in static.terms:
-        if term.kind == "sinkhorn":
-            values = _sinkhorn_values(
+        if term.kind in COUPLED_KINDS:
+            coupled = _sinkhorn_values if term.kind == "sinkhorn" else _multilevel_ot_values
+            values = coupled(
                 static,
                 term,
                 dynamic[term.label],
