@@ -15,8 +15,9 @@ per-token loss values before the next one is formed, so the largest live array i
 
 Both give the value and gradient of the unfused computation. The same per-position cores as the
 unfused path are used (``divergences.CORES``, ``topk.support_log_probs``), so any divergence works.
-``sinkhorn`` couples all tokens and is computed over vocabulary blocks instead (Gram matrices
-q_i . p_j accumulated block by block; live arrays [B, T, vocab_block] and [N, N]).
+``sinkhorn`` and ``multilevel_ot`` couple tokens and are computed over vocabulary blocks instead
+(Gram matrices q_i . p_j, or logit statistics and column masses, accumulated block by block;
+live arrays [B, T, vocab_block] and [N, N]).
 
 Sharding: nothing here names a mesh axis. With the head's vocabulary dimension sharded over
 ``tensor`` (``sharding.DEFAULT_RULES``), each chunk's logits stay vocabulary-sharded and the
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.losses import composite, divergences, topk
+from distill_jax.losses import composite, divergences, topk, transport
 from distill_jax.losses.tokens import cross_entropy, entropy_from_log_probs, log_probs
 from distill_jax.sharding import shard
 
@@ -429,89 +430,23 @@ def _sinkhorn_values(
     return values.reshape(b, t)
 
 
-def _vocab_blocks(head: jax.Array, vb: int, nb: int) -> jax.Array:
-    """[D, V] -> [nb, D, vb], zero-padded to nb * vb columns."""
-    v = head.shape[-1]
-    return jnp.moveaxis(jnp.pad(head, ((0, 0), (0, nb * vb - v))).reshape(-1, nb, vb), 1, 0)
-
-
 def _multilevel_ot_values(
     static, term, dyn, student_hidden, student_head, teacher_hidden, teacher_head, valid, vm
 ):
-    """Per-token ``divergences.multilevel_ot`` values [B, T] over vocabulary blocks.
-
-    Three passes over vocabulary blocks (live arrays [B, T, vocab_block]): each token's logit
-    mean and variance (Chan et al.'s pairwise merge, for the z-score), the log-normaliser of the
-    standardised logits, and each vocabulary entry's total probability over the batch (the
-    column order). The top-k columns of the head are then gathered and [B, T, K] distributions
-    formed directly; the rest is ``divergences.multilevel_ot_from_columns``.
-    """
-    knobs = _knobs(term, dyn)
-    top_k = int(knobs.pop("top_k", 50))
-    tau = jnp.asarray(dyn["temperature"], jnp.float32)
-    v = student_head.shape[-1]
-    if not 1 <= top_k <= v:
-        raise ValueError(f"multilevel_ot: top_k={top_k} must be in [1, V={v}].")
-    vb = min(static.vocab_block, v)
-    nb = -(-v // vb)
-    vmask = jnp.ones((v,), bool) if vm is None else vm
-    vmask_blocks = jnp.pad(vmask, (0, nb * vb - v)).reshape(nb, vb)
-    sides = (
-        (student_hidden, student_head, static.student_softcap),
-        (jax.lax.stop_gradient(teacher_hidden), teacher_head, static.teacher_softcap[0]),
+    """Per-token ``multilevel_ot`` values [B, T] over vocabulary blocks (``transport.py``)."""
+    return transport.multilevel_ot_from_hidden(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        valid,
+        temperature=dyn["temperature"],
+        vocab_mask=vm,
+        student_softcap=static.student_softcap,
+        teacher_softcap=static.teacher_softcap[0],
+        vocab_block=static.vocab_block,
+        **_knobs(term, dyn),
     )
-
-    def logits(h, w, cap):
-        z = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return _softcap(z, cap)
-
-    def side_columns(h, w, cap):
-        blocks = (_vocab_blocks(w, vb, nb), vmask_blocks)
-
-        @jax.checkpoint
-        def stats_body(carry, x):
-            n_a, mean_a, m2_a = carry
-            wb, mb = x
-            z = logits(h, wb, cap)
-            n_b = jnp.sum(mb).astype(jnp.float32)
-            mean_b = jnp.sum(jnp.where(mb, z, 0.0), -1) / jnp.maximum(n_b, 1.0)
-            m2_b = jnp.sum(jnp.where(mb, jnp.square(z - mean_b[..., None]), 0.0), -1)
-            n = n_a + n_b
-            delta = mean_b - mean_a
-            mean = mean_a + delta * n_b / jnp.maximum(n, 1.0)
-            m2 = m2_a + m2_b + jnp.square(delta) * n_a * n_b / jnp.maximum(n, 1.0)
-            return (n, mean, m2), None
-
-        zero = jnp.zeros(h.shape[:2], jnp.float32)
-        (n, mean, m2), _ = jax.lax.scan(stats_body, (jnp.zeros(()), zero, zero), blocks)
-        scale = (jnp.sqrt(m2 / (n - 1)) + 1e-4) * tau  # [B, T]
-
-        def standardised(z, mb):
-            return jnp.where(mb, (z - mean[..., None]) / scale[..., None], -jnp.inf)
-
-        @jax.checkpoint
-        def lse_body(carry, x):
-            wb, mb = x
-            return jnp.logaddexp(
-                carry, jax.nn.logsumexp(standardised(logits(h, wb, cap), mb), -1)
-            ), None
-
-        lse, _ = jax.lax.scan(lse_body, jnp.full(h.shape[:2], -jnp.inf), blocks)
-
-        def mass_body(_, x):
-            wb, mb = x
-            prob = jnp.exp(standardised(logits(h, wb, cap), mb) - lse[..., None])
-            return None, jnp.sum(jnp.where(valid[..., None], prob, 0.0), axis=(0, 1))
-
-        _, mass = jax.lax.scan(mass_body, None, jax.lax.stop_gradient(blocks))
-        mass = jnp.where(vmask_blocks, jax.lax.stop_gradient(mass), -1.0).reshape(-1)[:v]
-        _, cols = jax.lax.top_k(mass, top_k)
-        z = logits(h, jnp.take(w, cols, axis=1), cap)  # [B, T, K]
-        return jnp.exp((z - mean[..., None]) / scale[..., None] - lse[..., None])
-
-    xs = side_columns(*sides[0])
-    xt = jax.lax.stop_gradient(side_columns(*sides[1]))
-    return divergences.multilevel_ot_from_columns(xs, xt, valid, **knobs)
 
 
 # ----------------------------------------------------------------------------------- public
@@ -715,7 +650,7 @@ def fused_distill_loss(
             a tuple for several teachers).
         chunk_size: positions per chunk C; live logits are [B, C, V]. None: ``auto_chunk_size``
             (about 2^24 logits per chunk, 64 MiB in float32).
-        vocab_block: vocabulary block for ``sinkhorn``'s Gram pass.
+        vocab_block: vocabulary block of the token-coupling terms (``sinkhorn``, ``multilevel_ot``).
         implementation: "custom_vjp" (gradient computed in the forward scan) or "remat".
         teacher_combine: for several teachers, ``("logits", coefficients)`` or
             ``("probs", weights)``.
