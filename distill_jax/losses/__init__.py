@@ -46,6 +46,7 @@ from distill_jax.losses.preference import (
     redi_loss,
     sequence_logprobs,
     token_logprobs,
+    tsd_listmle_mask,
 )
 from distill_jax.losses.selection import (
     AdaKDState,

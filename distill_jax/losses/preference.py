@@ -125,17 +125,20 @@ def listmle(
     mask: jax.Array | None = None,
     *,
     k: int = 10,
+    temperature: float = 1.0,
+    normalization: str = "suffix",
 ) -> jax.Array:
     r"""TSD-KD ListMLE on the student's top-K tokens ranked by the teacher.
 
     Take the student's K highest-logit tokens, order them by teacher logit (descending; ties keep
-    the student's order), s_(1..K) the student logits in that order;
-    l = -sum_{k=1..K} [s_(k) - logsumexp_{j >= k} s_(j)] (Plackett-Luce likelihood of the
-    teacher's ranking, suffix normalisation as in the paper's formula). The public code
-    normalises over the prefix instead (logcumsumexp of the higher-ranked items,
-    -sum_k [s_(k) - logsumexp_{j <= k} s_(j)]) `[unverified which the paper intends]`. Invariant
-    to adding a constant to the student logits; -> 0 when the student already orders the K
-    tokens as the teacher does, by large margins. The top-K selection carries no gradient.
+    the student's order), s_(1..K) the student logits / tau in that order;
+    ``normalization="suffix"``: l = -sum_{k=1..K} [s_(k) - logsumexp_{j >= k} s_(j)] (Plackett-Luce
+    likelihood of the teacher's ranking, as in the paper's formula). ``"prefix"``: the public
+    code's -sum_k [s_(k) - logsumexp_{j <= k} s_(j)] (logcumsumexp of the higher-ranked items)
+    `[unverified which the paper intends]`. Invariant to adding a constant to the student
+    logits; with the suffix form -> 0 when the student already orders the K tokens as the teacher
+    does, by large margins. The top-K selection carries no gradient. TSD-KD applies it only at
+    early positions: weight the result with ``tsd_listmle_mask`` (weight 0.1 in the paper).
 
     Source: "Explain in Your Own Words: Token-Selective Dual Knowledge Distillation" (ICLR 2026),
     kmswin1/TSD-KD ``DistillTrainer.py``; ListMLE: Xia et al., ICML 2008. METHODS.md 2.4.
@@ -145,11 +148,15 @@ def listmle(
         teacher_logits: [B, T, V] float, constant.
         mask: [B, T] bool or None.
         k: list length K (capped at V).
+        temperature: tau > 0 dividing both logit sets (the public code's T, default 1).
+        normalization: "suffix" or "prefix".
 
     Returns:
         [B, T] float32 >= 0.
     """
-    s = student_logits.astype(jnp.float32)
+    if normalization not in ("suffix", "prefix"):
+        raise ValueError(f"listmle: normalization={normalization!r} must be 'suffix' or 'prefix'.")
+    s = student_logits.astype(jnp.float32) / temperature
     t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     k = min(k, s.shape[-1])
     _, ids = jax.lax.top_k(jax.lax.stop_gradient(s), k)  # [B, T, K]
@@ -158,10 +165,38 @@ def listmle(
     # -inf logits (masked vocabulary rows among the top-K) leave the list instead of giving NaN.
     live = ranked > -jnp.inf
     ranked = jnp.where(live, ranked, -1e30)
-    suffix = jax.lax.cumlogsumexp(
-        ranked, axis=ranked.ndim - 1, reverse=True
-    )  # logsumexp_{j >= k} s_(j)
-    return apply_mask(jnp.sum(jnp.where(live, suffix - ranked, 0.0), axis=-1), mask)
+    # logsumexp over j >= k (suffix) or j <= k (prefix)
+    norm = jax.lax.cumlogsumexp(ranked, axis=ranked.ndim - 1, reverse=normalization == "suffix")
+    return apply_mask(jnp.sum(jnp.where(live, norm - ranked, 0.0), axis=-1), mask)
+
+
+def tsd_listmle_mask(
+    student_entropy: jax.Array, mask: jax.Array | None = None, *, threshold: float = 0.1
+) -> jax.Array:
+    r"""TSD-KD: the early positions of each row on which ListMLE applies.
+
+    Per row, n_t = H(q_t) / sum_{valid s} H(q_s) over the valid positions; keep the valid
+    positions t whose cumulative share sum_{valid s <= t} n_s is still below ``threshold``
+    (those before the first position where it reaches it). A row whose entropies are all 0
+    keeps nothing. Static shapes; no gradient.
+
+    The public code (kmswin1/TSD-KD ``top_k_entropy_position``) computes the share over the
+    flattened valid tokens of the whole batch and cuts every row at that flat index, and uses the
+    same knob (``token_entropy_percentile_threshold``) as the entropy-penalty quantile; we cut
+    each row at its own position `[unverified which the paper intends]`.
+
+    Args:
+        student_entropy: [B, T] H(q_t) >= 0; mask: [B, T] bool or None.
+        threshold: cumulative entropy share in [0, 1].
+
+    Returns:
+        [B, T] bool.
+    """
+    h = jax.lax.stop_gradient(apply_mask(student_entropy.astype(jnp.float32), mask))
+    total = jnp.sum(h, axis=-1, keepdims=True)
+    share = jnp.cumsum(h / jnp.where(total > 0, total, 1.0), axis=-1)
+    valid = jnp.ones(h.shape, bool) if mask is None else mask.astype(bool)
+    return valid & (share < threshold) & (total > 0)
 
 
 def distillm2(

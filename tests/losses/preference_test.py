@@ -25,9 +25,10 @@ def np_logsumexp(x):
     return m + np.log(sum(np.exp(v - m) for v in x))
 
 
-def np_listmle(s, t, mask, k):
-    """Loops over positions: student top-k ids, teacher order, suffix Plackett-Luce NLL."""
-    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+def np_listmle(s, t, mask, k, prefix=False, tau=1.0):
+    """Loops over positions: student top-k ids, teacher order, suffix (or prefix) Plackett-Luce
+    NLL of the student logits / tau."""
+    s, t = np.asarray(s, np.float64) / tau, np.asarray(t, np.float64)
     out = np.zeros(s.shape[:-1])
     for idx in np.ndindex(*s.shape[:-1]):
         if not mask[idx]:
@@ -35,7 +36,9 @@ def np_listmle(s, t, mask, k):
         ids = np.argsort(-s[idx], kind="stable")[:k]
         ids = sorted(ids, key=lambda i: -t[idx][i])  # sorted() is stable
         ranked = [s[idx][i] for i in ids]
-        out[idx] = sum(np_logsumexp(ranked[j:]) - ranked[j] for j in range(len(ranked)))
+        n = len(ranked)
+        parts = [ranked[: j + 1] if prefix else ranked[j:] for j in range(n)]
+        out[idx] = sum(np_logsumexp(parts[j]) - ranked[j] for j in range(n))
     return out
 
 
@@ -137,6 +140,47 @@ def test_listmle_matches_numpy(k):
     got = jax.jit(lambda s, t: pf.listmle(s, t, MASK, k=k))(s, t)
     assert got.shape == (2, 4) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, np_listmle(s, t, MASK, min(k, 17)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization,tau", [("prefix", 1.0), ("suffix", 2.0), ("prefix", 0.5)])
+def test_listmle_normalizations_and_temperature_match_numpy(normalization, tau):
+    s, t = _rand(4, 2, 4, 17, scale=2.0), _rand(5, 2, 4, 17, scale=2.0)
+    got = jax.jit(
+        lambda s, t: pf.listmle(s, t, MASK, k=6, temperature=tau, normalization=normalization)
+    )(s, t)
+    want = np_listmle(s, t, MASK, 6, prefix=normalization == "prefix", tau=tau)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="normalization='infix'"):
+        pf.listmle(s, t, normalization="infix")
+
+
+def np_tsd_listmle_mask(h, mask, threshold):
+    """Per row: keep valid positions while the running entropy share is below the threshold."""
+    out = np.zeros(h.shape, bool)
+    for b in range(h.shape[0]):
+        total = sum(h[b, i] for i in range(h.shape[1]) if mask[b, i])
+        running = 0.0
+        for i in range(h.shape[1]):
+            if mask[b, i] and total > 0:
+                running += h[b, i] / total
+                out[b, i] = running < threshold
+    return out
+
+
+def test_tsd_listmle_mask_hand_case_and_numpy():
+    # Shares 0.1, 0.2, 0.3, 0.4 -> cumulative 0.1, 0.3, 0.6, 1.0: threshold 0.5 keeps the first
+    # two; a masked position takes no share; an all-zero row keeps nothing.
+    h = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 1.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]], bool)
+    got = jax.jit(lambda h: pf.tsd_listmle_mask(h, mask, threshold=0.5))(h)
+    want = [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # row 2: 5 / 9 >= 0.5 at once
+    np.testing.assert_array_equal(got, np.array(want, bool))
+    h2 = np.abs(_rand(6, 3, 12, scale=2.0))
+    m2 = np.random.default_rng(7).random((3, 12)) > 0.3
+    for thr in (0.1, 0.35, 1.0):
+        np.testing.assert_array_equal(
+            pf.tsd_listmle_mask(h2, m2, threshold=thr), np_tsd_listmle_mask(h2, m2, thr)
+        )
 
 
 def test_listmle_shift_invariant_and_zero_at_matching_order():
