@@ -37,14 +37,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.losses import composite, divergences, topk, transport
+from distill_jax.losses import composite, divergences, preference, topk, transport
 from distill_jax.losses.tokens import cross_entropy, entropy_from_log_probs, log_probs
 from distill_jax.sharding import shard
 
 IMPLEMENTATIONS = ("custom_vjp", "remat")
-# Term kinds besides the per-position divergences: hard-label CE and the two entropies (per-token
-# statistics for selection rules), and Sinkhorn, which couples tokens.
-EXTRA_KINDS = ("ce", "student_entropy", "teacher_entropy", "sinkhorn", "multilevel_ot")
+# Term kinds besides the per-position divergences: hard-label CE, the two entropies (per-token
+# statistics for selection rules), TSD-KD's ListMLE, and the OT losses, which couple tokens.
+EXTRA_KINDS = (
+    "ce",
+    "student_entropy",
+    "teacher_entropy",
+    "listmle",
+    "sinkhorn",
+    "multilevel_ot",
+)
 # Terms that couple tokens: computed over vocabulary blocks after the token-chunk scan.
 COUPLED_KINDS = ("sinkhorn", "multilevel_ot")
 
@@ -147,6 +154,15 @@ def _term_values(static: _Static, zs, teacher, tok, dynamic, vocab_mask) -> dict
             tau = dyn["temperature"]
         if term.kind == "ce":
             value = cross_entropy(zs, tok["targets"], vocab_mask=vocab_mask)
+        elif term.kind == "listmle":
+            if static.sparse:
+                raise ValueError("listmle needs the teacher's full logits.")
+            z_s, z_t = (
+                z if vocab_mask is None else jnp.where(vocab_mask, z, -jnp.inf)
+                for z in (zs, teacher)
+            )
+            t = tau[..., None] if jnp.ndim(tau) else tau
+            value = preference.listmle(z_s, z_t, temperature=t, **_knobs(term, dyn))
         elif term.kind == "student_entropy":
             value = entropy_from_log_probs(log_probs(zs, tau, vocab_mask))
         elif term.kind == "teacher_entropy":

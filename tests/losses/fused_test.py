@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distill_jax import sharding
 from distill_jax.losses import composite, fused, topk
 from distill_jax.losses import divergences as dv
+from distill_jax.losses import preference as pf
 from distill_jax.losses.tokens import cross_entropy, entropy
 
 B, T, D, DT, V = 2, 11, 8, 6, 29
@@ -453,3 +454,34 @@ def test_composite_logits_limits():
     np.testing.assert_allclose(composite.token_adaptive_alpha(zb, zb, max_alpha=3.0), 3.0)
     g = jax.grad(lambda x: composite.token_adaptive_alpha(x, zc).sum())(zb)
     assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("implementation", fused.IMPLEMENTATIONS)
+def test_listmle_term_equals_unfused(implementation):
+    hs, ws, ht, wt, mask, _ = _inputs(13)
+    vocab_mask = jnp.arange(V) < V - 3  # padded vocabulary rows never enter the list
+    knobs = {"k": 5, "normalization": "prefix"}
+
+    def fused_loss(hs, ws):
+        return fused.fused_distill_loss(
+            hs,
+            ws,
+            teacher_hidden=ht,
+            teacher_head=wt,
+            mask=mask,
+            vocab_mask=vocab_mask,
+            terms={"listmle": dict(temperature=2.0, **knobs)},
+            chunk_size=4,
+            implementation=implementation,
+        )[0]
+
+    def dense(hs, ws):
+        zs = jnp.where(vocab_mask, hs @ ws, -jnp.inf)
+        zt = jnp.where(vocab_mask, ht @ wt, -jnp.inf)
+        return jnp.sum(pf.listmle(zs, zt, mask, temperature=2.0, **knobs))
+
+    value, grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)))(hs, ws)
+    ref_value, ref_grads = jax.value_and_grad(dense, argnums=(0, 1))(hs, ws)
+    _assert_close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _assert_close(g, r)
