@@ -40,6 +40,7 @@ from distill_jax.losses.features import (
 from distill_jax.losses.fused import auto_chunk_size, fused_distill_loss, fused_per_token
 from distill_jax.losses.preference import (
     distillm2,
+    distillm2_alpha,
     dpo_margin,
     dpo_with_teacher_reference,
     listmle,

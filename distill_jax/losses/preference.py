@@ -1,5 +1,6 @@
 r"""Sequence-level and ranking objectives: token and sequence log-probs, DPO with the teacher as
-reference, REDI, TSD-KD's ListMLE, and DistiLLM-2's two-sided skew KL (METHODS.md 2.4, 4.6-4.8).
+reference, REDI, TSD-KD's ListMLE and its early-position mask, and DistiLLM-2's two-sided skew KL
+with its per-sample skew (METHODS.md 2.4, 4.6-4.8).
 
 Per-token functions return [B, T] float32 (zero where ``mask`` is False); per-sequence ones
 return [B] float32. Nothing is reduced over the batch. Teacher inputs are constants.
@@ -210,6 +211,7 @@ def distillm2(
     alpha: float | jax.Array = 0.1,
     b: float | jax.Array = 1.0,
     temperature: float = 1.0,
+    student_alpha: float | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""DistiLLM-2's two per-token terms: (2 - b) SKL_a on teacher responses, b SRKL_a on student
     responses.
@@ -217,8 +219,11 @@ def distillm2(
     SKL_a = KL(p || a p + (1 - a) q) (``skew_kl``) raises the student's likelihood of teacher
     responses; SRKL_a = KL(q || a q + (1 - a) p) (``skew_reverse_kl``) lowers it where the
     student's own responses are unlike the teacher's. b = 1 weights both equally; the paper's
-    curriculum raises b from 1 to 1.5. Each term is reduced with its own mask and count; the
-    per-sample a from the probability gap is left to the caller (a [B, 1, 1] array works).
+    curriculum raises b from 1 to 1.5. Each term is reduced with its own mask and count. The
+    per-sample skews come from ``distillm2_alpha`` (pass them as [B, 1, 1] arrays: ``alpha`` for
+    the teacher responses, ``student_alpha`` for the student responses). The released code
+    stops the gradient through q inside SRKL's mixture; here it flows [unverified which the
+    paper intends].
 
     Source: "DistiLLM-2: A Contrastive Approach Boosts the Distillation of LLMs" (Ko et al., ICML
     2025), lyx0727/distillm-2 ``src/distillm_trainer.py``; METHODS.md 4.8.
@@ -228,9 +233,10 @@ def distillm2(
         teacher_response_mask: [B, T] bool or None.
         student_logits_on_student, teacher_logits_on_student: [B, T', V] on student responses.
         student_response_mask: [B, T'] bool or None.
-        alpha: skew a in (0, 1]; scalar or broadcastable to [B, T, V].
+        alpha: skew a in (0, 1] of the SKL term; scalar or broadcastable to [B, T, V].
         b: curriculum weight in [0, 2].
         temperature: softmax temperature.
+        student_alpha: skew of the SRKL term; None: ``alpha``.
 
     Returns:
         ([B, T] (2 - b) SKL_a, [B, T'] b SRKL_a), float32.
@@ -247,6 +253,41 @@ def distillm2(
         teacher_logits_on_student,
         student_response_mask,
         temperature=temperature,
-        alpha=alpha,
+        alpha=alpha if student_alpha is None else student_alpha,
     )
     return (2.0 - b) * on_teacher, b * on_student
+
+
+def distillm2_alpha(
+    own_mean_logprob: jax.Array,
+    other_mean_logprob: jax.Array,
+    anchor_gap: float | jax.Array,
+    *,
+    base_alpha: float = 0.1,
+    min_alpha: float = 0.01,
+) -> jax.Array:
+    r"""DistiLLM-2's per-sample skew from the probability gap, constant for autodiff.
+
+    g = exp(own_mean_logprob) - exp(other_mean_logprob) per sample (geometric-mean token
+    probabilities over the response); a = clip(1 - (1 - a_0) g_0 / (g + 1e-5), min_alpha, a_0)
+    with a_0 = ``base_alpha`` and g_0 = ``anchor_gap``. Teacher responses (SKL term): own = the
+    teacher's mean token log-prob, other = the student's; student responses (SRKL term): own =
+    the student's, other = the teacher's, each with its own anchor. A sample whose gap is large
+    relative to the anchor gets a close to a_0; a small gap pushes a down to ``min_alpha``.
+
+    Source: lyx0727/distillm-2 ``src/distillm_trainer.py`` (``get_batch_logps``; the anchor is
+    the batch-mean gap logged at the first logging step, kept fixed afterwards).
+
+    Args:
+        own_mean_logprob, other_mean_logprob: [B] mean per-token log-probs of the response
+            (``sequence_logprobs / length``).
+        anchor_gap: g_0, a scalar (state kept by the caller).
+        base_alpha: a_0 in (0, 1); min_alpha: the floor.
+
+    Returns:
+        [B] float32 in [min_alpha, base_alpha].
+    """
+    own = jnp.exp(own_mean_logprob.astype(jnp.float32))
+    other = jnp.exp(other_mean_logprob.astype(jnp.float32))
+    alpha = 1.0 - (1.0 - base_alpha) * anchor_gap / (own - other + 1e-5)
+    return jax.lax.stop_gradient(jnp.clip(alpha, min_alpha, base_alpha))

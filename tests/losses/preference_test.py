@@ -224,3 +224,27 @@ def test_distillm2_terms_and_weights(b):
         same = f(s1, t1, MASK, s1, t1, MASK)
         np.testing.assert_allclose(same[0], skl, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(same[1], np.where(MASK, np_skew_kl(q1, p1, 0.1), 0), rtol=1e-5)
+
+
+def test_distillm2_alpha_hand_values_and_per_sample_skews():
+    # a_0 = 0.1, g_0 = 0.2: a = clip(1 - 0.18 / (g + 1e-5), 0.01, 0.1).
+    own = np.log(np.array([0.9, 0.5, 0.3, 0.2], np.float32))
+    other = np.log(np.array([0.5, 0.3, 0.2, 0.2], np.float32))  # g = 0.4, 0.2, 0.1, 0
+    got = jax.jit(lambda o, t: pf.distillm2_alpha(o, t, 0.2, base_alpha=0.1))(own, other)
+    g = np.array([0.4, 0.2, 0.1, 0.0])
+    want = np.clip(1 - 0.9 * 0.2 / (g + 1e-5), 0.01, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01], rtol=1e-3)  # by hand
+    g2 = jax.grad(lambda o: pf.distillm2_alpha(o, other, 0.2).sum())(own)
+    assert np.all(np.asarray(g2) == 0)
+    # Per-sample skews as [B, 1, 1]: each sample matches the scalar-skew call on it alone.
+    s1, t1 = _rand(0, 2, 4, 9), _rand(1, 2, 4, 9)
+    a1 = jnp.asarray([0.05, 0.1]).reshape(2, 1, 1)
+    a2 = jnp.asarray([0.02, 0.08]).reshape(2, 1, 1)
+    on_t, on_s = pf.distillm2(s1, t1, MASK, s1, t1, MASK, alpha=a1, student_alpha=a2)
+    for i in range(2):
+        p, q = np_softmax(t1[i]), np_softmax(s1[i])
+        want_t = np.where(MASK[i], np_skew_kl(p, q, float(a1[i, 0, 0])), 0.0)
+        want_s = np.where(MASK[i], np_skew_kl(q, p, float(a2[i, 0, 0])), 0.0)
+        np.testing.assert_allclose(on_t[i], want_t, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(on_s[i], want_s, rtol=1e-5, atol=1e-7)
