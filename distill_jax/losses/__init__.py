@@ -1,6 +1,7 @@
 """Loss library: pure per-token functions, reductions explicit (see METHODS.md sections 1-5)."""
 
 from distill_jax.losses.compose import LossInputs, LossSpec, loss_fn, normalize, schedule_value
+from distill_jax.losses.composite import composite_logits, token_adaptive_alpha
 from distill_jax.losses.divergences import (
     CORES,
     DIVERGENCES,
