@@ -12,8 +12,9 @@ Every teacher answers ``loss_inputs(teacher_params, batch, state) -> dict`` of
   arrays of batch i to the batch on the host, checking that the cache was written for it.
 * ``EnsembleTeacher``: several frozen models of one vocabulary, probability averaging
   p = sum_j w_j p_j (e.g. multi-teacher KD).
-* ``CompositeTeacher``: logits z_a + alpha (z_b - z_c) (e.g. a fine-tuned teacher a, the base b it
-  came from and a reference c: a task-vector teacher) [design].
+* ``CompositeTeacher``: logits z_a + alpha (z_b - z_c), with a scalar alpha (e.g. a fine-tuned
+  teacher a, the base b it came from and a reference c: a task-vector teacher [design]) or
+  AlignDistil's per-token alpha_t (an anchor a, a DPO model b, a reverse-DPO model c).
 * ``CrossTokenizerTeacher``: an online teacher with another tokenizer; it scores the batch's
   ``teacher_ids`` and feeds the ``alm`` term of ``bridges.alm`` (config.bridge).
 * ``EMATeacher``: an exponential moving average of the student itself (mean teacher, Tarvainen &
@@ -47,7 +48,7 @@ from distill_jax import sharding
 from distill_jax.bridges import alm
 from distill_jax.data import answers, seqkd, teacher_cache
 from distill_jax.eval import gsm
-from distill_jax.losses import topk
+from distill_jax.losses import composite, topk
 
 
 def _forward(graphdef, params, batch, hidden_states: bool):
@@ -215,12 +216,49 @@ class EnsembleTeacher(_MultiTeacher):
 
 
 class CompositeTeacher(_MultiTeacher):
-    """z = z_a + alpha (z_b - z_c) over three models of one vocabulary."""
+    """z = z_a + alpha (z_b - z_c) over three models of one vocabulary (METHODS.md 3.6).
+
+    ``alpha_rule="constant"``: one scalar ``alpha`` for every token (a task-vector teacher).
+    ``alpha_rule="token_adaptive"``: AlignDistil's per-token alpha_t = min(alpha_scale /
+    TV(p_b, p_c), alpha_max), with b the DPO and c the reverse-DPO model and a the anchor
+    (``losses.composite.token_adaptive_alpha``; constants [unverified]). Computed per token chunk
+    inside the fused loss, so no [B, T, V] array is formed.
+
+    Args:
+        model_a, model_b, model_c: the three models (one vocabulary).
+        alpha: the scalar alpha of the constant rule.
+        alpha_rule: "constant" or "token_adaptive".
+        alpha_scale, alpha_max: the token-adaptive rule's numerator (> 0) and cap (>= 0).
+    """
 
     kind = "composite"
+    ALPHA_RULES = ("constant", "token_adaptive")
 
-    def __init__(self, model_a, model_b, model_c, *, alpha: float = 1.0):
-        super().__init__((model_a, model_b, model_c), ("logits", (1.0, alpha, -alpha)))
+    def __init__(
+        self,
+        model_a,
+        model_b,
+        model_c,
+        *,
+        alpha: float = 1.0,
+        alpha_rule: str = "constant",
+        alpha_scale: float = 0.1,
+        alpha_max: float = 5.0,
+    ):
+        if alpha_rule == "constant":
+            combine = ("logits", (1.0, alpha, -alpha))
+        elif alpha_rule == "token_adaptive":
+            if alpha_scale <= 0 or alpha_max < 0:
+                raise ValueError(
+                    f"composite teacher: alpha_scale={alpha_scale} must be > 0 and "
+                    f"alpha_max={alpha_max} >= 0."
+                )
+            combine = (composite.ADAPTIVE, (float(alpha_scale), float(alpha_max)))
+        else:
+            raise ValueError(
+                f"composite teacher: alpha_rule={alpha_rule!r}; choose one of {self.ALPHA_RULES}."
+            )
+        super().__init__((model_a, model_b, model_c), combine)
 
 
 class EMATeacher:

@@ -1,5 +1,6 @@
 """Loss library: pure per-token functions, reductions explicit (see METHODS.md sections 1-5)."""
 
+from distill_jax.losses.composite import composite_logits, token_adaptive_alpha
 from distill_jax.losses.divergences import (
     CORES,
     DIVERGENCES,
@@ -10,6 +11,7 @@ from distill_jax.losses.divergences import (
     forward_kl,
     hellinger,
     jsd,
+    multilevel_ot,
     reverse_kl,
     sinkhorn,
     skew_kl,
@@ -32,18 +34,20 @@ from distill_jax.losses.features import (
     init_projector,
     layer_map,
     layerwise_hidden_loss,
-    transition_matching_kl,
+    output_relation_kl,
     value_relation_kl,
 )
 from distill_jax.losses.fused import auto_chunk_size, fused_distill_loss, fused_per_token
 from distill_jax.losses.preference import (
     distillm2,
+    distillm2_alpha,
     dpo_margin,
     dpo_with_teacher_reference,
     listmle,
     redi_loss,
     sequence_logprobs,
     token_logprobs,
+    tsd_listmle_mask,
 )
 from distill_jax.losses.selection import (
     AdaKDState,

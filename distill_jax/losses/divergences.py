@@ -11,9 +11,10 @@ divergence exists twice:
 
 Directions are fixed by the argument names (DESIGN.md): ``forward_kl`` = KL(p || q) (mode
 covering), ``reverse_kl`` = KL(q || p) (mode seeking). No tau^2 factor appears here;
-``train/objective.py`` applies it once. ``sinkhorn`` couples the tokens of a batch (optimal
-transport between two point clouds) and so has no per-position core; it still returns per-token
-values (see its docstring).
+``train/objective.py`` applies it once. ``sinkhorn`` and ``multilevel_ot`` (defined in
+``transport.py``, re-exported here) couple the tokens of a batch (optimal transport between two
+point clouds) and so have no per-position core; they still return per-token values (see their
+docstrings).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from distill_jax.losses.tokens import (
     log_probs,
     logaddexp,
     xlogy_ratio,
+)
+from distill_jax.losses.transport import (  # noqa: F401  (re-exported: the OT losses)
+    multilevel_ot,
+    ot_token_costs,
+    sinkhorn,
+    sinkhorn_from_gram,
+    sinkhorn_log_plan,
 )
 
 # ------------------------------------------------------------------- cores on log-probabilities
@@ -223,7 +231,11 @@ CORES: dict[str, Callable[..., jax.Array]] = {
 def get_core(name: str) -> Callable[..., jax.Array]:
     """The log-prob core of a per-position divergence; a clear error for unknown names."""
     if name not in CORES:
-        hint = " (sinkhorn couples tokens; call divergences.sinkhorn)" if name == "sinkhorn" else ""
+        hint = (
+            f" ({name} couples tokens; call divergences.{name})"
+            if name in ("sinkhorn", "multilevel_ot")
+            else ""
+        )
         raise ValueError(
             f"Unknown per-position divergence {name!r}{hint}; choose one of {sorted(CORES)}."
         )
@@ -419,105 +431,6 @@ def taid_update(
     return TAIDState(t=t, momentum=momentum, prev_loss=loss)
 
 
-# --------------------------------------------------------------------------- Sinkhorn (OT)
-
-
-def sinkhorn_log_plan(cost, log_a, log_b, *, epsilon: float, num_iters: int) -> jax.Array:
-    """Entropic optimal transport in the log domain (Cuturi, 2013), batched over groups G.
-
-    f = eps log a - eps LSE_j((g_j - C_ij) / eps), g = eps log b - eps LSE_i((f_i - C_ij) / eps),
-    ``num_iters`` times from g = 0; log P_ij = (f_i + g_j - C_ij) / eps.
-
-    Args:
-        cost: [G, N, M] float32.
-        log_a: [G, N] log source marginals (-inf for absent points); log_b: [G, M].
-        epsilon: entropic regularisation > 0; num_iters: static iteration count.
-
-    Returns:
-        [G, N, M] log transport plan.
-    """
-
-    def body(_, g):
-        f = epsilon * log_a - epsilon * jax.nn.logsumexp((g[:, None, :] - cost) / epsilon, -1)
-        f = jnp.where(log_a > NEG_INF, f, NEG_INF)
-        g = epsilon * log_b - epsilon * jax.nn.logsumexp((f[:, :, None] - cost) / epsilon, 1)
-        return jnp.where(log_b > NEG_INF, g, NEG_INF)
-
-    g = jax.lax.fori_loop(0, num_iters, body, jnp.where(log_b > NEG_INF, 0.0, NEG_INF))
-    f = epsilon * log_a - epsilon * jax.nn.logsumexp((g[:, None, :] - cost) / epsilon, -1)
-    f = jnp.where(log_a > NEG_INF, f, NEG_INF)
-    return (f[:, :, None] + g[:, None, :] - cost) / epsilon
-
-
-def sinkhorn_from_gram(
-    qq, pp, qp, valid, *, epsilon: float = 0.1, num_iters: int = 20
-) -> jax.Array:
-    """Per-token Sinkhorn costs from Gram terms; shared by ``sinkhorn`` and the fused path.
-
-    C_ij = ||q_i||^2 + ||p_j||^2 - 2 q_i . p_j (squared Euclidean between probability vectors).
-
-    Args:
-        qq: [G, N] ||q_i||^2; pp: [G, N] ||p_j||^2; qp: [G, N, N] q_i . p_j.
-        valid: [G, N] bool; invalid points carry no mass.
-
-    Returns:
-        [G, N] l_i = n_valid * sum_j P_ij C_ij (zero at invalid points), so that the masked mean
-        over a group is the transport cost <P, C> of that group.
-    """
-    cost = jnp.maximum(qq[:, :, None] + pp[:, None, :] - 2 * qp, 0.0)
-    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)  # [G, 1]
-    empty = n == 0  # an all-masked group: solve a dummy uniform problem, report zeros
-    live = valid | empty
-    log_m = jnp.where(live, -jnp.log(jnp.where(empty, valid.shape[-1], n)), NEG_INF)
-    log_plan = sinkhorn_log_plan(cost, log_m, log_m, epsilon=epsilon, num_iters=num_iters)
-    row_cost = jnp.sum(jnp.where(live[:, None, :], jnp.exp(log_plan) * cost, 0.0), axis=-1)
-    return jnp.where(valid, n * row_cost, 0.0)
-
-
-def sinkhorn(
-    student_logits,
-    teacher_logits,
-    mask=None,
-    *,
-    temperature=1.0,
-    vocab_mask=None,
-    epsilon: float = 0.1,
-    num_iters: int = 20,
-    scope: str = "batch",
-):
-    r"""Batch-wise optimal-transport distillation (SinKD, arXiv:2402.17110; MultiLevelOT).
-
-    The student predictions q_i and teacher predictions p_j of the valid tokens form two point
-    clouds with uniform mass; the cost is C_ij = ||q_i - p_j||^2 and the loss the entropic OT cost
-    <P, C> (``sinkhorn_log_plan``). ``scope="batch"`` transports all tokens of the batch together
-    (SinKD), ``"sequence"`` each row separately (MultiLevelOT's sequence form). The exact SinKD
-    cost is [unverified] (METHODS.md 1.10); squared Euclidean keeps the [N, N] cost a Gram matrix,
-    so the fused path never builds [B, T, V].
-
-    Returns:
-        [B, T] per-token values n_valid * sum_j P_ij C_ij: the masked token mean over the batch
-        (scope "batch") or over each row (scope "sequence") is the OT cost.
-    """
-    if scope not in ("batch", "sequence"):
-        raise ValueError(f"sinkhorn: scope={scope!r} must be 'batch' or 'sequence'.")
-    q = jnp.exp(log_probs(student_logits, temperature, vocab_mask))
-    p = jax.lax.stop_gradient(jnp.exp(log_probs(teacher_logits, temperature, vocab_mask)))
-    shape = q.shape[:-1]
-    valid = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
-    v = q.shape[-1]
-    group = q.size // v if scope == "batch" or q.ndim == 2 else shape[-1]  # batch, or each row
-    q, p, valid = q.reshape(-1, group, v), p.reshape(-1, group, v), valid.reshape(-1, group)
-    values = sinkhorn_from_gram(
-        jnp.sum(q * q, -1),
-        jnp.sum(p * p, -1),
-        jnp.einsum("gnv,gmv->gnm", q, p),
-        valid,
-        epsilon=epsilon,
-        num_iters=num_iters,
-    )
-    return values.reshape(shape)
-
-
 # --------------------------------------------------------------------------------- dispatch
 
 DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
@@ -533,6 +446,7 @@ DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
     "todi": todi,
     "taid": taid,
     "sinkhorn": sinkhorn,
+    "multilevel_ot": multilevel_ot,
 }
 
 

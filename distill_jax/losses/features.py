@@ -1,4 +1,4 @@
-r"""Feature losses: hidden states, MiniLM relations, attention transfer, transition matching, and
+r"""Feature losses: hidden states, MiniLM relations, attention transfer, output relations, and
 the UniSD contrastive hinge (METHODS.md section 5).
 
 Every loss returns per-token values [B, T] in float32, zero where ``mask`` is False, not reduced
@@ -504,7 +504,7 @@ def attention_transfer_mse(
     return apply_mask(jnp.mean(err, axis=1), mask)
 
 
-# --------------------------------------------------------- token-transition matching (5.4)
+# -------------------------------------------- output relations (our stand-in for 5.4)
 
 
 def _transition_log_probs(logp, cols, similarity_temperature, eps=1e-12):
@@ -515,7 +515,7 @@ def _transition_log_probs(logp, cols, similarity_temperature, eps=1e-12):
     return jax.nn.log_softmax(jnp.where(cols, sim, NEG_INF), axis=-1)
 
 
-def transition_matching_kl(
+def output_relation_kl(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     mask: jax.Array | None = None,
@@ -523,15 +523,15 @@ def transition_matching_kl(
     temperature: float = 1.0,
     similarity_temperature: float = 0.1,
 ) -> jax.Array:
-    r"""Stand-in for Align-TI's token-transition matching `[design]` `[unverified]`.
+    r"""KL between the position-to-position similarity rows of the two models' outputs [design].
 
     With p_i, q_i the teacher's and student's next-token distributions at response position i,
-    T_P[i, j] = softmax_j(cos(p_i, p_j) / tau_s) over the response positions j (and likewise T_Q);
-    the loss at i is KL(T_P[i] || T_Q[i]). The exact TPA definition of "Align-TI" (arXiv
-    2602.09483; lchen1019/Align-TI holds no training code) is unchecked: replace this once it is.
-    Only [T, T] similarities are compared, so the vocabularies may differ. Cost O(B T^2 V).
-
-    Source: METHODS.md 5.4.
+    R_P[i, j] = softmax_j(cos(p_i, p_j) / tau_s) over the response positions j (and likewise R_Q);
+    the loss at i is KL(R_P[i] || R_Q[i]): a relation loss on output distributions, in the spirit
+    of MiniLM's relations (5.2) applied to the outputs. It is our design, NOT Align-TI's
+    token-transition (TPA) loss (arXiv 2602.09483), whose definition is unverified (METHODS.md
+    5.4; lchen1019/Align-TI holds no training code). Only [T, T] similarities are compared, so the
+    vocabularies may differ. Cost O(B T^2 V).
 
     Args:
         student_logits: [B, T, V] float.

@@ -15,8 +15,9 @@ per-token loss values before the next one is formed, so the largest live array i
 
 Both give the value and gradient of the unfused computation. The same per-position cores as the
 unfused path are used (``divergences.CORES``, ``topk.support_log_probs``), so any divergence works.
-``sinkhorn`` couples all tokens and is computed over vocabulary blocks instead (Gram matrices
-q_i . p_j accumulated block by block; live arrays [B, T, vocab_block] and [N, N]).
+``sinkhorn`` and ``multilevel_ot`` couple tokens and are computed over vocabulary blocks instead
+(Gram matrices q_i . p_j, or logit statistics and column masses, accumulated block by block;
+live arrays [B, T, vocab_block] and [N, N]).
 
 Sharding: nothing here names a mesh axis. With the head's vocabulary dimension sharded over
 ``tensor`` (``sharding.DEFAULT_RULES``), each chunk's logits stay vocabulary-sharded and the
@@ -36,14 +37,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import topk
+from distill_jax.losses import composite, topk
 from distill_jax.losses.fused_scan import (
+    COUPLED_KINDS,
     EXTRA_KINDS,
     Static,
     chunked_inputs,
     clip_values,
     from_chunks,
     fused_sums,
+    multilevel_ot_values,
     parse_terms,
     per_token_scan,
     remat_sums,
@@ -152,8 +155,9 @@ def _prepare(
         )
     if "ce" in kinds and targets is None:
         raise ValueError("A 'ce' loss term needs targets [B, T] (the next-token ids).")
-    if "sinkhorn" in kinds and (sparse or len(teacher_hidden) > 1):
-        raise ValueError("sinkhorn needs one teacher's full distribution (no sparse/ensemble).")
+    for kind in sorted(kinds & set(COUPLED_KINDS)):
+        if sparse or len(teacher_hidden) > 1:
+            raise ValueError(f"{kind} needs one teacher's full distribution (no sparse/ensemble).")
     static = Static(
         terms=static_terms,
         chunk_size=min(int(chunk_size), t),
@@ -174,8 +178,8 @@ def _prepare(
         "targets": jnp.zeros((b, t), jnp.int32) if targets is None else targets.astype(jnp.int32),
     }
     for term in static_terms:
-        if term.per_token_temperature and term.kind == "sinkhorn":
-            raise ValueError(f"Loss term {term.label!r}: sinkhorn takes a scalar temperature.")
+        if term.per_token_temperature and term.kind in COUPLED_KINDS:
+            raise ValueError(f"Loss term {term.label!r}: {term.kind} takes a scalar temperature.")
         if term.per_token_temperature:
             tok[f"tau/{term.label}"] = jnp.asarray(dynamic[term.label]["temperature"], jnp.float32)
             dynamic[term.label]["temperature"] = None
@@ -198,10 +202,17 @@ def _teacher_tuples(hidden, head, softcap, combine):
         raise ValueError("Several teachers need teacher_combine=('logits'|'probs', coefficients).")
     if combine is not None:
         kind, coeffs = combine
-        if kind not in ("logits", "probs") or len(coeffs) != len(hidden):
+        if kind == composite.ADAPTIVE:
+            if len(hidden) != 3 or len(coeffs) != 2:
+                raise ValueError(
+                    f"teacher_combine={combine!r}: ('{kind}', (scale, max_alpha)) needs three "
+                    f"teachers (a, b, c), got {len(hidden)}."
+                )
+        elif kind not in ("logits", "probs") or len(coeffs) != len(hidden):
             raise ValueError(
                 f"teacher_combine={combine!r}: use ('logits', c) or ('probs', w) with one "
-                f"coefficient per teacher ({len(hidden)})."
+                f"coefficient per teacher ({len(hidden)}), or ('{composite.ADAPTIVE}', "
+                "(scale, max_alpha)) for three."
             )
     return hidden, head, softcap
 
@@ -254,7 +265,7 @@ def fused_distill_loss(
             a tuple for several teachers).
         chunk_size: positions per chunk C; live logits are [B, C, V]. None: ``auto_chunk_size``
             (about 2^24 logits per chunk, 64 MiB in float32).
-        vocab_block: vocabulary block for ``sinkhorn``'s Gram pass.
+        vocab_block: vocabulary block of the token-coupling terms (``sinkhorn``, ``multilevel_ot``).
         implementation: "custom_vjp" (gradient computed in the forward scan) or "remat".
         teacher_combine: for several teachers, ``("logits", coefficients)`` or
             ``("probs", weights)``.
@@ -296,8 +307,9 @@ def fused_distill_loss(
         )
     count = jnp.sum(tok["weight"])
     for term in static.terms:
-        if term.kind == "sinkhorn":
-            values = sinkhorn_values(
+        if term.kind in COUPLED_KINDS:
+            coupled = sinkhorn_values if term.kind == "sinkhorn" else multilevel_ot_values
+            values = coupled(
                 static,
                 term,
                 dynamic[term.label],

@@ -19,13 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.losses import divergences, topk
+from distill_jax.losses import composite, divergences, preference, topk, transport
 from distill_jax.losses.tokens import cross_entropy, entropy_from_log_probs, log_probs
 from distill_jax.sharding import shard
 
-# Term kinds besides the per-position divergences: hard-label CE and the two entropies (per-token
-# statistics for selection rules), and Sinkhorn, which couples tokens.
-EXTRA_KINDS = ("ce", "student_entropy", "teacher_entropy", "sinkhorn")
+# Term kinds besides the per-position divergences: hard-label CE, the two entropies (per-token
+# statistics for selection rules), TSD-KD's ListMLE, and the OT losses, which couple tokens.
+EXTRA_KINDS = (
+    "ce",
+    "student_entropy",
+    "teacher_entropy",
+    "listmle",
+    "sinkhorn",
+    "multilevel_ot",
+)
+# Terms that couple tokens: computed over vocabulary blocks after the token-chunk scan.
+COUPLED_KINDS = ("sinkhorn", "multilevel_ot")
 
 
 # ------------------------------------------------------------------------------ term specs
@@ -36,7 +45,7 @@ class ChunkTerm:
     """Static part of one loss term (hashable; the traced part lives in ``_dynamic``)."""
 
     label: str  # metric name: loss/<label>
-    kind: str  # a divergences.CORES name, "ce" or "sinkhorn"
+    kind: str  # a divergences.CORES name or one of EXTRA_KINDS
     semantics: str  # for a sparse teacher
     static_knobs: tuple[tuple[str, Any], ...]
     per_token_temperature: bool
@@ -119,7 +128,7 @@ def _term_values(static: Static, zs, teacher, tok, dynamic, vocab_mask) -> dict:
     masked; values clipped where asked, without the factor)."""
     out = {}
     for term in static.terms:
-        if term.kind == "sinkhorn":
+        if term.kind in COUPLED_KINDS:
             continue
         dyn = dynamic[term.label]
         if term.per_token_temperature:  # padded positions carry tau = 0: keep them finite
@@ -128,6 +137,15 @@ def _term_values(static: Static, zs, teacher, tok, dynamic, vocab_mask) -> dict:
             tau = dyn["temperature"]
         if term.kind == "ce":
             value = cross_entropy(zs, tok["targets"], vocab_mask=vocab_mask)
+        elif term.kind == "listmle":
+            if static.sparse:
+                raise ValueError("listmle needs the teacher's full logits.")
+            z_s, z_t = (
+                z if vocab_mask is None else jnp.where(vocab_mask, z, -jnp.inf)
+                for z in (zs, teacher)
+            )
+            t = tau[..., None] if jnp.ndim(tau) else tau
+            value = preference.listmle(z_s, z_t, temperature=t, **_knobs(term, dyn))
         elif term.kind == "student_entropy":
             value = entropy_from_log_probs(log_probs(zs, tau, vocab_mask))
         elif term.kind == "teacher_entropy":
@@ -168,7 +186,7 @@ def tau_factor(term: ChunkTerm, tau):
 
 def _zero_sums(static: Static) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scan carry: (loss sum, metric sums) at zero; its keys follow ``_chunk_sums``."""
-    keys = [f"loss/{t.label}" for t in static.terms if t.kind != "sinkhorn"]
+    keys = [f"loss/{t.label}" for t in static.terms if t.kind not in COUPLED_KINDS]
     keys += ["agreement"] if static.has_teacher else []
     keys += ["topk/teacher_mass"] if static.sparse else []
     zero = jnp.zeros((), jnp.float32)
@@ -224,6 +242,8 @@ def _teacher_logits(static: Static, t_chunk, teacher_head, sparse_temperature, v
 
     Several teachers (tuples of hidden states and heads) are combined per chunk:
     ``("logits", c)``: z = sum_j c_j z_j (e.g. a composite z_a + alpha (z_b - z_c));
+    ``("aligndistil", (scale, max_alpha))``: three teachers, z = z_a + alpha_t (z_b - z_c) with
+    AlignDistil's per-token alpha_t (``composite.token_adaptive_alpha``);
     ``("probs", w)``: z = log sum_j w_j softmax(z_j), the log of the probability average, used
     as the teacher's logits (a temperature then tempers the averaged distribution).
     """
@@ -239,6 +259,12 @@ def _teacher_logits(static: Static, t_chunk, teacher_head, sparse_temperature, v
         z = zs[0]
     elif static.teacher_combine[0] == "logits":
         z = sum(c * z_j for c, z_j in zip(static.teacher_combine[1], zs))
+    elif static.teacher_combine[0] == composite.ADAPTIVE:
+        scale, max_alpha = static.teacher_combine[1]
+        alpha = composite.token_adaptive_alpha(
+            zs[1], zs[2], scale=scale, max_alpha=max_alpha, vocab_mask=vocab_mask
+        )
+        z = composite.composite_logits(*zs, alpha)
     else:
         logp = jnp.stack([log_probs(z_j, 1.0, vocab_mask) for z_j in zs])  # [J, B, C, V]
         log_w = jnp.log(jnp.asarray(static.teacher_combine[1], jnp.float32))[:, None, None, None]
@@ -401,3 +427,22 @@ def sinkhorn_values(
         num_iters=knobs.get("num_iters", 20),
     )
     return values.reshape(b, t)
+
+
+def multilevel_ot_values(
+    static, term, dyn, student_hidden, student_head, teacher_hidden, teacher_head, valid, vm
+):
+    """Per-token ``multilevel_ot`` values [B, T] over vocabulary blocks (``transport.py``)."""
+    return transport.multilevel_ot_from_hidden(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        valid,
+        temperature=dyn["temperature"],
+        vocab_mask=vm,
+        student_softcap=static.student_softcap,
+        teacher_softcap=static.teacher_softcap[0],
+        vocab_block=static.vocab_block,
+        **_knobs(term, dyn),
+    )

@@ -366,10 +366,10 @@ def tip_quadrants(
 def tip_entropy_mask(
     student_entropy: jax.Array, mask: jax.Array | None, fraction=0.5, *, per_row: bool = False
 ) -> jax.Array:
-    r"""TIP: keep the top ``fraction`` of valid tokens by student entropy (top-k variant).
+    r"""TIP: keep the top ``fraction`` of valid tokens by *student* entropy (deterministic top-k).
 
-    "TIP: Token Importance in On-Policy Distillation" (arXiv:2604.14084); keep 50% by
-    entropy-based selection, top-k vs sampling ``[unverified]`` (see ``tip_entropy_sample``).
+    "TIP: Token Importance in On-Policy Distillation" (arXiv:2604.14084) keeps 50% by student
+    entropy with entropy-based *sampling* (``tip_entropy_sample``); this is the top-k variant.
 
     Args:
         student_entropy: [B, T]; mask: [B, T] bool or None; fraction: static or traced.
@@ -393,8 +393,8 @@ def tip_entropy_sample(
 
     Gumbel top-k: keep the top fraction of log H_i + G_i, G_i ~ Gumbel(0, 1), which samples
     without replacement with probability proportional to H_i (tokens with H_i = 0 only fill up
-    the count). Whether TIP samples or takes the top-k is ``[unverified]``.
-    "TIP: Token Importance in On-Policy Distillation" (arXiv:2604.14084).
+    the count). TIP's abstract: "retaining 50% of tokens with entropy-based sampling" of the
+    student's entropy; the sampling law is ``[unverified]``. (arXiv:2604.14084)
 
     Args:
         key: PRNG key; student_entropy: [B, T] >= 0; mask: [B, T] bool or None;

@@ -455,3 +455,82 @@ def test_taid_controller_follows_the_formula():
     assert np.all(np.diff(ts) >= 0)
     linear = dv.taid_update(dv.taid_init(0.4), 1.0, 25, total, adaptive=False)
     np.testing.assert_allclose(float(linear.t), 0.7, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- MultiLevelOT
+
+
+def np_multilevel_ot(s, t, mask, tau, k, eps, iters, w_tok, w_log, w_seq):
+    """Float64 loops over the formula in ``multilevel_ot``'s docstring (METHODS.md 1.10 (ii))."""
+
+    def standardised_probs(z):
+        z = np.asarray(z, np.float64)
+        z = (z - z.mean(-1, keepdims=True)) / (z.std(-1, ddof=1, keepdims=True) + 1e-4)
+        return np_softmax(z, tau)
+
+    def columns(x):
+        order = np.argsort(-x[mask].sum(0), kind="stable")[:k]
+        return x[..., order]
+
+    xs, xt = columns(standardised_probs(s)), columns(standardised_probs(t))
+    out = np.zeros(mask.shape)
+    for b in range(mask.shape[0]):
+        idx = np.flatnonzero(mask[b])
+        n = len(idx)
+        if n == 0:
+            continue
+        cost = np.abs(xs[b, idx][:, None] - xt[b, idx][None]).sum(-1)
+        plan = np_sinkhorn(cost, np.full(n, 1 / n), np.full(n, 1 / n), eps, iters)
+        for r, i in enumerate(idx):
+            absolute = np.abs(xs[b, i] - xt[b, i]).sum()
+            log_s = np.log(np_softmax(xs[b, i]))
+            logarithmic = -(np_softmax(xt[b, i]) * log_s).sum()
+            out[b, i] = (
+                w_tok * absolute + w_log * logarithmic + w_seq * n * (plan[r] * cost[r]).sum()
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    "tau,k,weights", [(1.0, 5, (1.0, 0.1, 0.1)), (2.0, 11, (0.5, 1.0, 2.0)), (1.0, 1, (0, 0, 1))]
+)
+def test_multilevel_ot_matches_numpy(tau, k, weights):
+    s, t = _logits(30, (2, 5, 11)), _logits(31, (2, 5, 11))
+    mask = np.array([[1, 1, 1, 1, 0], [1, 0, 1, 1, 1]], bool)
+    w_tok, w_log, w_seq = weights
+    knobs = dict(top_k=k, epsilon=0.1, num_iters=30, token_weight=w_tok, log_weight=w_log)
+    got = jax.jit(
+        lambda x, y: dv.multilevel_ot(x, y, mask, temperature=tau, sequence_weight=w_seq, **knobs)
+    )(s, t)
+    want = np_multilevel_ot(s, t, mask, tau, k, 0.1, 30, w_tok, w_log, w_seq)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-6)
+    # Also reachable by name, like the other divergences.
+    by_name = dv.divergence(
+        "multilevel_ot", s, t, mask, temperature=tau, sequence_weight=w_seq, **knobs
+    )
+    np.testing.assert_allclose(np.asarray(by_name), np.asarray(got), rtol=1e-6)
+
+
+def test_multilevel_ot_properties():
+    s, t = _logits(32, (2, 4, 9)), _logits(33, (2, 4, 9))
+    f = jax.jit(lambda x, y: dv.multilevel_ot(x, y, top_k=4))
+    base = np.asarray(f(s, t))
+    # Standardised logits: a positive affine map of either side's logits changes nothing.
+    np.testing.assert_allclose(np.asarray(f(3.0 * s - 7.0, 0.5 * t + 2.0)), base, rtol=2e-4)
+    # Mass-ordered columns: permuting one side's vocabulary changes nothing.
+    perm = np.random.default_rng(1).permutation(9)
+    np.testing.assert_allclose(np.asarray(f(s[..., perm], t)), base, rtol=2e-4, atol=1e-6)
+    # The absolute term alone vanishes at equality; every term is non-negative.
+    only_abs = dv.multilevel_ot(s, s, top_k=4, log_weight=0.0, sequence_weight=0.0)
+    np.testing.assert_allclose(np.asarray(only_abs), 0.0, atol=1e-7)
+    assert np.all(base >= 0)
+    # Masked positions give 0 and carry no mass; the teacher gets no gradient.
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    assert np.all(np.asarray(dv.multilevel_ot(s, t, mask, top_k=4))[~mask] == 0)
+    g = jax.grad(lambda y: dv.multilevel_ot(s, y, top_k=4).sum())(t)
+    assert np.all(np.asarray(g) == 0)
+    assert np.all(np.isfinite(np.asarray(jax.grad(lambda x: f(x, t).sum())(s))))
+    with pytest.raises(ValueError, match="top_k=20"):
+        dv.multilevel_ot(s, t, top_k=20)
+    with pytest.raises(ValueError, match="couples tokens"):
+        dv.get_core("multilevel_ot")

@@ -444,10 +444,10 @@ def test_attention_transfer_zero_at_equality_and_ignores_hidden_entries():
     np.testing.assert_allclose(g(3.0 * s, s), 0.0, atol=1e-8)
 
 
-# --------------------------------------------------------- token-transition matching
+# ------------------------------------------------------------------ output relations
 
 
-def np_transition_kl(s, t, mask, sim_tau=0.1):
+def np_output_relation_kl(s, t, mask, sim_tau=0.1):
     def rows(z):
         p = np_softmax(z)
         u = p / np.linalg.norm(p, axis=-1, keepdims=True)
@@ -458,11 +458,11 @@ def np_transition_kl(s, t, mask, sim_tau=0.1):
     return np.where(mask, np_row_kl(rows(t), rows(s)), 0.0)
 
 
-def test_transition_matching_matches_numpy_and_is_zero_at_equality():
+def test_output_relation_kl_matches_numpy_and_is_zero_at_equality():
     s, t = _rand(0, B, T, 7, scale=2.0), _rand(1, B, T, 9, scale=2.0)  # vocabularies differ
-    f = jax.jit(lambda s, t: ft.transition_matching_kl(s, t, MASK))
+    f = jax.jit(lambda s, t: ft.output_relation_kl(s, t, MASK))
     got = f(s, t)
-    np.testing.assert_allclose(got, np_transition_kl(s, t, MASK), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, np_output_relation_kl(s, t, MASK), rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(got)[~MASK] == 0) and np.all(np.asarray(got)[MASK] > 0)
     np.testing.assert_allclose(f(s, s), 0.0, atol=1e-6)
     np.testing.assert_allclose(f(s, s + 3.0), 0.0, atol=1e-6)

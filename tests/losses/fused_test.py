@@ -10,8 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import sharding
+from distill_jax.losses import composite, fused, topk
 from distill_jax.losses import divergences as dv
-from distill_jax.losses import fused, topk
+from distill_jax.losses import preference as pf
 from distill_jax.losses.tokens import cross_entropy, entropy
 
 B, T, D, DT, V = 2, 11, 8, 6, 29
@@ -38,6 +39,7 @@ KNOBS = {
     "todi": {},
     "taid": {"t": 0.6},
     "sinkhorn": {"epsilon": 0.1, "num_iters": 10},
+    "multilevel_ot": {"top_k": 7, "epsilon": 0.1, "num_iters": 10, "log_weight": 0.5},
 }
 assert set(KNOBS) == set(dv.DIVERGENCES)  # every divergence is covered
 
@@ -378,3 +380,108 @@ def test_ensemble_and_composite_teachers(implementation):
             _assert_close(g, r)
     with pytest.raises(ValueError, match="Several teachers need teacher_combine"):
         fused.fused_distill_loss(hs, ws, teacher_hidden=(ht, ht2), teacher_head=(wt, wt2))
+
+
+def np_aligndistil_logits(za, zb, zc, scale, max_alpha):
+    """float64 reference: alpha_t = min(scale / (TV + 1e-6), max_alpha) and the composite."""
+    za, zb, zc = (np.asarray(z, np.float64) for z in (za, zb, zc))
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    tv = 0.5 * np.abs(softmax(zb) - softmax(zc)).sum(-1)
+    alpha = np.minimum(scale / (tv + 1e-6), max_alpha)
+    return za + alpha[..., None] * (zb - zc), alpha
+
+
+@pytest.mark.parametrize("implementation", fused.IMPLEMENTATIONS)
+def test_composite_teacher_with_token_adaptive_alpha(implementation):
+    hs, ws, ht, wt, mask, _ = _inputs(9)
+    rng = np.random.default_rng(12)
+    ht2 = jnp.asarray(rng.standard_normal((B, T, 5)), jnp.float32)
+    wt2 = jnp.asarray(rng.standard_normal((5, V)) * 0.7, jnp.float32)
+    ht3 = jnp.asarray(rng.standard_normal((B, T, 4)), jnp.float32)
+    wt3 = jnp.asarray(rng.standard_normal((4, V)) * 0.7, jnp.float32)
+    za, zb, zc = ht @ wt, ht2 @ wt2, ht3 @ wt3
+    z_ref, alpha = np_aligndistil_logits(za, zb, zc, 0.2, 1.5)
+    assert 0 < alpha.min() and alpha.max() <= 1.5 and alpha.min() < 1.5  # both regimes occur
+    np.testing.assert_allclose(
+        np.asarray(composite.token_adaptive_alpha(zb, zc, scale=0.2, max_alpha=1.5)),
+        alpha,
+        rtol=1e-5,
+    )
+    f = lambda hs, ws: fused.fused_distill_loss(
+        hs,
+        ws,
+        teacher_hidden=(ht, ht2, ht3),
+        teacher_head=(wt, wt2, wt3),
+        teacher_combine=("aligndistil", (0.2, 1.5)),
+        mask=mask,
+        temperature=2.0,
+        chunk_size=4,
+        implementation=implementation,
+    )[0]
+    z_ref = jnp.asarray(z_ref, jnp.float32)
+    ref = lambda hs, ws: jnp.sum(dv.forward_kl(hs @ ws, z_ref, mask, temperature=2.0))
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, ws)
+    ref_value, ref_grads = jax.value_and_grad(ref, argnums=(0, 1))(hs, ws)
+    _assert_close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _assert_close(g, r)
+    with pytest.raises(ValueError, match="needs three teachers"):
+        fused.fused_distill_loss(
+            hs,
+            ws,
+            teacher_hidden=(ht, ht2),
+            teacher_head=(wt, wt2),
+            teacher_combine=("aligndistil", (0.2, 1.5)),
+        )
+
+
+def test_composite_logits_limits():
+    rng = np.random.default_rng(3)
+    za, zb, zc = (jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(composite.composite_logits(za, zb, zc, 0.0), za)  # alpha = 0 -> a
+    np.testing.assert_allclose(composite.composite_logits(za, zb, za, 1.0), zb, atol=1e-6)  # c = a
+    per_token = jnp.full((2, 3), 0.5)
+    np.testing.assert_allclose(
+        composite.composite_logits(za, zb, zc, per_token),
+        composite.composite_logits(za, zb, zc, 0.5),
+        rtol=1e-6,
+    )
+    # Equal b and c: TV = 0, alpha_t sits at the cap; the rule is constant for autodiff.
+    np.testing.assert_allclose(composite.token_adaptive_alpha(zb, zb, max_alpha=3.0), 3.0)
+    g = jax.grad(lambda x: composite.token_adaptive_alpha(x, zc).sum())(zb)
+    assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("implementation", fused.IMPLEMENTATIONS)
+def test_listmle_term_equals_unfused(implementation):
+    hs, ws, ht, wt, mask, _ = _inputs(13)
+    vocab_mask = jnp.arange(V) < V - 3  # padded vocabulary rows never enter the list
+    knobs = {"k": 5, "normalization": "prefix"}
+
+    def fused_loss(hs, ws):
+        return fused.fused_distill_loss(
+            hs,
+            ws,
+            teacher_hidden=ht,
+            teacher_head=wt,
+            mask=mask,
+            vocab_mask=vocab_mask,
+            terms={"listmle": dict(temperature=2.0, **knobs)},
+            chunk_size=4,
+            implementation=implementation,
+        )[0]
+
+    def dense(hs, ws):
+        zs = jnp.where(vocab_mask, hs @ ws, -jnp.inf)
+        zt = jnp.where(vocab_mask, ht @ wt, -jnp.inf)
+        return jnp.sum(pf.listmle(zs, zt, mask, temperature=2.0, **knobs))
+
+    value, grads = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)))(hs, ws)
+    ref_value, ref_grads = jax.value_and_grad(dense, argnums=(0, 1))(hs, ws)
+    _assert_close(value, ref_value)
+    for g, r in zip(grads, ref_grads):
+        _assert_close(g, r)

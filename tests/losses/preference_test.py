@@ -25,9 +25,10 @@ def np_logsumexp(x):
     return m + np.log(sum(np.exp(v - m) for v in x))
 
 
-def np_listmle(s, t, mask, k):
-    """Loops over positions: student top-k ids, teacher order, suffix Plackett-Luce NLL."""
-    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+def np_listmle(s, t, mask, k, prefix=False, tau=1.0):
+    """Loops over positions: student top-k ids, teacher order, suffix (or prefix) Plackett-Luce
+    NLL of the student logits / tau."""
+    s, t = np.asarray(s, np.float64) / tau, np.asarray(t, np.float64)
     out = np.zeros(s.shape[:-1])
     for idx in np.ndindex(*s.shape[:-1]):
         if not mask[idx]:
@@ -35,7 +36,9 @@ def np_listmle(s, t, mask, k):
         ids = np.argsort(-s[idx], kind="stable")[:k]
         ids = sorted(ids, key=lambda i: -t[idx][i])  # sorted() is stable
         ranked = [s[idx][i] for i in ids]
-        out[idx] = sum(np_logsumexp(ranked[j:]) - ranked[j] for j in range(len(ranked)))
+        n = len(ranked)
+        parts = [ranked[: j + 1] if prefix else ranked[j:] for j in range(n)]
+        out[idx] = sum(np_logsumexp(parts[j]) - ranked[j] for j in range(n))
     return out
 
 
@@ -139,6 +142,47 @@ def test_listmle_matches_numpy(k):
     np.testing.assert_allclose(got, np_listmle(s, t, MASK, min(k, 17)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalization,tau", [("prefix", 1.0), ("suffix", 2.0), ("prefix", 0.5)])
+def test_listmle_normalizations_and_temperature_match_numpy(normalization, tau):
+    s, t = _rand(4, 2, 4, 17, scale=2.0), _rand(5, 2, 4, 17, scale=2.0)
+    got = jax.jit(
+        lambda s, t: pf.listmle(s, t, MASK, k=6, temperature=tau, normalization=normalization)
+    )(s, t)
+    want = np_listmle(s, t, MASK, 6, prefix=normalization == "prefix", tau=tau)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="normalization='infix'"):
+        pf.listmle(s, t, normalization="infix")
+
+
+def np_tsd_listmle_mask(h, mask, threshold):
+    """Per row: keep valid positions while the running entropy share is below the threshold."""
+    out = np.zeros(h.shape, bool)
+    for b in range(h.shape[0]):
+        total = sum(h[b, i] for i in range(h.shape[1]) if mask[b, i])
+        running = 0.0
+        for i in range(h.shape[1]):
+            if mask[b, i] and total > 0:
+                running += h[b, i] / total
+                out[b, i] = running < threshold
+    return out
+
+
+def test_tsd_listmle_mask_hand_case_and_numpy():
+    # Shares 0.1, 0.2, 0.3, 0.4 -> cumulative 0.1, 0.3, 0.6, 1.0: threshold 0.5 keeps the first
+    # two; a masked position takes no share; an all-zero row keeps nothing.
+    h = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 1.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]], bool)
+    got = jax.jit(lambda h: pf.tsd_listmle_mask(h, mask, threshold=0.5))(h)
+    want = [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # row 2: 5 / 9 >= 0.5 at once
+    np.testing.assert_array_equal(got, np.array(want, bool))
+    h2 = np.abs(_rand(6, 3, 12, scale=2.0))
+    m2 = np.random.default_rng(7).random((3, 12)) > 0.3
+    for thr in (0.1, 0.35, 1.0):
+        np.testing.assert_array_equal(
+            pf.tsd_listmle_mask(h2, m2, threshold=thr), np_tsd_listmle_mask(h2, m2, thr)
+        )
+
+
 def test_listmle_shift_invariant_and_zero_at_matching_order():
     s, t = _rand(2, 2, 4, 20, scale=2.0), _rand(3, 2, 4, 20, scale=2.0)
     f = jax.jit(lambda s, t: pf.listmle(s, t, MASK, k=10))
@@ -180,3 +224,27 @@ def test_distillm2_terms_and_weights(b):
         same = f(s1, t1, MASK, s1, t1, MASK)
         np.testing.assert_allclose(same[0], skl, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(same[1], np.where(MASK, np_skew_kl(q1, p1, 0.1), 0), rtol=1e-5)
+
+
+def test_distillm2_alpha_hand_values_and_per_sample_skews():
+    # a_0 = 0.1, g_0 = 0.2: a = clip(1 - 0.18 / (g + 1e-5), 0.01, 0.1).
+    own = np.log(np.array([0.9, 0.5, 0.3, 0.2], np.float32))
+    other = np.log(np.array([0.5, 0.3, 0.2, 0.2], np.float32))  # g = 0.4, 0.2, 0.1, 0
+    got = jax.jit(lambda o, t: pf.distillm2_alpha(o, t, 0.2, base_alpha=0.1))(own, other)
+    g = np.array([0.4, 0.2, 0.1, 0.0])
+    want = np.clip(1 - 0.9 * 0.2 / (g + 1e-5), 0.01, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01], rtol=1e-3)  # by hand
+    g2 = jax.grad(lambda o: pf.distillm2_alpha(o, other, 0.2).sum())(own)
+    assert np.all(np.asarray(g2) == 0)
+    # Per-sample skews as [B, 1, 1]: each sample matches the scalar-skew call on it alone.
+    s1, t1 = _rand(0, 2, 4, 9), _rand(1, 2, 4, 9)
+    a1 = jnp.asarray([0.05, 0.1]).reshape(2, 1, 1)
+    a2 = jnp.asarray([0.02, 0.08]).reshape(2, 1, 1)
+    on_t, on_s = pf.distillm2(s1, t1, MASK, s1, t1, MASK, alpha=a1, student_alpha=a2)
+    for i in range(2):
+        p, q = np_softmax(t1[i]), np_softmax(s1[i])
+        want_t = np.where(MASK[i], np_skew_kl(p, q, float(a1[i, 0, 0])), 0.0)
+        want_s = np.where(MASK[i], np_skew_kl(q, p, float(a2[i, 0, 0])), 0.0)
+        np.testing.assert_allclose(on_t[i], want_t, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(on_s[i], want_s, rtol=1e-5, atol=1e-7)
