@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 from distill_jax import teachers
-from distill_jax.losses import divergences, features, tokens, topk
+from distill_jax.losses import divergences, features, preference, tokens, topk
 from distill_jax.train import bridge_terms, selection_rules
 
 
@@ -207,6 +207,38 @@ _EXTRA_TERMS = {
         },
         ("teacher",),
         tau_squared=True,
+    ),
+    "multilevel_ot": _entry(
+        "multilevel_ot",
+        "logit",
+        divergences.multilevel_ot,
+        "MultiLevelOT: z-scored top-k columns, token-level terms, sequence-level L1 Sinkhorn",
+        {
+            **_LOGIT_COMMON,
+            "epsilon": _k(float, 0.1, "entropic regulariser", low=0.0, open_low=True),
+            "num_iters": _k(int, 10, "Sinkhorn iterations", low=1),
+            "top_k": _k(int, 50, "vocabulary columns kept (by batch mass)", low=1),
+            "token_weight": _k(float, 1.0, "weight of the absolute token term", low=0.0),
+            "log_weight": _k(float, 0.1, "weight of the logarithmic token term", low=0.0),
+            "sequence_weight": _k(float, 0.1, "weight of the sequence-level Sinkhorn", low=0.0),
+        },
+        ("teacher",),
+        tau_squared=True,
+    ),
+    "listmle": _entry(
+        "listmle",
+        "logit",
+        preference.listmle,
+        "TSD-KD ListMLE: the student's top-k tokens ranked by the teacher's logits",
+        {
+            "weight": WEIGHT,
+            "temperature": _TEMPERATURE,
+            "k": _k(int, 10, "tokens ranked (the student's top k)", low=1),
+            "normalization": _k(
+                str, "suffix", "ListMLE normaliser", choices=("suffix", "prefix")
+            ),
+        },
+        ("teacher",),
     ),
 }
 _LAYERS = _k(
@@ -472,7 +504,15 @@ _TEACHER_LIST = [
         "z_a + alpha (z_b - z_c) of three models",
         {
             "models": _MODELS,
-            "alpha": _k(float, 1.0, "scale of the logit difference"),
+            "alpha": _k(float, 1.0, "scale of the logit difference (alpha_rule='constant')"),
+            "alpha_rule": _k(
+                str,
+                "constant",
+                "constant alpha, or AlignDistil's per-token alpha_t",
+                choices=("constant", "token_adaptive"),
+            ),
+            "alpha_scale": _k(float, 0.1, "alpha_t = min(scale / TV(p_b, p_c), max)", low=0.0),
+            "alpha_max": _k(float, 5.0, "the cap of alpha_t", low=0.0),
             "rules": MODEL_KNOBS["rules"],
         },
         supplies=frozenset({"teacher"}),
