@@ -1,9 +1,7 @@
 r"""The modes of ``distill_jax.main`` besides train and compile (``--mode=...``), built from a
 config through ``distill_jax.experiment``.
 
-    python -m distill_jax.main --config configs/tiny_kd.py:cached=True --workdir /tmp/c \
-        --mode=cache                   # teacher.cache_dir: an offline teacher's top-k
-
+    python -m distill_jax.main --config <file> --workdir /tmp/c --mode=cache  # teacher.cache_dir
     python -m distill_jax.main --config configs/smollm2_draft_distillspec.py --workdir /tmp/ds \
         --mode=eval_speculative        # alpha, greedy match, measured tokens per target call
     python -m distill_jax.main --config configs/smollm2_seqkd.py --workdir /tmp/sk --mode=eval_gsm

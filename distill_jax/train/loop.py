@@ -42,7 +42,6 @@ from etils import epath
 
 from distill_jax.models.convert import save_pretrained
 from distill_jax.train import build as build_lib
-from distill_jax.train import step as step_lib  # noqa: F401  (tests patch step_lib.jit_step)
 from distill_jax.train.checkpoint import Checkpoints
 from distill_jax.train.evaluate import Evaluator
 from distill_jax.train.metrics import Logger, is_local
