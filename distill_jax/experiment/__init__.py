@@ -55,6 +55,7 @@ from distill_jax.experiment.models import (
 from distill_jax.models import scan as scan_lib
 from distill_jax.models.transformer import to_scanned
 from distill_jax.train import batch_sources, loop, rollout
+from distill_jax.train import step as step_lib
 from distill_jax.train.build import StepBuild
 from distill_jax.transforms import schedule as prune_schedule
 from distill_jax.transforms import stats as transform_stats
@@ -189,7 +190,7 @@ class Experiment:
                 student_sample=sample,
                 **common,
             )
-        sequences = {k: shardings[k] for k in batch_sources.step_lib.BATCH_FIELDS}
+        sequences = {k: shardings[k] for k in step_lib.BATCH_FIELDS}
         teacher_rollout = None
         if o.get("seq_kd"):
             teacher_rollout = rollout.make_rollout(
