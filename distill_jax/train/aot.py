@@ -3,16 +3,17 @@ r"""``--mode=compile``: the real train step compiled for a TPU topology, on any 
     python -m distill_jax.main --config configs/pod/llama8b_to_llama1b_v5e64.py --workdir DIR \
         --mode=compile [--topology=v5e-64] [--num_slices=2]
 
-``compile_check(config, topology)`` builds teacher and student abstractly (``nnx.eval_shape``: no
-weights, data or tokenizer files; the architecture comes from each block's ``config`` or its
-checkpoint's config.json / GGUF metadata), then lowers the step that ``train`` runs: the same
-``loop.build_step`` (teacher inside the step, fused loss, optimizer, donation, micro-batches,
-remat) on a mesh of compile-only devices of the topology (``topologies``), and compiles it with
-the TPU compiler (libtpu). A cross-tokenizer teacher gets word-start masks of the right shapes
-(constants of the step; see ``loop.build_teacher``); batch shapes come from ``data.seq_len``,
-``bridge.teacher_len`` and ``data.global_batch_size``. With no tokenizer read, the step has no
-vocabulary mask: when a tokenizer has fewer ids than the model has rows, the trainer's program
-differs by one [V] select.
+``experiment.compile.compile_check(config, topology)`` builds teacher and student abstractly
+(``nnx.eval_shape``: no weights, data or tokenizer files; the architecture comes from each
+block's ``config`` or its checkpoint's config.json / GGUF metadata), then ``compile_abstract``
+lowers the step that ``train`` runs: the same ``train.build.build_step`` (teacher inside the
+step, fused loss, optimizer, donation, micro-batches, remat) on a mesh of compile-only devices
+of the topology (``topologies``), and compiles it with the TPU compiler (libtpu). A
+cross-tokenizer teacher gets word-start masks of the right shapes (constants of the step; see
+``experiment.build_teacher``); batch shapes come from ``data.seq_len``, ``bridge.teacher_len``
+and ``data.global_batch_size``. With no tokenizer read, the step has no vocabulary mask: when
+a tokenizer has fewer ids than the model has rows, the trainer's program differs by one [V]
+select.
 
 The report (``report_markdown``; DIR/compile_report.md and .json), all per chip:
 
@@ -41,16 +42,15 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill_jax import sharding, teachers, topologies
+from distill_jax import teachers, topologies
 from distill_jax.models.config import ModelConfig
-from distill_jax.train import hlo, loop
+from distill_jax.train import hlo
 from distill_jax.train import step as step_lib
 
 GiB = topologies.GiB
@@ -83,49 +83,6 @@ def abstract_batch(c, shape: tuple[int, int], shardings: dict) -> dict:
         )
         for k, s in shapes.items()
     }
-
-
-def build_abstract(c, devices) -> tuple[Any, loop.StepBuild, tuple, dict]:
-    """(mesh, the trainer's StepBuild with abstract state, step arguments, model facts)."""
-    mesh = loop.build_mesh(c, devices)
-    rules = tuple(tuple(r) for r in c.get("rules", sharding.DEFAULT_RULES))
-    shape = loop.step_shape(c)
-    sharding.batch_sharding(mesh, rules, shape=shape)
-    spec = loop.loss_spec(c)
-    seed = int(c.get("seed", 0))
-    if c.student.get("prune"):
-        raise ValueError(
-            "--mode=compile builds the student from its architecture; student.prune needs "
-            "calibration data, so give the pruned architecture as student.config instead."
-        )
-    student = loop.build_model(c.student, "student", seed, abstract=True)
-    teacher = loop.build_teacher(
-        c.teacher, student, seed, None, None, bridge=c.get("bridge") or None, abstract=True
-    )
-    if c.get("reference"):
-        reference = loop.build_model(c.reference, "reference", seed + 2, abstract=True)
-        teacher = teachers.WithReference(teacher, reference)
-    vocab_mask = loop._check_vocab(student, None if c.get("bridge") else teacher, None)
-    privileged = bool(c.get("onpolicy") and c.data.get("privileged_contexts"))
-    built = loop.build_step(
-        c,
-        mesh=mesh,
-        rules=rules,
-        spec=spec,
-        student=student,
-        teacher=teacher,
-        vocab_mask=vocab_mask,
-        tokens_per_step=shape[0] * shape[1],
-        privileged=privileged,
-        abstract=True,
-    )
-    batch = abstract_batch(c, shape, built.batch_shardings)
-    facts = dict(student=student.config, teachers=teacher_configs(teacher), shape=shape)
-    if c.get("bridge"):
-        facts["teacher_shape"] = (shape[0], int(c.bridge.teacher_len))
-    elif privileged:
-        facts["teacher_shape"] = (shape[0] * int(c.data.privileged_contexts), shape[1])
-    return mesh, built, (built.state, built.teacher_params, batch), facts
 
 
 def teacher_configs(teacher) -> list[ModelConfig]:
@@ -229,27 +186,21 @@ def model_flops(facts: dict) -> dict[str, float]:
 # ------------------------------------------------------------------------------ compile
 
 
-def compile_check(
-    c, topology: str | None = None, num_slices: int | None = None, hlo_path: str | None = None
-) -> dict:
-    """Compile ``c``'s train step for a topology and return the report (``report_markdown``).
+def compile_abstract(c, topo, mesh, built, args, facts, hlo_path=None, t0=None) -> dict:
+    """Compile the abstract build of ``c``'s step (``experiment.compile.build_abstract``) for
+    the topology ``topo`` and return the report (``report_markdown``).
 
     Args:
-        c: the experiment config (``topology`` / ``num_slices`` keys are the defaults).
-        topology: e.g. "v5p-128" (``topologies.parse``).
-        num_slices: slices over DCN (multislice).
+        c: the experiment config (the report's settings: micro-batches, remat).
+        topo: ``topologies.parse``'s topology whose devices ``mesh`` holds.
+        mesh, built, args, facts: ``build_abstract``'s results.
         hlo_path: where to write the optimized HLO text (per chip), if anywhere.
+        t0: ``time.perf_counter()`` when the build started (the report's lowering time).
 
     Raises:
         DoesNotFitError: the arguments alone, or the compiled program, exceed a chip's HBM.
-        ValueError: a config that cannot be compiled (no topology, a mesh that does not divide).
     """
-    name = topology or c.get("topology")
-    if not name:
-        raise ValueError("--mode=compile needs --topology=<e.g. v5p-128> (or config.topology).")
-    topo = topologies.parse(name, int(num_slices or c.get("num_slices", 1) or 1))
-    t0 = time.perf_counter()
-    mesh, built, args, facts = build_abstract(c, topo.devices())
+    t0 = time.perf_counter() if t0 is None else t0
     categories, leaves = argument_bytes(args)
     hbm = topo.chip.hbm_bytes
     if sum(categories.values()) > hbm:

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import sharding, topologies
-from distill_jax.train import aot, hlo, loop
+from distill_jax import experiment, sharding, topologies
+from distill_jax.experiment import compile as compile_lib
+from distill_jax.train import aot, hlo
+from distill_jax.train import build as build_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA_POD = os.path.join(ROOT, "configs", "pod", "llama8b_to_llama1b_v5e64.py")
@@ -46,7 +48,7 @@ def _llama_params(vocab, d, f, layers, heads, kv_heads, head_dim, tied) -> int:
 def llama_report():
     config = _config(LLAMA_POD, "reduced=True")
     assert config.topology == "v5e:4x4"
-    return config, aot.compile_check(config)
+    return config, compile_lib.compile_check(config)
 
 
 def test_reduced_pod_config_per_chip_bytes_match_hand_counts(llama_report):
@@ -70,7 +72,9 @@ def test_reduced_pod_config_report_tables(llama_report, tmp_path):
     config, report = llama_report
     b, t = 16, 1024
     s = config.student.config
-    n_s = aot.matmul_weights_per_token(loop.model_config_from_block(config.student, "student"))
+    n_s = aot.matmul_weights_per_token(
+        experiment.model_config_from_block(config.student, "student")
+    )
     # The student's matmul weights per token by hand: 2 blocks and the (tied) head.
     d, f = 2048, 8192
     by_hand = s.num_layers * (2 * d * 64 * (32 + 8) + 3 * d * f) + d * 128256
@@ -132,7 +136,7 @@ def test_temporaries_that_do_not_fit_name_the_fix():
         config.student.config.max_position_embeddings = 8192
         config.teacher.config.max_position_embeddings = 8192
     with pytest.raises(aot.DoesNotFitError) as e:
-        aot.compile_check(config, "v5e:2x2")
+        compile_lib.compile_check(config, "v5e:2x2")
     message = str(e.value)
     assert "does not fit on v5e:2x2" in message and "XLA: " in message
     assert "train.remat" in message and "train.micro_batches" in message
@@ -317,10 +321,10 @@ def test_compile_only_devices_and_a_multislice_mesh():
     assert len(devices) == 16
     config = _config(TINY)
     with pytest.raises(ValueError, match="make the data axis a multiple of 2"):
-        loop.build_mesh(config, devices)  # data 1: nothing would span the slices
+        experiment.build_mesh(config, devices)  # data 1: nothing would span the slices
     with config.unlocked():
         config.mesh = (("data", 2), ("fsdp", -1), ("tensor", 1), ("expert", 1))
-    mesh = loop.build_mesh(config, devices)
+    mesh = experiment.build_mesh(config, devices)
     for i in range(2):  # the data axis spans the two slices: each index lies in one slice
         assert len({d.slice_index for d in mesh.devices[i].flat}) == 1
     assert {mesh.devices[i].flat[0].slice_index for i in range(2)} == {0, 1}
@@ -334,16 +338,16 @@ def test_compile_mode_lowers_the_trainers_program():
     to the same StableHLO: same state and teacher shapes and shardings, same step function."""
     config = _config(TINY)
     devices = jax.devices()
-    _, abstract, args, _ = aot.build_abstract(config, devices)
-    mesh = loop.build_mesh(config, devices)
+    _, abstract, args, _ = compile_lib.build_abstract(config, devices)
+    mesh = experiment.build_mesh(config, devices)
     rules = tuple(tuple(r) for r in config.get("rules", sharding.DEFAULT_RULES))
-    student = loop.build_model(config.student, "student", 0)
-    teacher = loop.build_teacher(config.teacher, student, 0, None, None)
-    real = loop.build_step(
+    student = experiment.build_model(config.student, "student", 0)
+    teacher = experiment.build_teacher(config.teacher, student, 0, None, None)
+    real = build_lib.build_step(
         config,
         mesh=mesh,
         rules=rules,
-        spec=loop.loss_spec(config),
+        spec=experiment.loss_spec(config),
         student=student,
         teacher=teacher,
         vocab_mask=None,
@@ -359,26 +363,25 @@ def test_compile_mode_lowers_the_trainers_program():
 
 def test_the_trainer_goes_through_the_builder(monkeypatch, tmp_path):
     calls = []
-    build = loop.build_step
+    build = build_lib.build_step
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("abstract", False))
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "build_step", spy)
+    monkeypatch.setattr(build_lib, "build_step", spy)
     config = _config(TINY, "steps=1")
     with config.unlocked():
         config.eval.num_batches = 1
-    loop.train(config, str(tmp_path))
-    monkeypatch.setattr(aot.loop, "build_step", spy)
-    aot.build_abstract(_config(TINY), jax.devices())
+    experiment.train(config, str(tmp_path))
+    compile_lib.build_abstract(_config(TINY), jax.devices())
     assert calls == [False, True]
 
 
 def test_abstract_batch_shapes():
     config = _config(TINY)
     mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
-    shardings = loop._batch_shardings(mesh, sharding.DEFAULT_RULES, cached=False)
+    shardings = build_lib.batch_shardings(mesh, sharding.DEFAULT_RULES, cached=False)
     batch = aot.abstract_batch(config, (8, 64), shardings)
     assert batch["input_ids"].shape == (8, 64) and batch["loss_mask"].dtype == jnp.bool_
 

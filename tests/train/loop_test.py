@@ -19,7 +19,9 @@ from ml_collections import config_dict
 from trainer_runs import ALM_CONFIG, losses, tiny
 
 import distill_jax as dj
-from distill_jax.train import loop
+from distill_jax import commands, experiment
+from distill_jax.train import batch_sources, checkpoint, metrics
+from distill_jax.train import step as step_lib
 
 
 def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None):
@@ -69,7 +71,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplo
     with c.unlocked():
         change(c)
     with jax.log_compiles(True), pytest.raises(error, match=match):
-        loop.train(c, str(tmp_path))
+        experiment.train(c, str(tmp_path))
     compiled = _compiled_functions(caplog)
     assert "step" not in compiled and "eval_step" not in compiled, compiled
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
@@ -87,7 +89,7 @@ def test_bad_bridge_configs_fail_before_compiling(tmp_path, change, match, caplo
     c = tiny(ALM_CONFIG)
     change(c)
     with jax.log_compiles(True), pytest.raises(ValueError, match=match):
-        loop.train(c, str(tmp_path))
+        experiment.train(c, str(tmp_path))
     assert "step" not in _compiled_functions(caplog)
 
 
@@ -98,7 +100,7 @@ def test_alm_with_chunk_end_hidden_states_and_merged_chunks_trains(tmp_path):
     c.student.config.hidden_size = 48
     c.losses.alm = dict(hidden_weight=0.5, hidden_kind="mse", merge_threshold=0.05)
     c.eval.every_steps = None
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     hidden = [r["train/alm/chunk_hidden"] for r in rows if "train/alm/chunk_hidden" in r]
     assert len(hidden) == 6 and all(np.isfinite(hidden))
@@ -126,13 +128,13 @@ def test_export_tensorboard_and_progress_bar(tmp_path, caplog, capsys):
     c = tiny(steps=2)
     c.train.export = True
     with jax.log_compiles(True):
-        loop.train(c, str(tmp_path))
+        experiment.train(c, str(tmp_path))
     assert {"step", "eval_step"} <= _compiled_functions(caplog)  # the check above can fail
     # The export equals the checkpointed student: same logits from the checkpoint's params.
     model = dj.models.from_pretrained(str(tmp_path / "export"))
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    graphdef, _ = nnx.split(loop.build_model(c.student, "student", c.seed))
+    graphdef, _ = nnx.split(experiment.build_model(c.student, "student", c.seed))
     reference = nnx.merge(graphdef, nnx.State(restored.state["params"]["student"]))
     ids = jnp.arange(40)[None] % 259
     np.testing.assert_allclose(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
@@ -152,17 +154,17 @@ def test_cached_teacher_run_reads_the_cache_it_was_built_for(tmp_path):
     c = tiny(steps=3)
     with c.unlocked():
         c.teacher.update(cache_dir=str(tmp_path / "cache"), k=16, cache_dtype="float32")
-    cache = loop.build_cache(c)
+    cache = commands.build_cache(c)
     assert cache.num_batches == 3 and cache.settings["k"] == 16
     c.teacher.kind = "cached"
-    result = loop.train(c, str(tmp_path / "run"))
+    result = experiment.train(c, str(tmp_path / "run"))
     assert np.isfinite(result["nll"])
     logged = losses(tmp_path / "run")
     assert sorted(logged) == [1, 2, 3] and all(np.isfinite(list(logged.values())))
     # A run whose data differ from the cache's is refused, naming the setting.
     c.data.seq_len = 32
     with pytest.raises(ValueError, match="data: cache has"):
-        loop.train(c, str(tmp_path / "other"))
+        experiment.train(c, str(tmp_path / "other"))
 
 
 def _supervised_reference(c, make_batch, steps):
@@ -175,10 +177,10 @@ def _supervised_reference(c, make_batch, steps):
     from distill_jax.train import step as step_lib
 
     tok = dj.data.load_tokenizer("byte")
-    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.02, seed=0)
-    batches = loop.make_prompt_batches(c, split["train"], tok, seed=0)
-    student = loop.build_model(c.student, "student", 0)
-    teacher = teachers.OnlineTeacher(loop.build_model(c.teacher, "teacher", 1))
+    split = sources.split_corpus(experiment.load_examples(c.data), fraction=0.02, seed=0)
+    batches = experiment.make_prompt_batches(c, split["train"], tok, seed=0)
+    student = experiment.build_model(c.student, "student", 0)
+    teacher = teachers.OnlineTeacher(experiment.build_model(c.teacher, "teacher", 1))
     spec = objective.LossSpec.from_config(c.losses, dict(c.loss_options, total_steps=steps))
     length = c.onpolicy.prompt_len + c.onpolicy.max_new_tokens
     tx, _ = state_lib.make_optimizer(c.optimizer, steps, c.data.global_batch_size * length)
@@ -212,7 +214,7 @@ def test_onpolicy_lambda_zero_is_supervised_kd_on_the_same_batches(tmp_path):
     from distill_jax.train import rollout
 
     c = tiny(steps=3, onpolicy=0.0)
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [0.0, 0.0, 0.0]
     want, _ = _supervised_reference(
@@ -228,7 +230,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
     from distill_jax.train import rollout
 
     c = tiny(steps=3, onpolicy=1.0)
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [1.0, 1.0, 1.0]
     graph = {}
@@ -253,7 +255,7 @@ def test_onpolicy_lambda_one_trains_on_the_students_samples(tmp_path):
 
     from distill_jax import teachers
 
-    graph["g"], _ = teachers.split_model(loop.build_model(c.student, "student", 0))
+    graph["g"], _ = teachers.split_model(experiment.build_model(c.student, "student", 0))
     want, _ = _supervised_reference(c, student_samples, 3)
     np.testing.assert_allclose([r["train/loss"] for r in rows], want, rtol=2e-5)
     supervised, _ = _supervised_reference(
@@ -271,15 +273,15 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
     from distill_jax.models import sampling
 
     c = tiny(ALM_CONFIG, steps=2, onpolicy=1.0)
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert [r["train/student_samples"] for r in rows] == [1.0, 1.0]
     assert all(np.isfinite(r["train/loss"]) for r in rows)
     # The first step's batch, rebuilt outside the trainer.
     tok = dj.data.load_tokenizer("byte")
-    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.02, seed=0)
-    prompts = next(loop.make_prompt_batches(c, split["train"], tok, seed=0))
-    student = loop.build_model(c.student, "student", 0)
+    split = sources.split_corpus(experiment.load_examples(c.data), fraction=0.02, seed=0)
+    prompts = next(experiment.make_prompt_batches(c, split["train"], tok, seed=0))
+    student = experiment.build_model(c.student, "student", 0)
     graphdef, params = teachers.split_model(student)
     keys = sampling.example_keys(jax.random.key(4242), jnp.asarray(prompts["example_ids"]), 0)
     settings = sampling.RolloutSettings(24, 1.0, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
@@ -291,8 +293,8 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
         keys,
         settings,
     )
-    collator = loop.make_collator(c, tok, 64)
-    batch = loop.host_bridge_batch(collator, prompts, np.asarray(tokens), np.asarray(mask))
+    collator = experiment.make_collator(c, tok, 64)
+    batch = batch_sources.host_bridge_batch(collator, prompts, np.asarray(tokens), np.asarray(mask))
     # Every kept chunk holds completion tokens; the prompt's own positions carry no CE.
     for i in range(len(batch["input_ids"])):
         start = int(prompts["prompt_mask"][i].sum())
@@ -301,7 +303,7 @@ def test_cross_tokenizer_onpolicy_trains_on_the_students_samples(tmp_path):
             assert np.max(np.nonzero(chunks == ch)[0]) >= start
         assert not batch["loss_mask"][i, : start - 1].any()
     teacher = teachers.CrossTokenizerTeacher(
-        loop.build_model(c.teacher, "teacher", 1),
+        experiment.build_model(c.teacher, "teacher", 1),
         teacher_boundary_mask=dj.bridges.boundary_vocab_mask(collator.teacher.tokenizer, 49152),
         student_boundary_mask=dj.bridges.boundary_vocab_mask(tok, 264),
         chunk_size=32,
@@ -332,36 +334,36 @@ def test_adaspec_selection_with_a_reference_model_in_the_trainer(tmp_path):
     c.reference = dict(init="random", config=dict(c.student.config))
     c.losses = dict(forward_kl=dict())
     c.loss_options.selection = dict(kind="adaspec", keep_ratio=0.25)
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     kept = [r["train/selection/kept"] for r in rows]
     assert all(k == pytest.approx(0.25, abs=0.02) for k in kept), kept
     c2 = tiny(steps=1)
     c2.reference = dict(init="random", config=dict(c.student.config, vocab_size=300))
     with pytest.raises(ValueError, match="reference model's vocabulary .300. differs"):
-        loop.train(c2, str(tmp_path / "bad"))
+        experiment.train(c2, str(tmp_path / "bad"))
 
 
 def test_a_bucket_workdir_keeps_every_metrics_row(tmp_path, monkeypatch):
     # Object stores cannot append: each flush writes one new part, never rewriting a file, and a
     # resumed run's parts follow the earlier ones (the local folder stands in for the bucket;
     # epath serves both).
-    assert loop._checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
-    assert loop._checkpoint_dir("rel/run") == os.path.abspath("rel/run/checkpoints")
-    monkeypatch.setattr(loop, "_is_local", lambda workdir: False)
-    first = loop._Logger(str(tmp_path), total=3, start=0, enabled=True)
+    assert checkpoint._checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+    assert checkpoint._checkpoint_dir("rel/run") == os.path.abspath("rel/run/checkpoints")
+    monkeypatch.setattr(metrics, "is_local", lambda workdir: False)
+    first = metrics.Logger(str(tmp_path), total=3, start=0, enabled=True)
     first.log(1, {"loss": 1.0})
     first.log(2, {"loss": 0.5})
     first.flush()
-    parts = sorted(os.listdir(tmp_path / loop.METRICS_PARTS))
+    parts = sorted(os.listdir(tmp_path / metrics.METRICS_PARTS))
     first.close()  # nothing new to write
-    assert sorted(os.listdir(tmp_path / loop.METRICS_PARTS)) == parts and len(parts) == 1
-    resumed = loop._Logger(str(tmp_path), total=3, start=2, enabled=True)
+    assert sorted(os.listdir(tmp_path / metrics.METRICS_PARTS)) == parts and len(parts) == 1
+    resumed = metrics.Logger(str(tmp_path), total=3, start=2, enabled=True)
     resumed.log(3, {"loss": 0.25})
     resumed.close()
-    assert len(os.listdir(tmp_path / loop.METRICS_PARTS)) == 2
+    assert len(os.listdir(tmp_path / metrics.METRICS_PARTS)) == 2
     assert not (tmp_path / "metrics.jsonl").exists()
-    rows = loop.read_metrics(str(tmp_path))
+    rows = metrics.read_metrics(str(tmp_path))
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
 
 
@@ -404,11 +406,11 @@ def test_no_device_to_host_transfer_between_log_steps(
     c.train.log_every_steps = 3
     c.train.checkpoint_every_steps = 6
     c.eval.every_steps = None
-    loop.train(c, str(tmp_path / "run"))
-    rows = [r for r in loop.read_metrics(str(tmp_path / "run")) if "train/loss" in r]
+    experiment.train(c, str(tmp_path / "run"))
+    rows = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [3, 6]
     # The guard is really there: a step that reads its loss back on every call fails.
-    jit_step = loop.step_lib.jit_step
+    jit_step = step_lib.jit_step
 
     def syncing(step_fn, **kw):
         jitted = jit_step(step_fn, **kw)
@@ -420,9 +422,9 @@ def test_no_device_to_host_transfer_between_log_steps(
 
         return run
 
-    monkeypatch.setattr(loop.step_lib, "jit_step", syncing)
+    monkeypatch.setattr(step_lib, "jit_step", syncing)
     with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
-        loop.train(c, str(tmp_path / "sync"))
+        experiment.train(c, str(tmp_path / "sync"))
 
 
 def test_scanned_models_train_and_resume_exactly(tmp_path):
@@ -433,12 +435,12 @@ def test_scanned_models_train_and_resume_exactly(tmp_path):
     c.student.scan_layers = c.teacher.scan_layers = True
     c.teacher.config.num_layers = 4  # scanned as one block repeated 4 times
     c.train.export = True
-    loop.train(c, str(tmp_path / "straight"))
+    experiment.train(c, str(tmp_path / "straight"))
     first = tiny(steps=2)
     first.student.scan_layers = first.teacher.scan_layers = True
     first.teacher.config.num_layers = 4
-    loop.train(first, str(tmp_path / "resumed"))
-    loop.train(c, str(tmp_path / "resumed"))
+    experiment.train(first, str(tmp_path / "resumed"))
+    experiment.train(c, str(tmp_path / "resumed"))
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(straight) == [1, 2, 3, 4]
     assert all(resumed[s] == straight[s] for s in straight)  # bit for bit on CPU

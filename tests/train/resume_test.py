@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from trainer_runs import ALM_CONFIG, CONFIG, cmd, losses, tiny, wait_for_step
 
-from distill_jax import main
+from distill_jax import experiment, main
 from distill_jax.train import loop
 
 
@@ -71,7 +71,7 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate, daemon=True).start()
-    result = loop.train(c, str(tmp_path))
+    result = experiment.train(c, str(tmp_path))
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     assert manager.latest_step() == result["stopped_at"] == max(losses(tmp_path)) < 500
 
@@ -85,7 +85,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(
         loop.NonFiniteLossError, match=r"at step (\d+).*checkpoint is step (\d+)"
     ) as e:
-        loop.train(c, str(tmp_path))
+        experiment.train(c, str(tmp_path))
     bad, good = (int(x) for x in re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
     assert good == bad - 1
     assert ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() == good

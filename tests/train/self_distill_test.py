@@ -142,7 +142,7 @@ def test_trainer_self_distills_with_two_privileged_contexts(tmp_path):
     import json
     import os
 
-    from distill_jax.train import loop
+    from distill_jax import experiment
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     spec = importlib.util.spec_from_file_location(
@@ -157,7 +157,7 @@ def test_trainer_self_distills_with_two_privileged_contexts(tmp_path):
     c.data.held_out_fraction = 0.1
     c.onpolicy.prompt_len = 2000
     c.eval.num_batches = 1
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 0

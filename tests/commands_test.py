@@ -13,10 +13,10 @@ import jax
 import pytest
 from flax import nnx
 
-from distill_jax.eval import run
-from distill_jax.train import loop
+from distill_jax import commands as run
+from distill_jax import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(arg):
@@ -39,7 +39,11 @@ def test_eval_speculative_reports_consistent_numbers():
     assert 0 < out["alpha"] < 1 and out["positions"] > 0
     assert 1 <= out["tokens_per_target_call"] <= 4  # at most gamma + 1 per target pass
     size = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    want = size(loop.build_model(c.student, "s", 0)) / size(loop.build_model(c.teacher, "t", 1))
+    student, teacher = (
+        experiment.build_model(c.student, "s", 0),
+        experiment.build_model(c.teacher, "t", 1),
+    )
+    want = size(student) / size(teacher)
     assert out["draft_cost_ratio"] == pytest.approx(want)  # 1 of the teacher's 2 blocks
     assert out["simulated_speedup"] == pytest.approx(
         out["expected_tokens_per_target_call"] / (3 * out["draft_cost_ratio"] + 1)
@@ -50,7 +54,7 @@ def test_seqkd_and_eval_gsm_modes_from_the_command_line(tmp_path):
     c = _tiny("onpolicy=0.0")
     # The CLI: a config file that adds the seqkd / eval settings to the tiny config.
     path = tmp_path / "cfg.py"
-    here = os.path.join(ROOT, "tests", "eval", "run_test.py")
+    here = os.path.join(ROOT, "tests", "commands_test.py")
     seqkd = dict(
         out_dir=str(tmp_path / "data"),
         num_problems=3,
@@ -116,14 +120,14 @@ def test_sft_on_verified_traces_trains_on_the_completions_only(tmp_path):
     c.data.held_out_fraction = 0.2
     c.onpolicy.prompt_len, c.onpolicy.max_new_tokens = 40, 24
     c.losses = dict(ce=dict())
-    loop.train(c, str(tmp_path / "w"))
+    experiment.train(c, str(tmp_path / "w"))
     rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
     tokens = [r["train/tokens"] for r in rows if "train/tokens" in r]
     # The same batches from the data pipeline: their completion tokens (EOS included).
     from distill_jax.data import sources
 
     tok = load_tokenizer("byte")
-    split = sources.split_corpus(loop.load_examples(c.data), fraction=0.2, seed=0)
+    split = sources.split_corpus(experiment.load_examples(c.data), fraction=0.2, seed=0)
     batches = prompts_lib.PromptBatches(
         split["train"],
         tok,

@@ -1,10 +1,14 @@
-r"""The evaluation and data-generation modes of ``distill_jax.main`` (``--mode=...``).
+r"""The modes of ``distill_jax.main`` besides train and compile (``--mode=...``), built from a
+config through ``distill_jax.experiment``.
 
+    python -m distill_jax.main --config <file> --workdir /tmp/c --mode=cache  # teacher.cache_dir
     python -m distill_jax.main --config configs/smollm2_draft_distillspec.py --workdir /tmp/ds \
         --mode=eval_speculative        # alpha, greedy match, measured tokens per target call
     python -m distill_jax.main --config configs/smollm2_seqkd.py --workdir /tmp/sk --mode=eval_gsm
     python -m distill_jax.main --config configs/smollm2_seqkd.py --workdir /tmp/sk --mode=seqkd
 
+* ``cache``: ``config.teacher``'s top-k for the first ``train.steps`` training batches, written
+  to ``teacher.cache_dir``; a run with ``teacher.kind='cached'`` reads it.
 * ``eval_gsm``: pass@k, cons@n and per-sample accuracy of ``config.eval.gsm.model`` ("student" or
   "teacher") on held-out GSM-style problems (the held-out split of the config's problems, never
   trained on).
@@ -26,10 +30,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax import teachers
-from distill_jax.data import sources
+from distill_jax import experiment, teachers
+from distill_jax.data import sources, teacher_cache
 from distill_jax.eval import gsm, speculative
-from distill_jax.train import loop
+
+
+def build_cache(config) -> teacher_cache.TeacherCache:
+    """Write ``config.teacher``'s top-k for the first ``train.steps`` training batches to
+    ``teacher.cache_dir`` (``--mode=cache``); a run with ``teacher.kind='cached'`` reads it."""
+    c, t = config, config.teacher
+    _, tokenizer, batches = experiment.training_data(c)
+    model = experiment.build_model(t, "teacher", int(c.get("seed", 0)) + 1)
+    v = model.config.vocab_size
+    return teachers.build_teacher_cache(
+        t.cache_dir,
+        model,
+        batches,
+        num_batches=c.train.steps,
+        k=t.get("k", 64),
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        temperature=t.get("cache_temperature", 1.0),
+        dtype=t.get("cache_dtype", "bfloat16"),
+        data_settings=batches.streams[0].config,
+        vocab_mask=jnp.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None,
+    )
 
 
 def _student(c, workdir: str | None):
@@ -39,7 +63,7 @@ def _student(c, workdir: str | None):
         from distill_jax.models.convert import from_pretrained
 
         return from_pretrained(export), export
-    return loop.build_model(c.student, "student", int(c.get("seed", 0))), "config.student"
+    return experiment.build_model(c.student, "student", int(c.get("seed", 0))), "config.student"
 
 
 def _gsm_split(c) -> dict:
@@ -57,10 +81,11 @@ def eval_gsm(c, workdir: str | None = None) -> dict:
     g = dict(c.eval.get("gsm") or {})
     which = g.pop("model", "student")
     if which == "teacher":
-        model, name = loop.build_model(c.teacher, "teacher", int(c.get("seed", 0)) + 1), "teacher"
+        seed = int(c.get("seed", 0))
+        model, name = experiment.build_model(c.teacher, "teacher", seed + 1), "teacher"
     else:
         model, name = _student(c, workdir)
-    tokenizer = loop._tokenizer(c, c.data.get("tokenizer", "student"))
+    tokenizer = experiment.tokenizer_from_spec(c, c.data.get("tokenizer", "student"))
     problems = _gsm_split(c)["validation"][: g.pop("num_problems", 16)]
     ks = tuple(g.pop("ks", (1,)))
     result = gsm.evaluate(model, tokenizer, problems, ks=ks, **g)
@@ -70,14 +95,14 @@ def eval_gsm(c, workdir: str | None = None) -> dict:
 def eval_speculative(c, workdir: str | None = None) -> dict:
     s = dict(c.eval.get("speculative") or {})
     seed = int(c.get("seed", 0))
-    target = loop.build_model(c.teacher, "teacher", seed + 1)
+    target = experiment.build_model(c.teacher, "teacher", seed + 1)
     draft, name = _student(c, workdir)
-    tokenizer = loop._tokenizer(c, c.data.get("tokenizer", "student"))
-    split, _, _ = loop._data(c)
+    tokenizer = experiment.tokenizer_from_spec(c, c.data.get("tokenizer", "student"))
+    split, _, _ = experiment.training_data(c)
     temperature = s.get("temperature", 1.0)
     new = s.get("max_new_tokens", c.onpolicy.max_new_tokens)
     batches = list(
-        loop.make_prompt_batches(c, split["validation"], tokenizer, num_epochs=1, seed=0)
+        experiment.make_prompt_batches(c, split["validation"], tokenizer, num_epochs=1, seed=0)
     )[: s.get("num_batches", 2)]
     kw = dict(max_new_tokens=new, temperature=temperature, eos_id=tokenizer.eos_id, seed=seed)
     alpha = speculative.acceptance(target, draft, batches, **kw)
@@ -97,7 +122,7 @@ def eval_speculative(c, workdir: str | None = None) -> dict:
     )
     calls = float(np.sum(out.target_calls))
     tokens = float(np.sum(out.lengths))
-    size = lambda m: sum(int(np.size(x)) for x in jax.tree.leaves(loop.teachers.split_model(m)[1]))  # noqa: E731
+    size = lambda m: sum(int(np.size(x)) for x in jax.tree.leaves(teachers.split_model(m)[1]))  # noqa: E731
     cost = size(draft) / size(target)
     measured_alpha = float(np.sum(out.accepted) / max(np.sum(out.drafted), 1))
     return {
@@ -121,8 +146,8 @@ def seqkd(c, workdir: str | None = None) -> dict:
     k = dict(c.seqkd)
     out_dir = k.pop("out_dir")
     seed = int(c.get("seed", 0))
-    model = loop.build_model(c.teacher, "teacher", seed + 1)
-    tokenizer = loop._tokenizer(c, k.pop("tokenizer", "teacher"))
+    model = experiment.build_model(c.teacher, "teacher", seed + 1)
+    tokenizer = experiment.tokenizer_from_spec(c, k.pop("tokenizer", "teacher"))
     problems = _gsm_split(c)["train"][: k.pop("num_problems", 64)]
     teacher_name = str(c.teacher.get("init"))
     return teachers.build_seqkd_dataset(

