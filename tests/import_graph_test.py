@@ -30,7 +30,7 @@ TIERS = (
     ("teachers", "bridges", "transforms", "eval"),
     ("train",),
     ("experiment",),
-    ("main", "demo"),
+    ("main", "demo", "commands"),
 )
 TIER = {layer: i for i, layers in enumerate(TIERS) for layer in layers}
 FORBIDDEN = {
