@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill_jax.train import objective
-from distill_jax.train import rollout
+from distill_jax.train import objective, rollout
 
 ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
 

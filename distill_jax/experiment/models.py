@@ -13,10 +13,9 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from distill_jax import bridges, sharding, teachers
+from distill_jax import assets, bridges, sharding, teachers
 from distill_jax.data import teacher_cache
 from distill_jax.models import config as model_config
-from distill_jax import assets
 from distill_jax.models.convert import from_pretrained, hf
 from distill_jax.models.transformer import Transformer, to_scanned
 from distill_jax.transforms import drop_layers
@@ -185,7 +184,13 @@ def build_teacher(
             return teachers.EnsembleTeacher(models, c.get("weights"))
         if len(models) != 3:
             raise ValueError("teacher.kind='composite' needs three models (a, b, c).")
-        return teachers.CompositeTeacher(*models, alpha=c.get("alpha", 1.0))
+        return teachers.CompositeTeacher(
+            *models,
+            alpha=c.get("alpha", 1.0),
+            alpha_rule=c.get("alpha_rule", "constant"),
+            alpha_scale=c.get("alpha_scale", 0.1),
+            alpha_max=c.get("alpha_max", 5.0),
+        )
     if kind == "cached":
         cache = teacher_cache.TeacherCache(c.cache_dir)
         cache.check(data=data_settings, tokenizer=tokenizer.fingerprint)

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill_jax import sharding, teachers
-from distill_jax.train import objective
 from distill_jax.models.transformer import Transformer
+from distill_jax.train import objective
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
 

@@ -234,9 +234,7 @@ _EXTRA_TERMS = {
             "weight": WEIGHT,
             "temperature": _TEMPERATURE,
             "k": _k(int, 10, "tokens ranked (the student's top k)", low=1),
-            "normalization": _k(
-                str, "suffix", "ListMLE normaliser", choices=("suffix", "prefix")
-            ),
+            "normalization": _k(str, "suffix", "ListMLE normaliser", choices=("suffix", "prefix")),
         },
         ("teacher",),
     ),
