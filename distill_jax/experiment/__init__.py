@@ -276,12 +276,14 @@ def build(c) -> Experiment:
     student = exp.student
     data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
     teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
+    exp.vocab_mask = check_vocab(student, None if bridge else teacher, tokenizer)
+    if not bridge and teacher is not None and teacher.vocab_size != student.config.vocab_size:
+        teacher = teachers.PaddedVocabTeacher(teacher, student.config.vocab_size)
     if c.get("reference"):  # Rho-1 / AdaSPEC selection: a frozen reference beside the teacher
         if teacher is None or teacher.kind not in ("online", "ensemble", "composite"):
             raise ValueError("config.reference needs an online teacher (or ensemble/composite).")
         teacher = teachers.WithReference(teacher, build_model(c.reference, "reference", seed + 2))
     exp.teacher = teacher
-    exp.vocab_mask = check_vocab(student, None if bridge else teacher, tokenizer)
     if onpolicy is not None:
         exp.settings = sampling.RolloutSettings(
             onpolicy.max_new_tokens,

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from distill_jax import bridges
 from distill_jax.train import objective, rollout
 
 ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
@@ -79,17 +80,20 @@ def check_vocab(student, teacher, tokenizer) -> jax.Array | None:
     """The [V] mask of the student's vocabulary rows the tokenizer uses (None: all of them);
     ``tokenizer`` None (``--mode=compile``) checks the teacher's vocabulary only."""
     v = student.config.vocab_size
-    if teacher is not None and teacher.vocab_size != v:
-        raise ValueError(
-            f"The teacher's vocabulary ({teacher.vocab_size}) differs from the student's ({v}) "
-            "and no bridge is configured; use a teacher with the student's tokenizer or a "
-            "cross-tokenizer bridge (distill_jax.bridges)."
-        )
-    if tokenizer is None:
-        return None
+    v_t = v if teacher is None else teacher.vocab_size
+    if tokenizer is None:  # compile mode: the smaller model's rows are the real ids
+        return np.arange(v) < v_t if v_t < v else None
     if tokenizer.vocab_size > v:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the student's vocabulary only {v}."
         )
+    if tokenizer.vocab_size > v_t:
+        raise ValueError(
+            f"The teacher's vocabulary ({v_t}) differs from the student's ({v}) and is smaller "
+            f"than the tokenizer's {tokenizer.vocab_size} ids, so the two models do not share "
+            "this tokenizer; use a teacher with the student's tokenizer or a cross-tokenizer "
+            "bridge (config.bridge, distill_jax.bridges)."
+        )
+    # One tokenizer, maybe padded to different sizes: ids past the tokenizer's are masked.
     # A host array: a jax.Array closed over by the step would be read back when it compiles.
-    return np.arange(v) < tokenizer.vocab_size if tokenizer.vocab_size < v else None
+    return bridges.padded_vocab_mask(tokenizer.vocab_size, v) if tokenizer.vocab_size < v else None

@@ -60,10 +60,13 @@ def build_abstract(c, devices) -> tuple[Any, build_lib.StepBuild, tuple, dict]:
     teacher = build_teacher(
         c.teacher, student, seed, None, None, bridge=c.get("bridge") or None, abstract=True
     )
+    vocab_mask = check_vocab(student, None if c.get("bridge") else teacher, None)
+    v = student.config.vocab_size
+    if not c.get("bridge") and teacher is not None and teacher.vocab_size != v:
+        teacher = teachers.PaddedVocabTeacher(teacher, v)
     if c.get("reference"):
         reference = build_model(c.reference, "reference", seed + 2, abstract=True)
         teacher = teachers.WithReference(teacher, reference)
-    vocab_mask = check_vocab(student, None if c.get("bridge") else teacher, None)
     privileged = bool(c.get("onpolicy") and c.data.get("privileged_contexts"))
     built = build_lib.build_step(
         c,

@@ -166,12 +166,15 @@ def build_teacher(
     if kind == "online":
         return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1, abstract=abstract))
     if kind == "ema":
-        return teachers.EMATeacher(student, decay=c.get("decay", 0.999))
+        return teachers.EMATeacher(
+            student, decay=c.get("decay", 0.999), every_steps=c.get("every_steps", 1)
+        )
     if kind == "self":
         return teachers.SelfTeacher(
             student,
             source=c.get("source", "student"),
             decay=c.get("decay", 0.999),
+            every_steps=c.get("every_steps", 1),
             agreement_gamma=c.get("agreement_gamma"),
             agreement_level=c.get("agreement_level", "token"),
         )

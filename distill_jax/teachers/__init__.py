@@ -71,11 +71,23 @@ def split_model(model) -> tuple[Any, dict]:
     return graphdef, nnx.to_pure_dict(params)
 
 
-def ema_update(ema, student_params, decay: float):
-    """theta_T <- d theta_T + (1 - d) theta_S, leaf by leaf, in the EMA's dtype."""
-    return jax.tree.map(
+def ema_update(ema, student_params, decay: float, every_steps: int = 1, step=None):
+    """theta_T <- d theta_T + (1 - d) theta_S, leaf by leaf, in the EMA's dtype; with
+    ``every_steps`` N > 1 only after optimizer steps ``step`` that N divides, theta_T unchanged
+    otherwise (UniSD's EMA every N steps; METHODS.md 3.4)."""
+    new = jax.tree.map(
         lambda t, s: (decay * t + (1 - decay) * s).astype(t.dtype), ema, student_params
     )
+    if every_steps == 1:
+        return new
+    now = jnp.asarray(step) % every_steps == 0
+    return jax.tree.map(lambda n, t: jnp.where(now, n, t), new, ema)
+
+
+def _check_every(every_steps) -> int:
+    if int(every_steps) != every_steps or every_steps < 1:
+        raise ValueError(f"EMA teacher: every_steps={every_steps} must be an integer >= 1.")
+    return int(every_steps)
 
 
 class OnlineTeacher:
@@ -262,17 +274,18 @@ class CompositeTeacher(_MultiTeacher):
 
 
 class EMATeacher:
-    """The student's exponential moving average; its parameters are ``TrainState.ema``."""
+    """The student's exponential moving average; its parameters are ``TrainState.ema``,
+    updated after every ``every_steps``-th optimizer step (1: every step)."""
 
     kind = "ema"
 
-    def __init__(self, student, *, decay: float = 0.999):
+    def __init__(self, student, *, decay: float = 0.999, every_steps: int = 1):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA teacher: decay={decay} must be in [0, 1).")
         self.config = student.config
         self.vocab_size = student.config.vocab_size
         self.graphdef, _ = split_model(student)
-        self.decay = decay
+        self.decay, self.every_steps = decay, _check_every(every_steps)
 
     def params(self):
         return None  # read from the train state
@@ -291,9 +304,10 @@ class EMATeacher:
             teacher_softcap=self.config.final_logit_softcapping,
         )
 
-    def update(self, ema, student_params):
-        """theta_T <- d theta_T + (1 - d) theta_S."""
-        return ema_update(ema, student_params, self.decay)
+    def update(self, ema, student_params, step):
+        """theta_T <- d theta_T + (1 - d) theta_S after optimizer step ``step`` (when
+        ``every_steps`` divides it)."""
+        return ema_update(ema, student_params, self.decay, self.every_steps, step)
 
 
 class CachedTeacher:
@@ -370,6 +384,45 @@ class WithReference:
         return dict(out, reference_hidden=hidden, reference_head=head)
 
 
+class PaddedVocabTeacher:
+    """A teacher whose model pads one shared tokenizer to another vocabulary size than the
+    student's (e.g. 152,064 vs 151,936 rows): its head [D_t, V_t] is cut to, or zero-padded to,
+    the student's V columns, so both distributions live on the same ids. Ids the tokenizer never
+    emits are masked in the loss (the step's ``vocab_mask``, ``bridges.padded_vocab_mask``), so
+    the result equals a teacher whose head had the student's size (METHODS.md 6.8 (a)).
+
+    Args:
+        teacher: any single-vocabulary teacher (its ``kind``, ``config``, ... are kept).
+        vocab_size: the student's V.
+    """
+
+    def __init__(self, teacher, vocab_size: int):
+        if teacher.kind in ("cached", "ema", "self"):
+            raise ValueError(
+                f"teacher.kind={teacher.kind!r} with {teacher.vocab_size} vocabulary rows for a "
+                f"student of {vocab_size}: only model-backed teachers (online, ensemble, "
+                "composite) can be resized; write the cache with the student's vocabulary size."
+            )
+        self.inner, self.vocab_size = teacher, int(vocab_size)
+
+    def __getattr__(self, name):  # kind, config, graphdef, params, shardings, ... of the teacher
+        return getattr(self.inner, name)
+
+    def loss_inputs(self, params, batch, state=None) -> dict:
+        out = self.inner.loss_inputs(params, batch, state)
+        head = out["teacher_head"]
+        fit = lambda w: _resize_columns(w, self.vocab_size)  # noqa: E731
+        out["teacher_head"] = tuple(map(fit, head)) if isinstance(head, tuple) else fit(head)
+        return out
+
+
+def _resize_columns(w: jax.Array, v: int) -> jax.Array:
+    """[D, V_t] -> [D, v]: the first v columns, or zero columns appended."""
+    if w.shape[-1] >= v:
+        return w[..., :v]
+    return jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, v - w.shape[-1])])
+
+
 def target_params(teacher, params):
     """The teacher's own parameters inside ``params`` (without a ``WithReference`` reference)."""
     return params["teacher"] if isinstance(teacher, WithReference) else params
@@ -416,6 +469,7 @@ class SelfTeacher:
             the student in ``TrainState.ema``), or "initial" (a frozen copy of the weights the
             run starts from: OPSD's recommended fixed teacher).
         decay: the EMA decay (source "ema").
+        every_steps: update the EMA after every N-th optimizer step (source "ema").
         agreement_gamma: UniSD agreement strength (K > 1 contexts), None = off.
         agreement_level: "token" or "sequence".
     """
@@ -428,6 +482,7 @@ class SelfTeacher:
         *,
         source: str = "student",
         decay: float = 0.999,
+        every_steps: int = 1,
         agreement_gamma: float | None = None,
         agreement_level: str = "token",
         chunk_size: int = 128,
@@ -438,6 +493,7 @@ class SelfTeacher:
             raise ValueError(f"self teacher: decay={decay} must be in [0, 1).")
         self.kind = "ema" if source == "ema" else "self"
         self.source, self.decay = source, decay
+        self.every_steps = _check_every(every_steps)
         self.config = student.config
         self.vocab_size = student.config.vocab_size
         self.graphdef, params = split_model(student)
@@ -505,9 +561,10 @@ class SelfTeacher:
             )
         return out
 
-    def update(self, ema, student_params):
-        """theta_T <- d theta_T + (1 - d) theta_S (source "ema")."""
-        return ema_update(ema, student_params, self.decay)
+    def update(self, ema, student_params, step):
+        """theta_T <- d theta_T + (1 - d) theta_S (source "ema"), when ``every_steps`` divides
+        the optimizer step ``step``."""
+        return ema_update(ema, student_params, self.decay, self.every_steps, step)
 
 
 from distill_jax.teachers.offline import (  # noqa: E402

@@ -443,6 +443,7 @@ MODEL_KNOBS = {
     "rules": _k("seq", None, "the teacher's own logical-axis rules"),
 }
 _DECAY = _k(float, 0.999, "EMA decay", **_PROB)
+_EVERY = _k(int, 1, "update the EMA after every N-th optimizer step (UniSD: N=10)", low=1)
 _MODELS = _k("seq", None, "model blocks, one per teacher")
 _ALL = ("teacher", "hidden_states", "qkv")
 _TEACHER_LIST = [
@@ -520,7 +521,7 @@ _TEACHER_LIST = [
         "teacher",
         teachers.EMATeacher,
         "an EMA of the student",
-        {**MODEL_KNOBS, "decay": _DECAY},
+        {**MODEL_KNOBS, "decay": _DECAY, "every_steps": _EVERY},
         supplies=frozenset(_ALL),
     ),
     _entry(
@@ -531,6 +532,7 @@ _TEACHER_LIST = [
         {
             **MODEL_KNOBS,
             "decay": _DECAY,
+            "every_steps": _EVERY,
             "source": _k(
                 str, "student", "weights of the teacher side", choices=("student", "ema", "initial")
             ),

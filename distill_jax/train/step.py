@@ -145,7 +145,7 @@ def make_distill_step(
         new_step = state.step + 1
         loss_state = objective.update_state(spec, state.loss_state, sums, new_step)
         is_ema = teacher is not None and teacher.kind == "ema"
-        ema = teacher.update(state.ema, params["student"]) if is_ema else state.ema
+        ema = teacher.update(state.ema, params["student"], new_step) if is_ema else state.ema
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         metrics.update(
             loss=total / n,

@@ -36,7 +36,11 @@ def _onpolicy(c, lmbda=0.5, prompt_len=24, max_new_tokens=40, prompt_chars=None)
     "change,error,match",
     [
         (lambda c: c.data.update(global_batch_size=6), ValueError, "does not divide it"),
-        (lambda c: c.teacher.config.update(vocab_size=300), ValueError, "vocabulary .300. differs"),
+        (
+            lambda c: c.teacher.config.update(vocab_size=200),
+            ValueError,
+            "vocabulary .200. differs .* smaller than the tokenizer's 259 ids",
+        ),
         (
             lambda c: c.teacher.update(init="/no/such/teacher.gguf"),
             FileNotFoundError,
@@ -451,3 +455,33 @@ def test_scanned_models_train_and_resume_exactly(tmp_path):
     assert q.shape == (1, 64, 4, 16)  # stacked: [L, D, N, H]
     model = dj.models.from_pretrained(str(tmp_path / "straight" / "export"))
     assert not model.scanned and model.config.num_layers == 1
+
+
+@pytest.mark.parametrize("every_steps", [1, 2])
+def test_ema_teacher_every_n_steps_from_the_config(tmp_path, every_steps):
+    """``teacher.every_steps`` reaches the EMA teacher: after optimizer step 1 the checkpointed
+    EMA is the initial student when N = 2, and has moved when N = 1."""
+    from distill_jax import teachers
+
+    c = tiny(steps=1, teacher="ema")
+    c.teacher.every_steps = every_steps
+    c.train.checkpoint_every_steps = 1
+    c.optimizer.warmup_steps = 0  # step 1 moves the student
+    experiment.train(c, str(tmp_path))
+    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+    saved = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    _, initial = teachers.split_model(experiment.build_model(c.student, "student", 0))
+    ema, start = jax.tree.leaves(saved["ema"]), jax.tree.leaves(initial)
+    assert len(ema) == len(start)
+    same = all(np.array_equal(np.asarray(e), np.asarray(s)) for e, s in zip(ema, start))
+    assert same == (every_steps == 2)
+
+
+def test_one_tokenizer_padded_to_different_vocabulary_sizes_trains(tmp_path):
+    """A teacher of 300 rows and a student of 264 share the byte tokenizer (259 ids): the
+    trainer resizes the teacher's head to the student's rows and masks ids past 259."""
+    c = tiny(steps=2)
+    c.teacher.config.vocab_size = 300
+    experiment.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)

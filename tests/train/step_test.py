@@ -287,6 +287,18 @@ def test_ema_ensemble_composite_and_cached_teachers():
     want = jax.tree.map(lambda e, s: 0.9 * e + 0.1 * s, state.ema, new.params["student"])
     _close(new.ema, want, 1e-6)
 
+    # EMA every N = 2 steps (UniSD): unchanged after optimizer step 1, updated after step 2.
+    every = teachers.EMATeacher(student, decay=0.9, every_steps=2)
+    fn = jax.jit(
+        step_lib.make_distill_step(student_graphdef=graphdef, teacher=every, spec=spec, tx=tx)
+    )
+    one, _ = fn(state, None, batch)
+    _close(one.ema, state.ema, 0.0)
+    ema_before = jax.tree.map(np.asarray, one.ema)
+    two, _ = fn(one, None, batch)
+    want = jax.tree.map(lambda e, s: 0.9 * e + 0.1 * s, ema_before, two.params["student"])
+    _close(two.ema, want, 1e-6)
+
     # Cached: the batch carries the teacher's top-k, exactly what an online sparse teacher gives.
     online = teachers.OnlineTeacher(a)
     hidden, head, _ = teachers._forward(online.graphdef, online.params(), jbatch, False)
@@ -308,3 +320,59 @@ def test_ema_ensemble_composite_and_cached_teachers():
         state.params["student"], graphdef, dict(sparse_teacher=sparse), batch, spec, state
     )
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+
+
+def _resized(model, vocab, seed):
+    """A copy of ``model`` with ``vocab`` rows: its vocabulary arrays cut, or extended by random
+    rows/columns (which a vocab mask must make irrelevant)."""
+    v = model.config.vocab_size
+    out = dj.models.Transformer(
+        dataclasses.replace(model.config, vocab_size=vocab), rngs=nnx.Rngs(seed)
+    )
+    rng = np.random.default_rng(seed)
+
+    def fit(x):
+        x = np.asarray(x)
+        for axis, n in enumerate(x.shape):
+            if n == v and vocab < v:
+                x = np.take(x, np.arange(vocab), axis=axis)
+            elif n == v:
+                extra = list(x.shape)
+                extra[axis] = vocab - v
+                x = np.concatenate([x, rng.normal(size=extra).astype(x.dtype)], axis=axis)
+        return jnp.asarray(x)
+
+    nnx.update(out, jax.tree.map(fit, nnx.state(model, nnx.Param)))
+    return out
+
+
+@pytest.mark.parametrize("teacher_vocab", [72, 60])
+def test_a_teacher_padded_to_another_vocabulary_size_equals_one_of_the_students(teacher_vocab):
+    """One tokenizer of 60 ids, a student of 64 rows, a teacher of 72 (cut) or 60 (padded) rows:
+    the step equals the step with the same teacher at 64 rows (its extra rows anything), ids
+    past the tokenizer's masked (bridges.padded_vocab_mask; METHODS.md 6.8 (a))."""
+    from distill_jax.bridges import padded_vocab_mask
+
+    teacher_model = dj.models.Transformer(
+        dj.models.make_config("llama", num_layers=1, **dict(ARCH, vocab_size=teacher_vocab)),
+        rngs=nnx.Rngs(2),
+    )
+    same_size = teachers.OnlineTeacher(_resized(teacher_model, 64, 5))
+    padded = teachers.PaddedVocabTeacher(teachers.OnlineTeacher(teacher_model), 64)
+    assert padded.vocab_size == 64 and padded.kind == "online"
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    batch["input_ids"] = batch["input_ids"] % 60
+    batch["targets"] = batch["targets"] % 60
+    mask = padded_vocab_mask(60, 64)
+    results = []
+    for teacher in (padded, same_size):
+        _, teacher, spec, tx, graphdef, state = _setup(teacher)
+        fn = step_lib.make_distill_step(
+            student_graphdef=graphdef, teacher=teacher, spec=spec, tx=tx, vocab_mask=mask
+        )
+        results.append(jax.jit(fn)(state, teacher.params(), batch))
+    (new_a, m_a), (new_b, m_b) = results
+    np.testing.assert_allclose(m_a["loss"], m_b["loss"], rtol=1e-5)
+    _close(new_a.params, new_b.params, 1e-5)
+    with pytest.raises(ValueError, match="only model-backed teachers"):
+        teachers.PaddedVocabTeacher(teachers.EMATeacher(_model(1, 3), decay=0.9), 72)
