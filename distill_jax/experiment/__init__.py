@@ -275,7 +275,9 @@ def build(c) -> Experiment:
         exp.student = to_scanned(exp.student)
     student = exp.student
     data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
-    teacher = build_teacher(c.teacher, student, seed, data_settings, tokenizer, bridge)
+    teacher = build_teacher(
+        c.teacher, student, seed, data_settings, tokenizer, bridge, needs=spec.needs()
+    )
     exp.vocab_mask = check_vocab(student, None if bridge else teacher, tokenizer)
     if not bridge and teacher is not None and teacher.vocab_size != student.config.vocab_size:
         teacher = teachers.PaddedVocabTeacher(teacher, student.config.vocab_size)

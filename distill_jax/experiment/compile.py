@@ -58,7 +58,14 @@ def build_abstract(c, devices) -> tuple[Any, build_lib.StepBuild, tuple, dict]:
         )
     student = build_model(c.student, "student", seed, abstract=True)
     teacher = build_teacher(
-        c.teacher, student, seed, None, None, bridge=c.get("bridge") or None, abstract=True
+        c.teacher,
+        student,
+        seed,
+        None,
+        None,
+        bridge=c.get("bridge") or None,
+        abstract=True,
+        needs=spec.needs(),
     )
     vocab_mask = check_vocab(student, None if c.get("bridge") else teacher, None)
     v = student.config.vocab_size

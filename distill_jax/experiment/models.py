@@ -128,6 +128,7 @@ def build_teacher(
     bridge=None,
     *,
     abstract: bool = False,
+    needs: frozenset = frozenset(),
 ):
     """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms);
     with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer.
@@ -164,10 +165,18 @@ def build_teacher(
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
     if kind == "online":
-        return teachers.OnlineTeacher(build_model(c, "teacher", seed + 1, abstract=abstract))
+        return teachers.OnlineTeacher(
+            build_model(c, "teacher", seed + 1, abstract=abstract),
+            hidden_states="hidden_states" in needs,
+            qkv="qkv" in needs,
+        )
     if kind == "ema":
         return teachers.EMATeacher(
-            student, decay=c.get("decay", 0.999), every_steps=c.get("every_steps", 1)
+            student,
+            decay=c.get("decay", 0.999),
+            every_steps=c.get("every_steps", 1),
+            hidden_states="hidden_states" in needs,
+            qkv="qkv" in needs,
         )
     if kind == "self":
         return teachers.SelfTeacher(

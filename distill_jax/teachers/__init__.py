@@ -65,6 +65,29 @@ def _forward(graphdef, params, batch, hidden_states: bool):
     return jax.lax.stop_gradient((out.hidden, model.head_weights(), hs))
 
 
+def _forward_features(graphdef, params, batch, hidden_states: bool, qkv: bool) -> dict:
+    """The teacher's loss inputs from one forward, constants: final hidden [B, T, D] and head
+    [D, V], and for feature terms its per-layer hidden states (L + 1 arrays) and attention
+    q/k/v (one dict per layer), else None."""
+    model = nnx.merge(graphdef, nnx.State(params))
+    out = model.forward(
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        compute_logits=False,
+        output_hidden_states=hidden_states,
+        output_attention_qkv=qkv,
+    )
+    return jax.lax.stop_gradient(
+        dict(
+            teacher_hidden=out.hidden,
+            teacher_head=model.head_weights(),
+            teacher_hidden_states=out.hidden_states if hidden_states else None,
+            teacher_qkv=out.attention_qkv if qkv else None,
+        )
+    )
+
+
 def split_model(model) -> tuple[Any, dict]:
     """(graphdef, pure-dict parameters) of an nnx model."""
     graphdef, params = nnx.split(model, nnx.Param)
@@ -95,17 +118,18 @@ class OnlineTeacher:
 
     Args:
         model: the teacher (``models.Transformer``), already in its compute dtype.
-        hidden_states: also return per-layer hidden states (feature losses).
+        hidden_states: also return per-layer hidden states (hidden_mse / hidden_cosine).
+        qkv: also return per-layer attention q/k/v (attention / value relations).
     """
 
     kind = "online"
 
-    def __init__(self, model, *, hidden_states: bool = False):
+    def __init__(self, model, *, hidden_states: bool = False, qkv: bool = False):
         self.config = model.config
         self.vocab_size = model.config.vocab_size
         self.graphdef, self._params = split_model(model)
         self.param_axes = sharding.param_logical_axes(model)
-        self.hidden_states = hidden_states
+        self.hidden_states, self.qkv = hidden_states, qkv
 
     def params(self):
         return self._params
@@ -117,13 +141,8 @@ class OnlineTeacher:
         return batch
 
     def loss_inputs(self, params, batch, state=None) -> dict:
-        hidden, head, hs = _forward(self.graphdef, params, batch, self.hidden_states)
-        return dict(
-            teacher_hidden=hidden,
-            teacher_head=head,
-            teacher_hidden_states=hs,
-            teacher_softcap=self.config.final_logit_softcapping,
-        )
+        out = _forward_features(self.graphdef, params, batch, self.hidden_states, self.qkv)
+        return dict(out, teacher_softcap=self.config.final_logit_softcapping)
 
 
 class CrossTokenizerTeacher(OnlineTeacher):
@@ -279,13 +298,22 @@ class EMATeacher:
 
     kind = "ema"
 
-    def __init__(self, student, *, decay: float = 0.999, every_steps: int = 1):
+    def __init__(
+        self,
+        student,
+        *,
+        decay: float = 0.999,
+        every_steps: int = 1,
+        hidden_states: bool = False,
+        qkv: bool = False,
+    ):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA teacher: decay={decay} must be in [0, 1).")
         self.config = student.config
         self.vocab_size = student.config.vocab_size
         self.graphdef, _ = split_model(student)
         self.decay, self.every_steps = decay, _check_every(every_steps)
+        self.hidden_states, self.qkv = hidden_states, qkv
 
     def params(self):
         return None  # read from the train state
@@ -297,12 +325,8 @@ class EMATeacher:
         return batch
 
     def loss_inputs(self, params, batch, state) -> dict:
-        hidden, head, _ = _forward(self.graphdef, state.ema, batch, False)
-        return dict(
-            teacher_hidden=hidden,
-            teacher_head=head,
-            teacher_softcap=self.config.final_logit_softcapping,
-        )
+        out = _forward_features(self.graphdef, state.ema, batch, self.hidden_states, self.qkv)
+        return dict(out, teacher_softcap=self.config.final_logit_softcapping)
 
     def update(self, ema, student_params, step):
         """theta_T <- d theta_T + (1 - d) theta_S after optimizer step ``step`` (when

@@ -541,7 +541,7 @@ _TEACHER_LIST = [
                 str, "token", "agreement per token or sequence", choices=("token", "sequence")
             ),
         },
-        supplies=frozenset(_ALL),
+        supplies=frozenset({"teacher"}),
     ),
     _entry(
         "none",

@@ -196,9 +196,9 @@ def check_needs(terms, selection: Term, teacher: Entry, config, options: Mapping
         "teacher": f"teacher.kind={teacher.name!r} gives no teacher distribution; use 'online' "
         "(or another teacher kind), or only teacher-free terms (ce)",
         "hidden_states": f"teacher.kind={teacher.name!r} cannot supply hidden states; use a "
-        "model-backed teacher: 'online', 'ema' or 'self'",
-        "qkv": f"teacher.kind={teacher.name!r} cannot supply attention q/k/v; use 'online', "
-        "'ema' or 'self'",
+        "teacher that runs a model on the batch: 'online' or 'ema'",
+        "qkv": f"teacher.kind={teacher.name!r} cannot supply attention q/k/v; use 'online' or "
+        "'ema'",
         "bridge": "it needs config.bridge (a cross-tokenizer teacher); set config.bridge",
         "reference": "it needs config.reference (a frozen reference model); set config.reference",
         "pairs": "it needs preference pairs; set config.data.source='pairs' (the pairs.jsonl "

@@ -485,3 +485,25 @@ def test_one_tokenizer_padded_to_different_vocabulary_sizes_trains(tmp_path):
     experiment.train(c, str(tmp_path))
     rows = _train_rows(tmp_path)
     assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "term,knobs",
+    [
+        ("hidden_mse", dict(layers="uniform")),
+        ("hidden_cosine", dict(pairs=((0, 1),))),
+        ("attention_relation", dict(student_layer=0, teacher_layer=1)),
+        ("value_relation", dict(student_layer=0, teacher_layer=1)),
+    ],
+)
+def test_feature_losses_train_with_the_teacher_supplying_its_features(tmp_path, term, knobs):
+    """A 2-block online teacher supplies its hidden states / attention q/k/v to a 1-block
+    student through a layer map; the feature term is positive, trains, and moves the student."""
+    c = tiny(steps=3)
+    c.losses = dict(forward_kl=dict(temperature=2.0, weight=0.5), **{term: dict(knobs, weight=1.0)})
+    c.train.checkpoint_every_steps = 3
+    experiment.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    values = [r[f"train/loss/{term}"] for r in rows]
+    assert len(values) == 3 and all(np.isfinite(v) and v > 0 for v in values), values
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
