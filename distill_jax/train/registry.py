@@ -382,9 +382,17 @@ _SELECTION_LIST = [
         "tip",
         "selection",
         selection_rules.tip,
-        "TIP: entropy x divergence quadrants",
+        "TIP: the top fraction of tokens by student entropy, or entropy x divergence quadrants",
         {
             "term": _TERM,
+            "rule": _k(
+                str,
+                "quadrants",
+                "'entropy': keep the top fraction by student entropy; 'quadrants': by keep",
+                choices=("entropy", "quadrants"),
+            ),
+            "fraction": _k(float, 0.5, "share of valid tokens kept (rule='entropy')", **_PROB),
+            "per_row": _k(bool, False, "rank within each row (rule='entropy')"),
             "score": _k(
                 str,
                 "reverse_kl",

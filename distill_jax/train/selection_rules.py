@@ -101,8 +101,15 @@ def tsd(inputs, spec, state, terms, knobs):
 
 
 def tip(inputs, spec, state, terms, knobs):
-    """TIP: the entropy x divergence quadrants named in ``keep``."""
+    """TIP: ``rule="entropy"``: the top ``fraction`` (50 %) of tokens by the student's entropy
+    (``selection.tip_entropy_mask``); ``rule="quadrants"``: the entropy x divergence quadrants
+    named in ``keep``."""
     stats = _entropies(inputs, spec, knobs["score"])
+    if knobs["rule"] == "entropy":
+        keep = selection.tip_entropy_mask(
+            stats["hs"], inputs.mask, knobs["fraction"], per_row=knobs["per_row"]
+        )
+        return keep, terms, {}
     quads = selection.tip_quadrants(stats["hs"], stats["d"], inputs.mask)
     weights = jnp.zeros(inputs.mask.shape, bool)
     if "high_entropy" in knobs["keep"]:

@@ -507,3 +507,15 @@ def test_feature_losses_train_with_the_teacher_supplying_its_features(tmp_path, 
     values = [r[f"train/loss/{term}"] for r in rows]
     assert len(values) == 3 and all(np.isfinite(v) and v > 0 for v in values), values
     assert all(np.isfinite(r["train/loss"]) for r in rows)
+
+
+def test_tip_keeps_half_the_tokens_by_student_entropy_from_the_config(tmp_path):
+    """loss_options.selection = tip with rule='entropy': TIP's 50 % of tokens by the student's
+    entropy are kept (selection.tip_entropy_mask), the rest carry no loss."""
+    c = tiny(steps=2)
+    c.loss_options.selection = dict(kind="tip", rule="entropy", fraction=0.5)
+    experiment.train(c, str(tmp_path))
+    rows = _train_rows(tmp_path)
+    kept = [r["train/selection/kept"] for r in rows]
+    assert all(k == pytest.approx(0.5, abs=0.02) for k in kept), kept
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
