@@ -322,9 +322,8 @@ _BRIDGE_TERMS = {
             "merge_threshold": _k(
                 float,
                 0.0,
-                "> 0: merge chunks while the teacher's boundary prob <= it",
+                "> 0: merge chunks while the teacher's boundary prob <= it (> 1: merge all)",
                 low=0.0,
-                high=1.0,
             ),
             "hidden_weight": _k(float, 0.0, "> 0: add the chunk-end hidden-state loss", low=0.0),
             "hidden_kind": _k(str, "mse", "chunk-end hidden-state loss", choices=("mse", "cosine")),
