@@ -252,7 +252,7 @@ def test_hc_smoe_plan_clusters_mean_outputs_and_merges_by_frequency():
 
 
 def test_naee_and_global_budget_stages_train_through_the_trainer(tmp_path, monkeypatch):
-    from distill_jax.train import loop
+    from distill_jax import experiment
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     spec = importlib.util.spec_from_file_location(
@@ -285,7 +285,7 @@ def test_naee_and_global_budget_stages_train_through_the_trainer(tmp_path, monke
         return out
 
     monkeypatch.setattr(schedule, "apply_once", recording)
-    loop.train(c, str(tmp_path))
+    experiment.train(c, str(tmp_path))
     assert configs[0].experts_per_layer == (5, 4)
     counts = configs[1].experts_per_layer or (configs[1].num_experts,) * 2
     assert sum(counts) == 6 and all(2 <= n <= m for n, m in zip(counts, (5, 4)))
