@@ -97,7 +97,7 @@ class LossInputs:
     student_chunk: jax.Array | None = None
     student_boundary_mask: jax.Array | None = None
     teacher_token_hidden: jax.Array | None = None  # [B, U, D_t]: the teacher's, on its tokens
-    # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers.py);
+    # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers);
     # multiplied into the selection weights, so the normaliser is sum(mask * weights).
     token_weights: jax.Array | None = None
     # Static: the models' final-logit soft-caps and, for several teachers, how to combine them

@@ -12,7 +12,7 @@ function where its family lives); ``terms.py`` checks configs against these dict
     SELECTIONS[kind]   a token-selection rule (``loss_options.selection.kind``); ``fn`` is the
                        rule (``train/selection_rules.py``).
     TEACHERS[kind]     a teacher kind (``config.teacher.kind``); ``fn`` is its class in
-                       ``teachers.py``, ``supplies`` what it can give the terms.
+                       ``teachers``, ``supplies`` what it can give the terms.
     OPTIONS            the knobs of ``config.loss_options`` (a dict of ``Knob``).
     MODEL_KNOBS        the model block a model-backed teacher reads (``init``, ``config``, ...).
     RENAMED            old knob name -> new name, per scope (an old name fails with the hint).
