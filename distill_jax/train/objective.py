@@ -11,7 +11,7 @@ The spec has two parts (configs/*.py):
     c.losses = dict(alm=dict(temperature=100.0, distance="binary_kl", append_space=True))
 
 The kind of each term, its knobs (typed, with defaults and ranges) and what it needs from the
-rest of the config are registry entries (``train/registry.py``); ``loss_spec(config)`` checks
+rest of the config are registry entries (``train/registry/``); ``loss_spec(config)`` checks
 the whole config against them (``train/terms.py``) before anything loads and parses each term
 into a typed ``terms.Term``. ``alm`` is the cross-tokenizer term (``bridges.alm``, needs
 ``config.bridge``): it is summed over common-boundary chunks and normalised by the global *chunk*

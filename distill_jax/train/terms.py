@@ -1,5 +1,5 @@
 r"""Config -> typed terms: ``config.losses``, ``loss_options`` and ``teacher`` checked against
-the registry (``train/registry.py``) before any model or data loads.
+the registry (``train/registry/``) before any model or data loads.
 
     validate(config) -> (terms, options, selection)   the whole config, needs included
     parse_term(label, raw) -> Term       one ``config.losses`` entry
