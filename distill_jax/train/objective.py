@@ -15,8 +15,8 @@ rest of the config are registry entries (``train/registry/``); ``loss_spec(confi
 the whole config against them (``train/terms.py``) before anything loads and parses each term
 into a typed ``terms.Term``. ``alm`` is the cross-tokenizer term (``bridges.alm``, needs
 ``config.bridge``): it is summed over common-boundary chunks and normalised by the global *chunk*
-count, so it cannot be mixed with token-normalised terms; those may stay as metrics with
-``weight=0`` (or alm itself may, for a baseline trained on the others). Options:
+count; mixed with token-level terms (ALM + CE + KD), each is normalised by its own count (see
+Normalisation). Options:
 
     c.loss_options = dict(head_chunk_tokens=None, implementation="custom_vjp",
                           semantics="renorm_both", temperature_squared=True, alpha=None,
@@ -32,11 +32,15 @@ its gradient keeps its size as tau changes (Hinton et al., 2015); CE and feature
 ``alpha`` (if set) scales every divergence term by alpha and ``ce`` by 1 - alpha:
 L = alpha tau^2 KL(p_tau || q_tau) + (1 - alpha) CE (METHODS.md 1.12).
 
-**Normalisation.** ``loss_fn`` returns sums: ``loss_sum = sum_terms w_term sum_i m_i s_i
-l_term(i)`` and ``count = sum_i m_i s_i`` (m the loss mask, s the selection weights). The mean is
-``loss_sum / N`` with N the count summed over every micro-batch and data shard of the optimizer
-step (``normalize``), which is what makes gradient accumulation exact. Metrics are
-``loss/<label>`` (sum, count) pairs, unweighted and without tau^2.
+**Normalisation.** Every term belongs to a *normaliser group* and is divided by that group's
+count. Token-level terms (logit and feature) share the group "tokens": ``sum_terms w_term sum_i
+m_i s_i l_term(i)`` over ``sum_i m_i s_i`` (m the loss mask, s the selection weights). A bridge
+term is its own group (e.g. ALM per common-boundary chunk, ``bridge_terms``). ``loss_groups``
+returns each group's sum and count; the step adds both over every micro-batch and data shard
+of the optimizer step and divides once, L = sum_g S_g / N_g, which is what makes gradient
+accumulation exact also when terms of different groups are mixed (one backward pass per
+group, ``train/step.py``). Metrics are ``loss/<label>`` (sum, count) pairs, unweighted and
+without tau^2.
 
 State carried across steps (TrainState, checkpointed): TAID's interpolation (``taid`` term) and
 AdaKD's keep ratio (``selection.kind="adakd"``); ``update_state`` advances it once per optimizer
@@ -171,18 +175,18 @@ class LossSpec:
             )
         if not parsed:
             raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
-        weighted = [k for k, t in {**logit, **feature}.items() if t.weight != 0]
-        if any(t.weight != 0 for t in bridge.values()) and weighted:
-            raise ValueError(
-                f"Loss terms {weighted} are normalised per token but 'alm' per chunk; give them "
-                "weight=0 (kept as metrics), drop them, or give alm weight=0 (a metric)."
-            )
-        if len(bridge) > 1:
-            raise ValueError(f"One alm term at most; got {sorted(bridge)}.")
         return cls(logit, feature, options, bridge, selection_term)
 
     def divergence_labels(self) -> list[str]:
         return [k for k, t in self.logit_terms.items() if t.kind != "ce"]
+
+    def groups(self) -> tuple[str, ...]:
+        """The normaliser groups the loss has, in order (static): "tokens" when a logit or
+        feature term is weighted, then each weighted bridge term's label; ("tokens",) when
+        nothing is weighted (a metrics-only spec)."""
+        tokens = any(t.weight != 0 for t in {**self.logit_terms, **self.feature_terms}.values())
+        bridges = [k for k, t in self.bridge_terms.items() if t.weight != 0]
+        return (("tokens",) if tokens or not bridges else ()) + tuple(bridges)
 
     def needs(self) -> frozenset:
         """What the terms need from the teacher ("hidden_states", "qkv", ...): the union."""
@@ -357,8 +361,8 @@ def _feature_values(inputs: LossInputs, label: str, term: Term, params: dict) ->
     return fn(s["v"], t["v"], inputs.mask, **kw)
 
 
-def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step):
-    """Total loss sum, token count and metrics of one (micro-)batch.
+def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step):
+    """Each normaliser group's loss sum and count, and the metrics, of one (micro-)batch.
 
     Args:
         spec: ``loss_spec(config)`` or ``LossSpec.from_config(c.losses, c.loss_options)``.
@@ -368,7 +372,8 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
         step: the optimizer step (schedules), int scalar.
 
     Returns:
-        (loss_sum [], count [], metrics {name: (sum, count)}); divide with ``normalize``.
+        (sums {group: []}, counts {group: []}, metrics {name: (sum, count)}), the groups of
+        ``spec.groups()``; the loss is sum_g sums[g] / counts[g] with both summed globally.
     """
     terms = _fused_terms(spec, state, step)
     weights, terms, metrics = _select(inputs, spec, state, terms)
@@ -398,12 +403,23 @@ def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step)
         total = total + schedule_value(term.weight, step) * s
     if not spec.logit_terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
+    sums, counts = {"tokens": total}, {"tokens": count}
     for label, term in spec.bridge_terms.items():
-        s, chunks, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
-        metrics.update(bridge_metrics, **{f"loss/{label}": (s, chunks)})
-        if term.weight != 0:  # the chunk count replaces the token count
-            total, count = schedule_value(term.weight, step) * s, chunks
-    return total, count, metrics
+        s, n, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
+        metrics.update(bridge_metrics, **{f"loss/{label}": (s, n)})
+        sums[label], counts[label] = schedule_value(term.weight, step) * s, n
+    groups = spec.groups()
+    return {g: sums[g] for g in groups}, {g: counts[g] for g in groups}, metrics
+
+
+def loss_fn(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step):
+    """``loss_groups`` of a spec with one normaliser group, as (loss_sum, count, metrics);
+    divide with ``normalize``. A spec that mixes groups (ALM + CE) needs ``loss_groups``."""
+    sums, counts, metrics = loss_groups(spec, inputs, params, state, step)
+    if len(sums) != 1:
+        raise ValueError(f"The spec mixes normaliser groups {list(sums)}; use loss_groups.")
+    (group,) = sums
+    return sums[group], counts[group], metrics
 
 
 def normalize(loss_sum: jax.Array, num_tokens: jax.Array) -> jax.Array:

@@ -5,11 +5,12 @@ r"""The distillation step: teacher forward, student forward and backward, optimi
 1. The batch [B, L] is split into ``micro_batches`` micro-batches (rows a, a + A, a + 2A, ... go
    to micro-batch a, so every data shard holds part of every micro-batch).
 2. For each micro-batch (a ``lax.scan``): the teacher's loss inputs under ``stop_gradient``
-   (``teachers``), the student's final hidden states, the loss *sum* and token count of
-   ``train.objective.loss_fn``, and the gradient of the sum.
-3. Gradients and sums are added over micro-batches and divided once by the global count
-   N = sum of the counts, so A micro-batches give exactly the gradient of one A-times batch
-   (normalising per micro-batch is the bug TRL #4719 describes).
+   (``teachers``), the student's final hidden states, the loss *sum* and count of each
+   normaliser group of ``train.objective.loss_groups`` ("tokens"; a bridge term's chunks), and
+   the gradient of each group's sum (one forward, one backward pass per group).
+3. Gradients and sums are added over micro-batches and each group is divided once by its global
+   count N_g = sum of its counts, g = sum_g G_g / N_g, so A micro-batches give exactly the
+   gradient of one A-times batch (normalising per micro-batch is the bug TRL #4719 describes).
 4. optax updates the trainable parameters (student + loss projectors; never the teacher), the
    loss controllers advance (``objective.update_state``), an EMA teacher follows the student.
 
@@ -99,47 +100,58 @@ def make_distill_step(
             student_softcap=student.config.final_logit_softcapping,
             **(teacher.loss_inputs(teacher_params, mb, state) if teacher is not None else {}),
         )
-        total, count, metrics = objective.loss_fn(
+        sums, counts, metrics = objective.loss_groups(
             spec, inputs, trainable["loss"], state.loss_state, state.step
         )
+        first = next(iter(sums))  # "tokens" unless only bridge terms are weighted
         coef = student.config.router_aux_loss_coef
         if coef and student.config.num_experts:
-            # Router load balancing (a batch mean) weighted like the token-mean losses.
-            total = total + coef * out.aux_loss * count
-            metrics["loss/router_aux"] = (out.aux_loss * count, count)
+            # Router load balancing (a batch mean) weighted like the first group's mean losses.
+            sums[first] = sums[first] + coef * out.aux_loss * counts[first]
+            metrics["loss/router_aux"] = (out.aux_loss * counts[first], counts[first])
         dropped = [s["dropped_assignments"] for s in out.router_stats if "dropped_assignments" in s]
         if dropped:  # expert-parallel buffers with a capacity factor (models/moe.py)
             k = student.config.num_experts_per_tok
             assigned = sum(s["num_tokens"] for s in out.router_stats) * k
             metrics["moe/dropped_fraction"] = (sum(dropped).astype(jnp.float32), assigned)
-        return total, (count, metrics)
+        return sums, (counts, metrics)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    groups = spec.groups()
+
+    def grads_of_groups(trainable, state, teacher_params, mb):
+        """(sums, counts, metrics, {group: gradient of its sum}): one forward, one VJP per group
+        (with one group this is ``value_and_grad``)."""
+        fn = lambda p: micro_loss(p, state, teacher_params, mb)  # noqa: E731
+        sums, vjp_fn, (counts, metrics) = jax.vjp(fn, trainable, has_aux=True)
+        one_hot = lambda g: {h: jnp.asarray(h == g, v.dtype) for h, v in sums.items()}  # noqa: E731
+        return sums, counts, metrics, {g: vjp_fn(one_hot(g))[0] for g in groups}
 
     def step(state: TrainState, teacher_params, batch: dict):
         mbs = _micro_batches({k: batch[k] for k in batch}, micro_batches)
 
         def body(carry, mb):
-            grads, total, count, sums = carry
-            (t, (c, m)), g = grad_fn(state.params, state, teacher_params, mb)
-            grads = jax.tree.map(jnp.add, grads, g)
-            sums = jax.tree.map(jnp.add, sums, m)
-            return (grads, total + t, count + c, sums), None
+            grads, totals, counts, sums = carry
+            t, c, m, g = grads_of_groups(state.params, state, teacher_params, mb)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+            return (add(grads, g), add(totals, t), add(counts, c), add(sums, m)), None
 
         first = jax.tree.map(lambda x: x[0], mbs)
         _, (_, metric_shapes) = jax.eval_shape(
             lambda: micro_loss(state.params, state, teacher_params, first)
         )
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+        scalars = lambda: {g: jnp.zeros((), jnp.float32) for g in groups}  # noqa: E731
         init = (
-            jax.tree.map(jnp.zeros_like, state.params),
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
+            {g: jax.tree.map(jnp.zeros_like, state.params) for g in groups},
+            scalars(),
+            scalars(),
             zeros(metric_shapes),
         )
-        (grads, total, count, sums), _ = jax.lax.scan(body, init, mbs)
-        n = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
+        (group_grads, totals, counts, sums), _ = jax.lax.scan(body, init, mbs)
+        n = {g: jnp.maximum(counts[g], 1.0) for g in groups}
+        grads = jax.tree.map(lambda x: x / n[groups[0]], group_grads[groups[0]])
+        for g in groups[1:]:
+            grads = jax.tree.map(lambda a, x, g=g: a + x / n[g], grads, group_grads[g])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
@@ -148,8 +160,8 @@ def make_distill_step(
         ema = teacher.update(state.ema, params["student"], new_step) if is_ema else state.ema
         metrics = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
         metrics.update(
-            loss=total / n,
-            tokens=count,
+            loss=sum(totals[g] / n[g] for g in groups),
+            tokens=counts[groups[0]],
             grad_norm=optax.global_norm(grads),
         )
         new_state = state.replace(

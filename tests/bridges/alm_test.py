@@ -268,8 +268,18 @@ def test_alm_term_merges_chunks_by_the_teachers_boundary_probability(kjv_sentenc
         teacher_lp_boundary=t_lpb, student_lp_boundary=s_lpb,
     )  # fmt: skip
     np.testing.assert_allclose(float(metrics["loss/alm"][0]), float(want[0]), rtol=1e-5)
-    with pytest.raises(ValueError, match="normalised per token but 'alm' per chunk"):
-        objective.LossSpec.from_config(dict(alm=dict(weight=1.0), ce=dict(weight=1.0)))
+    # ALM mixed with CE: two normaliser groups, each its own sum and count (CE per token, ALM
+    # per chunk); loss_fn refuses the mix and names loss_groups.
+    spec = objective.LossSpec.from_config(dict(alm=dict(weight=0.5), ce=dict(weight=1.0)))
+    assert spec.groups() == ("tokens", "alm")
+    sums, counts, _ = objective.loss_groups(spec, inputs, {}, {}, 0)
+    np.testing.assert_allclose(
+        [float(sums["tokens"]), float(counts["tokens"])], [float(ce[0]), float(ce[1])], 1e-5
+    )
+    np.testing.assert_allclose(float(sums["alm"]), 0.5 * float(want[0]), rtol=1e-5)
+    np.testing.assert_allclose(float(counts["alm"]), float(want[1]))
+    with pytest.raises(ValueError, match="use loss_groups"):
+        objective.loss_fn(spec, inputs, {}, {}, 0)
 
 
 def test_chunk_hidden_loss_matches_numpy_and_the_alm_term_adds_it(kjv_sentencepiece):

@@ -84,7 +84,6 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, error, match, caplo
 @pytest.mark.parametrize(
     "change,match",
     [
-        (lambda c: c.losses.ce.update(weight=0.1), r"\['ce'\] are normalised per token"),
         (lambda c: c.teacher.update(kind="ema"), "config.bridge works with teacher.kind='online'"),
         (lambda c: c.bridge.update(coarsen="bytes"), "coarsen='bytes'"),
     ],
