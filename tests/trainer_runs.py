@@ -52,3 +52,15 @@ def wait_for_step(workdir, step, proc, timeout=300):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached")
+
+
+def checkpoint_params(workdir, step) -> list:
+    """The student's parameter leaves saved in checkpoint ``step`` of ``workdir`` (NumPy)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    state = manager.restore(step, args=args).state
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"]["student"])]

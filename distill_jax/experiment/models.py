@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -119,6 +121,20 @@ def build_model(c: Any, what: str, seed: int, *, abstract: bool = False) -> Tran
     return to_scanned(model) if scan else model
 
 
+def _mined_map(teacher_tok, student_tok, t_vocab: int, s_vocab: int) -> np.ndarray:
+    """``bridges.mined_map`` over the models' (possibly padded) vocabularies: [V] teacher ids,
+    padded student rows mapped to teacher id 0 (they are never targets)."""
+    t0 = time.perf_counter()
+    m = bridges.mined_map(teacher_tok, student_tok)
+    logging.info("MinED map: %d student ids in %.1f s", len(m), time.perf_counter() - t0)
+    if len(m) > s_vocab or int(m.max()) >= t_vocab:
+        raise ValueError(
+            f"The MinED map covers {len(m)} student ids up to teacher id {int(m.max())}, but the "
+            f"models have {s_vocab} and {t_vocab} rows; use the models' own tokenizers."
+        )
+    return np.pad(m, (0, s_vocab - len(m)))
+
+
 def build_teacher(
     c: Any,
     student: Transformer,
@@ -150,17 +166,24 @@ def build_teacher(
     if kind == "online" and bridge is not None:
         model = build_model(c, "teacher", seed + 1, abstract=abstract)
         t_vocab, s_vocab = model.config.vocab_size, student.config.vocab_size
+        mined_map = None
         if abstract:
             rng = np.random.default_rng(0)
             t_mask, s_mask = rng.random(t_vocab) < 0.5, rng.random(s_vocab) < 0.5
+            if "mined_map" in needs:
+                mined_map = rng.integers(0, t_vocab, s_vocab)
         else:
             t_mask = bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab)
             s_mask = bridges.boundary_vocab_mask(tokenizer, s_vocab)
+            if "mined_map" in needs:
+                mined_map = _mined_map(bridge.teacher.tokenizer, tokenizer, t_vocab, s_vocab)
         return teachers.CrossTokenizerTeacher(
             model,
             teacher_boundary_mask=t_mask,
             student_boundary_mask=s_mask,
             chunk_size=c.get("logprob_chunk_tokens", 32),
+            mined_map=mined_map,
+            embeddings="embeddings" in needs,
         )
     if bridge is not None:
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")

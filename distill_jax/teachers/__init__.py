@@ -15,8 +15,9 @@ Every teacher answers ``loss_inputs(teacher_params, batch, state) -> dict`` of
 * ``CompositeTeacher``: logits z_a + alpha (z_b - z_c), with a scalar alpha (e.g. a fine-tuned
   teacher a, the base b it came from and a reference c: a task-vector teacher [design]) or
   AlignDistil's per-token alpha_t (an anchor a, a DPO model b, a reverse-DPO model c).
-* ``CrossTokenizerTeacher``: an online teacher with another tokenizer; it scores the batch's
-  ``teacher_ids`` and feeds the ``alm`` term of ``bridges.alm`` (config.bridge).
+* ``CrossTokenizerTeacher`` (``teachers/cross_tokenizer.py``): an online teacher with another
+  tokenizer; it scores the batch's ``teacher_ids`` and feeds the bridge terms (ALM, ULD, MinED,
+  DSKD; config.bridge).
 * ``EMATeacher``: an exponential moving average of the student itself (mean teacher, Tarvainen &
   Valpola, 2017), theta_T <- d theta_T + (1 - d) theta_S after every optimizer step; its
   parameters live in ``TrainState.ema`` and are checkpointed, because resume needs them.
@@ -143,55 +144,6 @@ class OnlineTeacher:
     def loss_inputs(self, params, batch, state=None) -> dict:
         out = _forward_features(self.graphdef, params, batch, self.hidden_states, self.qkv)
         return dict(out, teacher_softcap=self.config.final_logit_softcapping)
-
-
-class CrossTokenizerTeacher(OnlineTeacher):
-    """A frozen model with its own tokenizer (``bridges``): it reads the batch's ``teacher_ids``
-    (the same text in its tokens), and gives the ``alm`` loss term its per-token next-token and
-    word-boundary log-probs plus both sides' chunk ids (``bridges.align.ChunkCollator``).
-
-    Args:
-        model: the teacher.
-        teacher_boundary_mask, student_boundary_mask: [W], [V] bool word-start sets
-            (``bridges.boundary_vocab_mask``) of the two tokenizers.
-        chunk_size: positions per step of the chunked log-prob walk (no [B, U, W] logits).
-    """
-
-    kind = "bridge"
-    FIELDS = ("teacher_ids", "teacher_positions", "teacher_segment_ids")
-    CHUNK_FIELDS = ("teacher_chunk", "student_chunk")
-
-    def __init__(self, model, *, teacher_boundary_mask, student_boundary_mask, chunk_size=128):
-        super().__init__(model)
-        self.teacher_boundary_mask = np.asarray(teacher_boundary_mask, bool)
-        self.student_boundary_mask = np.asarray(student_boundary_mask, bool)
-        self.chunk_size = chunk_size
-
-    def loss_inputs(self, params, batch, state=None) -> dict:
-        ids = batch["teacher_ids"]
-        teacher_batch = dict(
-            input_ids=ids,
-            positions=batch["teacher_positions"],
-            segment_ids=batch["teacher_segment_ids"],
-        )
-        hidden, head, _ = _forward(self.graphdef, params, teacher_batch, False)
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        lp, lpb = alm.token_and_boundary_logprobs(
-            hidden,
-            head,
-            targets,
-            jnp.asarray(self.teacher_boundary_mask),
-            softcap=self.config.final_logit_softcapping,
-            chunk_size=self.chunk_size,
-        )
-        return dict(
-            teacher_token_logprobs=jax.lax.stop_gradient(lp),
-            teacher_boundary_logprobs=jax.lax.stop_gradient(lpb),
-            teacher_chunk=batch["teacher_chunk"],
-            student_chunk=batch["student_chunk"],
-            student_boundary_mask=jnp.asarray(self.student_boundary_mask),
-            teacher_token_hidden=jax.lax.stop_gradient(hidden),
-        )
 
 
 class _MultiTeacher:
@@ -591,6 +543,7 @@ class SelfTeacher:
         return ema_update(ema, student_params, self.decay, self.every_steps, step)
 
 
+from distill_jax.teachers.cross_tokenizer import CrossTokenizerTeacher  # noqa: E402
 from distill_jax.teachers.offline import (  # noqa: E402
     build_seqkd_dataset,
     build_teacher_cache,

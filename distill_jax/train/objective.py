@@ -13,10 +13,11 @@ The spec has two parts (configs/*.py):
 The kind of each term, its knobs (typed, with defaults and ranges) and what it needs from the
 rest of the config are registry entries (``train/registry/``); ``loss_spec(config)`` checks
 the whole config against them (``train/terms.py``) before anything loads and parses each term
-into a typed ``terms.Term``. ``alm`` is the cross-tokenizer term (``bridges.alm``, needs
-``config.bridge``): it is summed over common-boundary chunks and normalised by the global *chunk*
-count; mixed with token-level terms (ALM + CE + KD), each is normalised by its own count (see
-Normalisation). Options:
+into a typed ``terms.Term``. ``alm``, ``uld``, ``mined`` and ``dskd`` are the cross-tokenizer
+terms (``train/bridge_terms.py``, need ``config.bridge``): ALM is summed over common-boundary
+chunks and normalised by the global *chunk* count, ULD and MinED per position pair, DSKD per
+each of its three masks; mixed with token-level terms (ALM + CE), each is normalised by its own
+count (see Normalisation). Options:
 
     c.loss_options = dict(head_chunk_tokens=None, implementation="custom_vjp",
                           semantics="renorm_both", temperature_squared=True, alpha=None,
@@ -58,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from distill_jax.bridges import dskd
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
 from distill_jax.train import selection_rules
@@ -101,6 +103,15 @@ class LossInputs:
     student_chunk: jax.Array | None = None
     student_boundary_mask: jax.Array | None = None
     teacher_token_hidden: jax.Array | None = None  # [B, U, D_t]: the teacher's, on its tokens
+    # The teacher on its own tokens for ULD / MinED / DSKD: head [D_t, W], the positions whose
+    # next token is scored [B, U], its targets [B, U], and (DSKD) both sides' embeddings of their
+    # input and target ids ((e(x), e(y)), [B, T, D_s] / [B, U, D_t]); the MinED map [V].
+    teacher_token_head: jax.Array | None = None
+    teacher_token_mask: jax.Array | None = None
+    teacher_targets: jax.Array | None = None
+    teacher_token_embeddings: tuple[jax.Array, jax.Array] | None = None
+    student_embeddings: tuple[jax.Array, jax.Array] | None = None
+    mined_map: jax.Array | None = None
     # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers);
     # multiplied into the selection weights, so the normaliser is sum(mask * weights).
     token_weights: jax.Array | None = None
@@ -185,7 +196,12 @@ class LossSpec:
         feature term is weighted, then each weighted bridge term's label; ("tokens",) when
         nothing is weighted (a metrics-only spec)."""
         tokens = any(t.weight != 0 for t in {**self.logit_terms, **self.feature_terms}.values())
-        bridges = [k for k, t in self.bridge_terms.items() if t.weight != 0]
+        bridges = [
+            _group(label, part)
+            for label, t in self.bridge_terms.items()
+            if t.weight != 0
+            for part in t.entry.parts
+        ]
         return (("tokens",) if tokens or not bridges else ()) + tuple(bridges)
 
     def needs(self) -> frozenset:
@@ -196,6 +212,11 @@ class LossSpec:
             *self.bridge_terms.values(),
         ]
         return frozenset().union(*(t.entry.needs for t in every))
+
+
+def _group(label: str, part: str) -> str:
+    """The normaliser group of a bridge term's part: its label, or ``<label>/<part>``."""
+    return f"{label}/{part}" if part else label
 
 
 def validate(config) -> None:
@@ -215,7 +236,8 @@ def loss_spec(config) -> LossSpec:
 
 
 def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_layers=None):
-    """Trainable loss parameters (projectors of feature terms), trained with the student.
+    """Trainable loss parameters (projectors of feature terms, ALM's chunk-end projector,
+    DSKD's projections), trained with the student, never exported.
 
     Args:
         spec: the LossSpec; key: PRNG key; student_dim, teacher_dim: model widths D_s, D_t;
@@ -225,8 +247,13 @@ def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_lay
         {label: [projector per layer pair]} (a pytree, possibly empty).
     """
     params = {}
-    for label, term in spec.bridge_terms.items():  # ALM's chunk-end hidden-state projector
-        if term.knobs["hidden_weight"] and student_dim != teacher_dim:
+    for label, term in spec.bridge_terms.items():
+        if term.kind == "dskd":  # DSKD's projections between the two spaces
+            key, sub = jax.random.split(key)
+            params[label] = dskd.init_dskd(
+                sub, student_dim, teacher_dim, cross_tokenizer=True, init=term.knobs["projector"]
+            )
+        elif term.kind == "alm" and term.knobs["hidden_weight"] and student_dim != teacher_dim:
             key, sub = jax.random.split(key)
             init = term.knobs["projector"] or "xavier"
             params[label] = features.init_projector(sub, student_dim, teacher_dim, init=init)
@@ -405,9 +432,12 @@ def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, s
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
     sums, counts = {"tokens": total}, {"tokens": count}
     for label, term in spec.bridge_terms.items():
-        s, n, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
-        metrics.update(bridge_metrics, **{f"loss/{label}": (s, n)})
-        sums[label], counts[label] = schedule_value(term.weight, step) * s, n
+        parts, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
+        metrics.update(bridge_metrics)
+        for part, (s, n) in parts.items():
+            group = _group(label, part)
+            metrics[f"loss/{group}"] = (s, n)
+            sums[group], counts[group] = schedule_value(term.weight, step) * s, n
     groups = spec.groups()
     return {g: sums[g] for g in groups}, {g: counts[g] for g in groups}, metrics
 

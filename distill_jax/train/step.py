@@ -75,6 +75,7 @@ def make_distill_step(
         vocab_mask: [V] bool, False on padded vocabulary rows.
     """
     want_hidden, want_qkv = _needs(spec)
+    want_embeddings = "embeddings" in spec.needs()  # DSKD's cross-model attention
 
     def micro_loss(trainable, state, teacher_params, mb):
         student = nnx.merge(student_graphdef, nnx.State(trainable["student"]))
@@ -98,6 +99,11 @@ def make_distill_step(
             segment_ids=mb["segment_ids"],
             vocab_mask=vocab_mask,
             student_softcap=student.config.final_logit_softcapping,
+            student_embeddings=(
+                (student.embed_tokens(mb["input_ids"]), student.embed_tokens(mb["targets"]))
+                if want_embeddings
+                else None
+            ),
             **(teacher.loss_inputs(teacher_params, mb, state) if teacher is not None else {}),
         )
         sums, counts, metrics = objective.loss_groups(

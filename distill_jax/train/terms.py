@@ -188,7 +188,10 @@ def check_needs(terms, selection: Term, teacher: Entry, config, options: Mapping
     """Every term's and the selection rule's ``needs`` met by the config; errors name the fix."""
     data = to_dict(_has(config, "data"))
     have = set(teacher.supplies)
-    have |= {"bridge"} if _has(config, "bridge") else set()
+    bridge = bool(_has(config, "bridge"))
+    # A cross-tokenizer teacher gives the bridge terms its own-token outputs, the MinED map and
+    # both embeddings; it has no distribution over the student's vocabulary.
+    have |= {"bridge", "mined_map", "embeddings"} if bridge else set()
     have |= {"reference"} if _has(config, "reference") else set()
     have |= {"pairs"} if data.get("source") == "pairs" else set()
     have |= {"total_steps"} if options.get("total_steps") else set()
@@ -206,6 +209,13 @@ def check_needs(terms, selection: Term, teacher: Entry, config, options: Mapping
         "total_steps": "it needs loss_options.total_steps (its linear t schedule; set from "
         "train.steps by the trainer)",
     }
+    for term in terms if bridge else ():
+        if term.entry.family in ("logit", "feature") and "teacher" in term.entry.needs:
+            raise ValueError(
+                f"Loss term {term.label!r} compares the teacher and the student on one "
+                "tokenization, but config.bridge gives a teacher with another tokenizer; use a "
+                "bridge term (alm, uld, mined or dskd; mix them with ce) or drop config.bridge."
+            )
     for term in list(terms) + [selection]:
         what = (
             f"loss_options.selection.kind={term.kind!r}"

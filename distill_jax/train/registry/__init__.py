@@ -7,8 +7,10 @@ a term, add an entry there (and its function where its family lives); ``train/te
 configs against these dicts.
 
     LOSS_TERMS[name]   a loss term: a divergence (``divergences.CORES``), ``ce``, ``sinkhorn``,
-                       the entropies, a feature term, or a bridge term (``alm``); ``family`` says
-                       which path computes it ("logit": the fused head, "feature", "bridge").
+                       the entropies, a feature term, or a bridge term (``alm``, ``uld``,
+                       ``mined``, ``dskd``); ``family`` says which path computes it ("logit":
+                       the fused head, "feature", "bridge"; a bridge term's ``parts`` are its
+                       normaliser groups).
                        The label of ``config.losses`` picks the name unless the term sets
                        ``divergence=<name>`` (logit terms only).
     SELECTIONS[kind]   a token-selection rule (``loss_options.selection.kind``); ``fn`` is the

@@ -56,6 +56,7 @@ class Entry:
     supplies: frozenset = frozenset()  # teachers: what the terms may read from them
     tau_squared: bool = False  # logit terms: multiplied by tau^2 (loss_options.temperature_squared)
     alpha: str = "alpha"  # logit terms: scaled by loss_options.alpha or by 1 - alpha ("ce")
+    parts: tuple = ("",)  # bridge terms: its parts, each its own normaliser group ("": itself)
 
 
 def knob(kind, default, doc, **kw) -> Knob:

@@ -243,6 +243,50 @@ _BRIDGE_TERMS = {
         ("teacher", "bridge"),
     ),
 }
+_BRIDGE_TERMS.update(
+    uld=entry(
+        "uld",
+        "bridge",
+        bridge_terms.uld_sum,
+        "ULD: sorted-probability L1 between index-paired valid positions (bridges.uld), per pair",
+        {
+            "weight": WEIGHT,
+            "student_temperature": knob(float, 1.0, "tau of the student", low=0.0, open_low=True),
+            "teacher_temperature": knob(float, 1.0, "tau of the teacher", low=0.0, open_low=True),
+        },
+        ("teacher", "bridge"),
+    ),
+    mined=entry(
+        "mined",
+        "bridge",
+        bridge_terms.mined_sum,
+        "MinED: KL to the teacher re-indexed by the minimum-edit-distance vocabulary map "
+        "(bridges.mined), at chunk-end position pairs, per pair",
+        {"weight": WEIGHT, "temperature": TEMPERATURE},
+        ("teacher", "bridge", "mined_map"),
+    ),
+    dskd=entry(
+        "dskd",
+        "bridge",
+        bridge_terms.dskd_parts,
+        "DSKD with cross-model attention (bridges.dskd): t2s CE, t2s KD and s2t KD, each a mean",
+        {
+            "weight": WEIGHT,
+            "temperature": TEMPERATURE,
+            "divergence": knob(
+                str,
+                "forward_kl",
+                "D of the t2s KD term",
+                choices=tuple(n for n in divergences.CORES if n not in ("taid", "ab")),
+            ),
+            "projector": knob(
+                str, "xavier", "init of the projections", choices=("xavier", "kaiming", "zeros")
+            ),
+        },
+        ("teacher", "bridge", "embeddings"),
+        parts=bridge_terms.DSKD_PARTS,
+    ),
+)
 LOSS_TERMS: dict[str, Entry] = {
     **_DIVERGENCE_TERMS,
     **_EXTRA_TERMS,
