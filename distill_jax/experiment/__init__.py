@@ -55,7 +55,7 @@ from distill_jax.experiment.models import (
 from distill_jax.models import sampling
 from distill_jax.models import scan as scan_lib
 from distill_jax.models.transformer import to_scanned
-from distill_jax.train import batch_sources, loop, rollout
+from distill_jax.train import batch_sources, loop, registry, rollout
 from distill_jax.train import step as step_lib
 from distill_jax.train.build import StepBuild
 from distill_jax.transforms import schedule as prune_schedule
@@ -165,18 +165,18 @@ class Experiment:
         )
 
     def make_source(self, built: StepBuild):
-        """The training regime as a ``train.batch_sources`` source on ``built``'s shardings."""
+        """The training regime (``registry.regime_of``) as a ``train.batch_sources`` source on
+        ``built``'s shardings."""
+        regime = registry.regime_of(self.config)
         shardings = built.batch_shardings
-        if self.onpolicy is None:
-            if self.teacher is not None and self.teacher.kind == "cached":
-                return batch_sources.CachedTeacherSource(
-                    self.train_batches, shardings, self.teacher
-                )
+        if regime == "cached":
+            return batch_sources.CachedTeacherSource(self.train_batches, shardings, self.teacher)
+        if regime in ("fixed", "bridge"):
             return batch_sources.FixedSource(self.train_batches, shardings)
         o, graphdef = self.onpolicy, teachers.split_model(self.student)[0]
         prompts = batch_sources.prompt_shardings(self.mesh, self.rules, self.train_batches.fields)
         common = dict(seed=self.seed, lmbda=float(o.lmbda))
-        if self.bridge is not None:
+        if regime == "bridge_onpolicy":
             settings = self.settings
             sample = jax.jit(
                 lambda params, p, rng, step: rollout.sample_prompts(

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from distill_jax import bridges
-from distill_jax.train import objective, rollout
+from distill_jax.train import objective, registry, rollout, terms
 
 ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
 
@@ -42,6 +42,7 @@ def check_onpolicy(c) -> Any:
         if key not in o:
             raise ValueError(f"config.onpolicy needs {key!r} (see train/rollout.py).")
     rollout.use_student_samples(0, 0, float(o.lmbda))  # checks the range
+    terms.check_knobs("config.onpolicy", o, registry.ONPOLICY_KNOBS)  # names, types, ranges
     if int(o.prompt_len) < 1 or int(o.max_new_tokens) < 1:
         raise ValueError("onpolicy.prompt_len and onpolicy.max_new_tokens must be >= 1.")
     kind = c.teacher.get("kind", "online")
