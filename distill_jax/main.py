@@ -34,10 +34,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+MODES = ("train", "cache", "eval_gsm", "eval_speculative", "seqkd", "compile")
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "cache", "eval_gsm", "eval_speculative", "seqkd", "compile"],
+    list(MODES),
     "train; cache: write teacher.cache_dir (an offline teacher); eval_gsm: pass@k on held-out "
     "GSM-style problems; eval_speculative: the student as a speculative draft for the teacher; "
     "seqkd: write a verified sequence-level KD dataset (distill_jax/commands.py); compile: "

@@ -246,12 +246,12 @@ class AdaKDState:
 
 
 def adakd_init(ratio: float = 1.0) -> AdaKDState:
-    """Initial controller state; AdaKD starts at r = 1.0."""
-    nan = jnp.asarray(jnp.nan, jnp.float32)
+    """Initial controller state; AdaKD starts at r = 1.0. Every field its own buffer: the train
+    state is donated to the step, and one buffer cannot be donated twice."""
     return AdaKDState(
         ratio=jnp.asarray(ratio, jnp.float32),
-        loss_ema=nan,
-        ref_ema=nan,
+        loss_ema=jnp.full((), jnp.nan, jnp.float32),
+        ref_ema=jnp.full((), jnp.nan, jnp.float32),
         step=jnp.asarray(0, jnp.int32),
     )
 
