@@ -48,7 +48,7 @@ class Entry:
     """One registered name: its function, typed knobs and what it needs from the config."""
 
     name: str
-    family: str  # "logit" | "feature" | "bridge" | "selection" | "teacher"
+    family: str  # "logit" | "feature" | "bridge" | "pair" | "selection" | "teacher"
     fn: Callable | None
     doc: str
     knobs: Mapping[str, Knob]
@@ -56,6 +56,8 @@ class Entry:
     supplies: frozenset = frozenset()  # teachers: what the terms may read from them
     tau_squared: bool = False  # logit terms: multiplied by tau^2 (loss_options.temperature_squared)
     alpha: str = "alpha"  # logit terms: scaled by loss_options.alpha or by 1 - alpha ("ce")
+    # pair terms: their normaliser groups "<label>/<suffix>" (empty: one group "<label>")
+    groups: tuple = ()
 
 
 def knob(kind, default, doc, **kw) -> Knob:
