@@ -11,6 +11,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_kd.py")
 ALM_CONFIG = os.path.join(ROOT, "configs", "tiny_alm.py")  # cross-tokenizer (bridges)
+PAIRS_CONFIG = os.path.join(ROOT, "configs", "tiny_pairs.py")  # preference pairs (pair terms)
 
 
 def tiny(config=CONFIG, **overrides):
@@ -64,3 +65,24 @@ def checkpoint_params(workdir, step) -> list:
     args = ocp.args.Composite(state=ocp.args.StandardRestore())
     state = manager.restore(step, args=args).state
     return [np.asarray(x) for x in jax.tree.leaves(state["params"]["student"])]
+
+
+def write_pairs(out_dir, num_problems=40, seed=0) -> str:
+    """A seqkd dataset (``data.seqkd.write_dataset``) of small sums: per problem a worked answer
+    and one with a wrong final number, sorted by the real verifier (``split_traces``) into a
+    positive and a negative, so pairs.jsonl has one pair per problem. Returns ``out_dir``."""
+    import random
+
+    from distill_jax.data import load_tokenizer, seqkd
+
+    rng = random.Random(seed)
+    problems, completions = [], []
+    for _ in range(num_problems):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        wrong = a + b + rng.choice([-10, -1, 1, 2, 10])
+        problems.append({"question": f"What is {a} + {b}?", "solution": f"#### {a + b}"})
+        completions.append([f" {a} + {b} = {a + b}. #### {a + b}", f" {a} + {b} = {wrong}."])
+    positives, negatives = seqkd.split_traces(problems, completions)
+    manifest = {"teacher": "fixture: sums", "tokenizer": load_tokenizer("byte").fingerprint}
+    seqkd.write_dataset(str(out_dir), positives, negatives, manifest)
+    return str(out_dir)

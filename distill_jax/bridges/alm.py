@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.losses.tokens import token_and_set_logprobs_from_hidden
+
 MAX_CHUNK_LOGPROB = -1e-6
 
 
@@ -75,7 +77,8 @@ def token_and_boundary_logprobs(
     softcap: float | None = None,
     chunk_size: int = 128,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per position: log p(target) and log p(boundary set), never materialising [B, T, V].
+    """Per position: log p(target) and log p(boundary set), never materialising [B, T, V]
+    (``losses.tokens.token_and_set_logprobs_from_hidden`` with the boundary set).
 
     Args:
         hidden: [B, T, D] final hidden states.
@@ -88,30 +91,9 @@ def token_and_boundary_logprobs(
     Returns:
         (lp [B, T], lp_boundary [B, T]) float32.
     """
-    b, t, _ = hidden.shape
-    n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_size, -1)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk_size)
-    bmask = None if boundary_mask is None else jnp.asarray(boundary_mask, bool)
-
-    @jax.checkpoint
-    def one(args):
-        hc, yc = args  # [B, c, D], [B, c]
-        z = jnp.einsum("bcd,dv->bcv", hc, head.astype(hc.dtype), preferred_element_type=jnp.float32)
-        if softcap:
-            z = jnp.tanh(z / softcap) * softcap
-        lse = jax.nn.logsumexp(z, axis=-1)
-        safe = jnp.clip(yc, 0, z.shape[-1] - 1)
-        lp = jnp.take_along_axis(z, safe[..., None], axis=-1)[..., 0] - lse
-        if bmask is None:
-            return lp, jnp.zeros_like(lp)
-        lpb = jax.nn.logsumexp(jnp.where(bmask, z, -jnp.inf), axis=-1) - lse
-        return lp, lpb
-
-    lp, lpb = jax.lax.map(one, (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * chunk_size)[:, :t]  # noqa: E731
-    return unchunk(lp), unchunk(lpb)
+    return token_and_set_logprobs_from_hidden(
+        hidden, head, targets, boundary_mask, softcap=softcap, chunk_size=chunk_size
+    )
 
 
 def logits_token_and_boundary_logprobs(logits, targets, boundary_mask=None):

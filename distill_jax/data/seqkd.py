@@ -20,7 +20,8 @@ renamed at the end):
 
 The positives train a student through the trainer as a ``jsonl`` source with
 ``prompt_field="prompt"``, ``completion_field="completion"`` (``config.onpolicy`` with
-``lmbda=0``: loss on the completion only).
+``lmbda=0``: loss on the completion only); the pairs through ``data.source="pairs"``
+(``data.pairs``) with the pair terms ``redi``, ``dpo`` and ``distillm2``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ other ``--mode``\s (``distill_jax/commands.py``), ``demo.py`` and the notebooks 
 too.
 
     experiment.models    models, teachers, the mesh  (build_model, build_teacher, build_mesh)
-    experiment.data      tokenizers, documents, examples, batch iterators, the bridge collator
-    experiment.checks    check_onpolicy, check_vocab, loss_spec, step_shape
+    experiment.data      tokenizers, documents, examples, preference pairs, batch iterators, the
+                         bridge collator
+    experiment.checks    check_onpolicy, check_pairs, check_vocab, loss_spec, step_shape
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from distill_jax import sharding, teachers
 from distill_jax.experiment.checks import (
     ONPOLICY_TEACHERS,
     check_onpolicy,
+    check_pairs,
     check_vocab,
     loss_spec,
     step_shape,
@@ -35,6 +37,7 @@ from distill_jax.experiment.data import (
     make_batches,
     make_bridge_batches,
     make_collator,
+    make_pair_batches,
     make_prompt_batches,
     privileged_prompts,
     tokenizer_from_spec,
@@ -72,6 +75,7 @@ __all__ = [
     "build_model",
     "build_teacher",
     "check_onpolicy",
+    "check_pairs",
     "check_vocab",
     "load_documents",
     "load_examples",
@@ -79,6 +83,7 @@ __all__ = [
     "make_batches",
     "make_bridge_batches",
     "make_collator",
+    "make_pair_batches",
     "make_prompt_batches",
     "model_config_from_block",
     "privileged_prompts",
@@ -125,6 +130,11 @@ class Experiment:
         return self.onpolicy is not None and "privileged_ids" in self.train_batches.fields
 
     @property
+    def pairs(self) -> bool:
+        """Batches are preference pairs (``data.source="pairs"``)."""
+        return self.config.data.get("source") == "pairs"
+
+    @property
     def tensor_size(self) -> int:
         return int(self.mesh.shape["tensor"])
 
@@ -145,6 +155,9 @@ class Experiment:
         """This process's held-out host batches (``eval.num_batches`` of them)."""
         c, held_out = self.config, self.split["validation"]
         n = c.eval.get("num_batches", 4)
+        if self.pairs:  # held-out pairs; the evaluation reads their chosen side
+            batches = make_pair_batches(c, held_out, self.tokenizer, num_epochs=1, seed=0)
+            return list(itertools.islice(batches, n))
         if self.onpolicy is not None:  # the dataset completions of held-out prompts
             batches = make_prompt_batches(c, held_out, self.tokenizer, num_epochs=1, seed=0)
             return list(itertools.islice(batches, n))
@@ -169,6 +182,8 @@ class Experiment:
         ``built``'s shardings."""
         regime = registry.regime_of(self.config)
         shardings = built.batch_shardings
+        if regime == "pairs":
+            return batch_sources.PairsSource(self.train_batches, shardings)
         if regime == "cached":
             return batch_sources.CachedTeacherSource(self.train_batches, shardings, self.teacher)
         if regime in ("fixed", "bridge"):
@@ -228,6 +243,7 @@ def build(c) -> Experiment:
     shape = step_shape(c)  # on-policy: prompt + completion, static lengths
     sharding.batch_sharding(mesh, mesh_rules, shape=shape)  # a batch the mesh cannot divide fails
     spec = loss_spec(c)  # unknown terms fail here
+    check_pairs(c, spec)
     stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
     scan_lib.remat_policy(c.train.get("remat", False), mesh.devices.flat[0].platform)
     if stages and c.teacher.get("kind") == "ema":
@@ -274,7 +290,8 @@ def build(c) -> Experiment:
     if c.student.get("scan_layers"):  # the pruning stages above work on the per-layer layout
         exp.student = to_scanned(exp.student)
     student = exp.student
-    data_settings = train_batches.config if bridge or onpolicy else train_batches.streams[0].config
+    fixed = not (bridge or onpolicy or exp.pairs)  # packed documents: settings per stream
+    data_settings = train_batches.streams[0].config if fixed else train_batches.config
     teacher = build_teacher(
         c.teacher, student, seed, data_settings, tokenizer, bridge, needs=spec.needs()
     )

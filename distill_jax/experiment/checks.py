@@ -77,6 +77,48 @@ def check_onpolicy(c) -> Any:
     return o
 
 
+PAIR_TEACHERS = ("online", "ema")  # one model run in the step, on both sides of each pair
+
+
+def check_pairs(c, spec: objective.LossSpec) -> None:
+    """``data.source="pairs"`` (preference pairs, ``data.pairs``) checked with the loss spec
+    before anything is loaded: fixed data of ``data.seq_len`` rows from ``data.path``, no
+    on-policy generation, bridge or pruning, and a teacher model in the step when a pair term
+    reads the teacher. (A pair term without pairs fails in ``loss_spec``: its "pairs" need.)"""
+    if c.data.get("source") != "pairs":
+        return
+    if not c.data.get("path"):
+        raise ValueError(
+            "data.source='pairs' needs data.path: the directory --mode=seqkd wrote "
+            "(config.seqkd.out_dir) or a pairs.jsonl file."
+        )
+    if not c.data.get("seq_len"):
+        raise ValueError("data.source='pairs' needs data.seq_len (the length of every row).")
+    for key, what in (("onpolicy", "on-policy generation"), ("bridge", "a cross-tokenizer bridge")):
+        if c.get(key):
+            raise ValueError(
+                f"data.source='pairs' with config.{key}: preference pairs are fixed data and "
+                f"are not combined with {what}; drop config.{key}."
+            )
+    if c.get("prune_schedule") or c.student.get("prune"):
+        raise ValueError(
+            "data.source='pairs' with pruning: calibration reads documents; prune in a run on "
+            "documents first, then train the pruned student on pairs."
+        )
+    kind = c.teacher.get("kind", "online")
+    if kind in ("cached", "self"):
+        raise ValueError(
+            f"data.source='pairs' with teacher.kind={kind!r}: the teacher must score both sides "
+            f"of each pair in the step; use one of {PAIR_TEACHERS} (or 'none' for redi / ce)."
+        )
+    if spec.pairs_need_teacher() and kind not in PAIR_TEACHERS:
+        labels = sorted(k for k, t in spec.pair_terms.items() if "teacher" in t.entry.needs)
+        raise ValueError(
+            f"Loss terms {labels} read one teacher model's log-probs on both sides of each "
+            f"pair; teacher.kind={kind!r} has none: use one of {PAIR_TEACHERS}."
+        )
+
+
 def check_vocab(student, teacher, tokenizer) -> jax.Array | None:
     """The [V] mask of the student's vocabulary rows the tokenizer uses (None: all of them);
     ``tokenizer`` None (``--mode=compile``) checks the teacher's vocabulary only."""

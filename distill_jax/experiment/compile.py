@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from distill_jax import sharding, teachers, topologies
-from distill_jax.experiment.checks import check_vocab, loss_spec, step_shape
+from distill_jax.experiment.checks import check_pairs, check_vocab, loss_spec, step_shape
 from distill_jax.experiment.models import build_mesh, build_model, build_teacher
 from distill_jax.experiment.models import rules as mesh_rules
 from distill_jax.train import aot
@@ -50,6 +50,7 @@ def build_abstract(c, devices) -> tuple[Any, build_lib.StepBuild, tuple, dict]:
     shape = step_shape(c)
     sharding.batch_sharding(mesh, rules, shape=shape)
     spec = loss_spec(c)
+    check_pairs(c, spec)
     seed = int(c.get("seed", 0))
     if c.student.get("prune"):
         raise ValueError(

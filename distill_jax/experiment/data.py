@@ -1,5 +1,5 @@
-"""Tokenizers, documents, examples and the batch iterators of ``config.data`` (and
-``config.bridge``'s collator): the only code that turns those blocks into data objects."""
+"""Tokenizers, documents, examples, preference pairs and the batch iterators of ``config.data``
+(and ``config.bridge``'s collator): the only code that turns those blocks into data objects."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax
 
 from distill_jax import bridges
 from distill_jax.bridges import batches as bridge_batches
+from distill_jax.data import pairs as pairs_lib
 from distill_jax.data import pipeline, sources
 from distill_jax.data import prompts as prompts_lib
 from distill_jax.data.tokenizers import load_tokenizer
@@ -29,7 +30,10 @@ def load_documents(c: Any) -> list[str]:
         return sources.text_documents(c.paths)
     if source == "jsonl":
         return sources.jsonl_documents(c.paths, field=c.get("field", "text"))
-    raise ValueError(f"data.source={source!r}: choose kjv, botchan, gsm, text or jsonl.")
+    raise ValueError(
+        f"data.source={source!r}: choose kjv, botchan, gsm, text or jsonl (or pairs: preference "
+        "pairs for the pair terms, not documents)."
+    )
 
 
 def load_examples(c: Any) -> list[tuple[str, str]]:
@@ -118,8 +122,46 @@ def tokenizer_from_spec(c, spec: str):
     return load_tokenizer(spec)
 
 
+def make_pair_batches(c: Any, records, tokenizer, *, num_epochs=None, seed=0, fingerprint=None):
+    """``data.pairs.PairBatches`` of ``config.data`` (rows of ``data.seq_len``)."""
+    d = c.data
+    return pairs_lib.PairBatches(
+        records,
+        tokenizer,
+        seq_len=d.seq_len,
+        global_batch_size=d.global_batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        long_pairs=d.get("long_pairs", "error"),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        name=d.path,
+        fingerprint=fingerprint,
+    )
+
+
+def pairs_data(c):
+    """(train/validation split of the pair records, tokenizer, the training PairBatches) of
+    ``config.data.source="pairs"``: ``data.path`` is a seqkd output directory or a pairs.jsonl
+    (``data.pairs.read_pairs``: a missing or empty file fails naming it)."""
+    records, info = pairs_lib.read_pairs(c.data.path)
+    split = sources.split_corpus(
+        records,
+        fraction=c.data.get("held_out_fraction", 0.02),
+        seed=c.data.get("split_seed", 0),
+        source=info["file"],
+    )
+    tokenizer = tokenizer_from_spec(c, c.data.get("tokenizer", "student"))
+    batches = make_pair_batches(
+        c, split["train"], tokenizer, seed=c.data.get("seed", 0), fingerprint=info["sha256"]
+    )
+    return split, tokenizer, batches
+
+
 def training_data(c):
     """(train/validation split, tokenizer, the training iterator) of a config."""
+    if c.data.get("source") == "pairs":
+        return pairs_data(c)
     if c.get("onpolicy"):
         examples = load_examples(c.data)
         split = sources.split_corpus(

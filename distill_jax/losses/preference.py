@@ -4,6 +4,12 @@ with its per-sample skew (METHODS.md 2.4, 4.6-4.8).
 
 Per-token functions return [B, T] float32 (zero where ``mask`` is False); per-sequence ones
 return [B] float32. Nothing is reduced over the batch. Teacher inputs are constants.
+
+In the trainer these are the pair terms ``dpo``, ``redi`` and ``distillm2``
+(``train/pair_terms.py``) on ``config.data.source="pairs"`` (``data.pairs``): the pairs.jsonl
+that ``--mode=seqkd`` writes holds teacher-positive vs teacher-negative traces of one problem
+(REDI's data); DistiLLM-2's paper uses teacher responses as chosen and the student's own
+responses as rejected.
 """
 
 from __future__ import annotations

@@ -134,3 +134,91 @@ def masked_sum_and_count(
         m = m * jax.lax.stop_gradient(weights.astype(jnp.float32))
     total = jnp.sum(jnp.where(m != 0, per_token.astype(jnp.float32) * m, 0.0))
     return total, jnp.sum(m)
+
+
+def token_and_set_logprobs_from_hidden(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    set_mask: jax.Array | None = None,
+    *,
+    vocab_mask: jax.Array | None = None,
+    softcap: float | None = None,
+    chunk_size: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Per position log p(y_t) and log p(S) = log sum_{v in S} p_v, without a [B, T, V] array.
+
+    z = h W (soft-capped: cap tanh(z / cap)), p = softmax(z) over the vocabulary rows that
+    ``vocab_mask`` keeps. The logits are formed ``chunk_size`` positions at a time inside a
+    ``lax.map`` whose body is rematerialised, so the largest live array is [B, chunk_size, V] in
+    the forward and the backward pass; gradients reach ``hidden`` and ``head``.
+
+    Args:
+        hidden: [B, T, D] final hidden states.
+        head: [D, V] output projection.
+        targets: [B, T] int, the next token at each position (anything where unused).
+        set_mask: [V] bool or None (then the second output is zeros), e.g. ALM's word-start
+            tokens (``bridges.alm``).
+        vocab_mask: [V] bool or None; False rows (padded vocabulary) get probability 0.
+        softcap: final-logit soft-cap (Gemma), or None.
+        chunk_size: positions per step of the walk.
+
+    Returns:
+        (lp [B, T], lp_set [B, T]) float32.
+    """
+    b, t, _ = hidden.shape
+    chunk_size = max(1, min(int(chunk_size), t))
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_size, -1)
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk_size)
+    smask = None if set_mask is None else jnp.asarray(set_mask, bool)
+
+    @jax.checkpoint
+    def one(args):
+        hc, yc = args  # [B, c, D], [B, c]
+        z = jnp.einsum("bcd,dv->bcv", hc, head.astype(hc.dtype), preferred_element_type=jnp.float32)
+        if softcap:
+            z = jnp.tanh(z / softcap) * softcap
+        if vocab_mask is not None:
+            z = jnp.where(vocab_mask, z, NEG_INF)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        safe = jnp.clip(yc, 0, z.shape[-1] - 1)
+        lp = jnp.take_along_axis(z, safe[..., None], axis=-1)[..., 0] - lse
+        if smask is None:
+            return lp, jnp.zeros_like(lp)
+        return lp, jax.nn.logsumexp(jnp.where(smask, z, NEG_INF), axis=-1) - lse
+
+    lp, lp_set = jax.lax.map(one, (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * chunk_size)[:, :t]  # noqa: E731
+    return unchunk(lp), unchunk(lp_set)
+
+
+def token_logprobs_from_hidden(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    vocab_mask: jax.Array | None = None,
+    softcap: float | None = None,
+    chunk_size: int = 128,
+) -> jax.Array:
+    r"""log softmax(h W)[y] per token from hidden states, chunked (no [B, T, V] array).
+
+    Equals ``-cross_entropy(hidden @ head, targets, mask)``; see
+    ``token_and_set_logprobs_from_hidden`` for the chunking. Sequence-level objectives
+    (``preference``: DPO, REDI, DistiLLM-2's skew) sum these over a response.
+
+    Args:
+        hidden: [B, T, D]; head: [D, V]; targets: [B, T] int next-token ids.
+        mask: [B, T] bool or None; masked positions give 0.
+        vocab_mask: [V] bool or None; softcap: float or None; chunk_size: positions per step.
+
+    Returns:
+        [B, T] float32 <= 0.
+    """
+    lp, _ = token_and_set_logprobs_from_hidden(
+        hidden, head, targets, vocab_mask=vocab_mask, softcap=softcap, chunk_size=chunk_size
+    )
+    return apply_mask(lp, mask)

@@ -66,10 +66,12 @@ class DoesNotFitError(RuntimeError):
 
 
 def abstract_batch(c, shape: tuple[int, int], shardings: dict) -> dict:
-    """ShapeDtypeStructs of a step batch: [B, L] int32 token fields (bool loss_mask), a
-    bridge's teacher fields [B, U] (U = bridge.teacher_len), privileged prompts [B, K, L]."""
+    """ShapeDtypeStructs of a step batch: [B, L] int32 token fields (bool loss masks), a
+    bridge's teacher fields [B, U] (U = bridge.teacher_len), privileged prompts [B, K, L], the
+    rejected side of preference pairs [B, L] (``data.source="pairs"``)."""
     b, length = shape
-    shapes = {k: (b, length) for k in step_lib.BATCH_FIELDS}
+    pairs = step_lib.PAIR_FIELDS if c.data.get("source") == "pairs" else ()
+    shapes = {k: (b, length) for k in step_lib.BATCH_FIELDS + pairs}
     if c.get("bridge"):
         u = int(c.bridge.teacher_len)
         tokenizer_fields = teachers.CrossTokenizerTeacher.FIELDS + ("teacher_chunk",)
@@ -79,7 +81,7 @@ def abstract_batch(c, shape: tuple[int, int], shardings: dict) -> dict:
         shapes.update({k: (b, int(c.data.privileged_contexts), length) for k in _PRIVILEGED})
     return {
         k: jax.ShapeDtypeStruct(
-            s, jnp.bool_ if k == "loss_mask" else jnp.int32, sharding=shardings[k]
+            s, jnp.bool_ if k.endswith("loss_mask") else jnp.int32, sharding=shardings[k]
         )
         for k, s in shapes.items()
     }

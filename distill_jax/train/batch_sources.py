@@ -15,9 +15,11 @@ Every source has the same small interface, which is all ``train/loop.py`` knows 
 
 The regimes: ``FixedSource`` (packed documents, or a ``bridges.BridgeBatches`` cross-tokenizer
 stream that is collated on the host), ``CachedTeacherSource`` (fixed data + the offline
-teacher's cache entry), ``OnPolicySource`` (GKD: student samples with probability lambda, else
-the dataset's completions or the teacher's samples, with DistiLLM's replay buffer) and
-``BridgeSource`` (on-policy cross-tokenizer: the student's samples re-tokenized for the teacher).
+teacher's cache entry), ``PairsSource`` (preference pairs: the chosen and rejected side of one
+pair per row, for DPO, REDI and DistiLLM-2), ``OnPolicySource`` (GKD: student samples with
+probability lambda, else the dataset's completions or the teacher's samples, with DistiLLM's
+replay buffer) and ``BridgeSource`` (on-policy cross-tokenizer: the student's samples
+re-tokenized for the teacher).
 The sampling coin, the keys and the buffer are fixed by (seed, step) or checkpointed, so resume
 stays exact.
 """
@@ -164,6 +166,20 @@ class CachedTeacherSource(FixedSource):
     def _read(self) -> dict:
         local = next(self.batches)
         return self.teacher.host_batch(local, self.batches.batches_emitted - 1)
+
+
+class PairsSource(FixedSource):
+    """Preference pairs (``data.pairs.PairBatches``, ``config.data.source="pairs"``): each row
+    is one (prompt, chosen, rejected) pair, the chosen side in the standard fields and the
+    rejected side in ``rejected_*`` fields of the same [B, L] shape, prefetched like fixed data;
+    the iterator's position is checkpointed, so resume is exact. Held-out batches are pairs
+    too; the evaluation reads their chosen side."""
+
+    def __init__(self, batches, shardings: dict):
+        missing = [k for k in step_lib.PAIR_FIELDS if k not in shardings]
+        if missing:
+            raise ValueError(f"PairsSource needs batch shardings for {missing} (train.build).")
+        super().__init__(batches, shardings)
 
 
 class _PromptSource:

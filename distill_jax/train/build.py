@@ -25,11 +25,12 @@ from distill_jax.train import step as step_lib
 
 
 def batch_shardings(
-    mesh, rules, cached: bool, bridge: bool = False, privileged: bool = False
+    mesh, rules, cached: bool, bridge: bool = False, privileged: bool = False, pairs: bool = False
 ) -> dict:
     """Batch fields [B, L] (and a cached teacher's [B, L, K] / [B, L], a bridge's teacher
-    tokens and chunk ids, a self-teacher's privileged prompts [B, K, L]) sharded over batch."""
-    fields = step_lib.BATCH_FIELDS
+    tokens and chunk ids, a self-teacher's privileged prompts [B, K, L], the rejected side of
+    preference pairs [B, L]) sharded over batch."""
+    fields = step_lib.BATCH_FIELDS + (step_lib.PAIR_FIELDS if pairs else ())
     if bridge:
         fields += (
             teachers.CrossTokenizerTeacher.FIELDS + teachers.CrossTokenizerTeacher.CHUNK_FIELDS
@@ -141,7 +142,8 @@ def build_step(
         teacher_sharding = teacher.shardings(mesh, teacher_rules)
         teacher_params = place(teacher_params, teacher_sharding)
     cached = teacher is not None and teacher.kind == "cached"
-    fields = batch_shardings(mesh, rules, cached, bool(c.get("bridge")), privileged)
+    pairs = c.data.get("source") == "pairs"
+    fields = batch_shardings(mesh, rules, cached, bool(c.get("bridge")), privileged, pairs)
 
     def compile_for(student_config, state_like):
         """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a

@@ -17,7 +17,9 @@ into a typed ``terms.Term``. ``alm``, ``uld``, ``mined`` and ``dskd`` are the cr
 terms (``train/bridge_terms.py``, need ``config.bridge``): ALM is summed over common-boundary
 chunks and normalised by the global *chunk* count, ULD and MinED per position pair, DSKD per
 each of its three masks; mixed with token-level terms (ALM + CE), each is normalised by its own
-count (see Normalisation). Options:
+count (see Normalisation). ``dpo``, ``redi`` and ``distillm2`` are pair terms
+(``train/pair_terms.py``, need ``config.data.source="pairs"``): they read both sides of each
+(chosen, rejected) pair, the rejected one as ``LossInputs.rejected``. Options:
 
     c.loss_options = dict(head_chunk_tokens=None, implementation="custom_vjp",
                           semantics="renorm_both", temperature_squared=True, alpha=None,
@@ -36,16 +38,19 @@ L = alpha tau^2 KL(p_tau || q_tau) + (1 - alpha) CE (METHODS.md 1.12).
 **Normalisation.** Every term belongs to a *normaliser group* and is divided by that group's
 count. Token-level terms (logit and feature) share the group "tokens": ``sum_terms w_term sum_i
 m_i s_i l_term(i)`` over ``sum_i m_i s_i`` (m the loss mask, s the selection weights). A bridge
-term is its own group (e.g. ALM per common-boundary chunk, ``bridge_terms``). ``loss_groups``
+term is its own group (e.g. ALM per common-boundary chunk, ``bridge_terms``), and so is each
+group of a pair term (``pair_terms``: DPO and REDI per pair; DistiLLM-2's two per-token terms
+per response token of their own side, ``distillm2/on_chosen`` and ``distillm2/on_rejected``;
+token-level terms read the chosen side). ``loss_groups``
 returns each group's sum and count; the step adds both over every micro-batch and data shard
 of the optimizer step and divides once, L = sum_g S_g / N_g, which is what makes gradient
 accumulation exact also when terms of different groups are mixed (one backward pass per
 group, ``train/step.py``). Metrics are ``loss/<label>`` (sum, count) pairs, unweighted and
 without tau^2.
 
-State carried across steps (TrainState, checkpointed): TAID's interpolation (``taid`` term) and
-AdaKD's keep ratio (``selection.kind="adakd"``); ``update_state`` advances it once per optimizer
-step from that step's summed metrics.
+State carried across steps (TrainState, checkpointed): TAID's interpolation (``taid`` term),
+AdaKD's keep ratio (``selection.kind="adakd"``) and DistiLLM-2's anchor gaps (``distillm2``);
+``update_state`` advances it once per optimizer step from that step's summed metrics.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from flax import struct
 from distill_jax.bridges import dskd
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
-from distill_jax.train import selection_rules
+from distill_jax.train import pair_terms, selection_rules
 from distill_jax.train import terms as terms_lib
 from distill_jax.train.terms import Term
 
@@ -76,7 +81,8 @@ class LossInputs:
     targets [B, T] next-token ids; mask [B, T] loss mask; *_hidden_states (L + 1 arrays) and
     *_qkv (per-layer {"q", "k", "v"}) from ``Transformer.forward`` for feature terms; positions,
     segment_ids [B, T] as given to the models; reference_hidden/head for Rho-1 and AdaSPEC;
-    vocab_mask [V]; softcaps and teacher_combine (static) as the models define them.
+    vocab_mask [V]; softcaps and teacher_combine (static) as the models define them; rejected:
+    the rejected side of preference pairs (pair terms), else None.
     """
 
     student_hidden: jax.Array
@@ -115,6 +121,10 @@ class LossInputs:
     # [B, T] per-token weights from the teacher (e.g. multi-context agreement, teachers);
     # multiplied into the selection weights, so the normaliser is sum(mask * weights).
     token_weights: jax.Array | None = None
+    # Pair terms (train/pair_terms.py): the rejected side of each pair as LossInputs of its own
+    # (student and, when a pair term needs it, teacher on the rejected_* batch fields); the
+    # fields above are the chosen side.
+    rejected: Any = None
     # Static: the models' final-logit soft-caps and, for several teachers, how to combine them
     # (see fused.fused_distill_loss).
     student_softcap: float | None = struct.field(pytree_node=False, default=None)
@@ -155,9 +165,9 @@ def schedule_value(spec, step):
 class LossSpec:
     """The parsed config: typed terms by family, the checked options and the selection rule.
 
-    ``logit_terms`` (fused head), ``feature_terms`` and ``bridge_terms`` map a label to its
-    ``terms.Term``; ``options`` is ``loss_options`` with every default filled in; ``selection``
-    is the selection rule as a Term (``terms.SELECTIONS``).
+    ``logit_terms`` (fused head), ``feature_terms``, ``bridge_terms`` and ``pair_terms`` map a
+    label to its ``terms.Term``; ``options`` is ``loss_options`` with every default filled in;
+    ``selection`` is the selection rule as a Term (``terms.SELECTIONS``).
     """
 
     logit_terms: dict[str, Term]
@@ -165,6 +175,7 @@ class LossSpec:
     options: dict
     bridge_terms: dict[str, Term] = dataclasses.field(default_factory=dict)
     selection: Term | None = None
+    pair_terms: dict[str, Term] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, losses: Mapping, options: Mapping | None = None) -> LossSpec:
@@ -186,15 +197,18 @@ class LossSpec:
             )
         if not parsed:
             raise ValueError("The loss spec has no terms; add e.g. losses.forward_kl={}.")
-        return cls(logit, feature, options, bridge, selection_term)
+        pair = family("pair")
+        _check_pair_knobs(pair)
+        return cls(logit, feature, options, bridge, selection_term, pair)
 
     def divergence_labels(self) -> list[str]:
         return [k for k, t in self.logit_terms.items() if t.kind != "ce"]
 
     def groups(self) -> tuple[str, ...]:
         """The normaliser groups the loss has, in order (static): "tokens" when a logit or
-        feature term is weighted, then each weighted bridge term's label; ("tokens",) when
-        nothing is weighted (a metrics-only spec)."""
+        feature term is weighted, then each weighted bridge term's label, then each weighted
+        pair term's groups (``pair_groups``); ("tokens",) when nothing is weighted (a
+        metrics-only spec)."""
         tokens = any(t.weight != 0 for t in {**self.logit_terms, **self.feature_terms}.values())
         bridges = [
             _group(label, part)
@@ -202,7 +216,13 @@ class LossSpec:
             if t.weight != 0
             for part in t.entry.parts
         ]
-        return (("tokens",) if tokens or not bridges else ()) + tuple(bridges)
+        pairs = [g for k, t in self.pair_terms.items() if t.weight != 0 for g in pair_groups(t)]
+        others = tuple(bridges) + tuple(pairs)
+        return (("tokens",) if tokens or not others else ()) + others
+
+    def pairs_need_teacher(self) -> bool:
+        """Some pair term reads the teacher (the step then runs it on the rejected side too)."""
+        return any("teacher" in t.entry.needs for t in self.pair_terms.values())
 
     def needs(self) -> frozenset:
         """What the terms need from the teacher ("hidden_states", "qkv", ...): the union."""
@@ -210,13 +230,29 @@ class LossSpec:
             *self.logit_terms.values(),
             *self.feature_terms.values(),
             *self.bridge_terms.values(),
+            *self.pair_terms.values(),
         ]
         return frozenset().union(*(t.entry.needs for t in every))
 
 
 def _group(label: str, part: str) -> str:
-    """The normaliser group of a bridge term's part: its label, or ``<label>/<part>``."""
+    """The normaliser group of a bridge or pair term's part: its label, or ``<label>/<part>``."""
     return f"{label}/{part}" if part else label
+
+
+def pair_groups(term: Term) -> tuple[str, ...]:
+    """A pair term's normaliser groups, one per ``Entry.parts``."""
+    return tuple(_group(term.label, p) for p in term.entry.parts)
+
+
+def _check_pair_knobs(pair: dict[str, Term]) -> None:
+    """Knob combinations of pair terms a single knob's range cannot express."""
+    d = pair.get("distillm2")
+    if d is not None and d.knobs["min_alpha"] > d.knobs["base_alpha"]:
+        raise ValueError(
+            f"Loss term 'distillm2': min_alpha={d.knobs['min_alpha']} is above base_alpha="
+            f"{d.knobs['base_alpha']}; the per-pair skew lies in [min_alpha, base_alpha]."
+        )
 
 
 def validate(config) -> None:
@@ -279,13 +315,16 @@ def _pairs(term: Term, num_layers):
 
 
 def init_state(spec: LossSpec) -> dict:
-    """Controller state carried across steps: {"taid": TAIDState, "adakd": AdaKDState}."""
+    """Controller state carried across steps: {"taid": TAIDState, "adakd": AdaKDState,
+    "distillm2": anchor gaps}."""
     state = {}
     for term in spec.logit_terms.values():
         if term.kind == "taid":
             state["taid"] = divergences.taid_init(term.knobs["t_start"])
     if spec.selection.kind == "adakd":
         state["adakd"] = selection.adakd_init(spec.selection.knobs["initial_ratio"])
+    if "distillm2" in spec.pair_terms:
+        state["distillm2"] = pair_terms.distillm2_init()
     return state
 
 
@@ -320,6 +359,8 @@ def update_state(spec: LossSpec, state: dict, metrics: dict, step) -> dict:
             update_every_steps=k["update_every_steps"],
             min_ratio=k["min_ratio"],
         )
+    if "distillm2" in spec.pair_terms:
+        state["distillm2"] = pair_terms.distillm2_update(state["distillm2"], mean)
     return state
 
 
@@ -388,6 +429,23 @@ def _feature_values(inputs: LossInputs, label: str, term: Term, params: dict) ->
     return fn(s["v"], t["v"], inputs.mask, **kw)
 
 
+def _pair_groups(spec: LossSpec, inputs: LossInputs, state: dict, step):
+    """The pair terms' group sums, counts and metrics (``pair_terms``), weights applied."""
+    sums, counts, metrics = {}, {}, {}
+    if spec.pair_terms and inputs.rejected is None:
+        raise ValueError(
+            f"Loss terms {sorted(spec.pair_terms)} need the rejected side of preference pairs: "
+            "set config.data.source='pairs'."
+        )
+    for label, term in spec.pair_terms.items():
+        knobs = {k: schedule_value(v, step) for k, v in term.knobs.items()}
+        s, n, m = term.entry.fn(inputs, knobs, state.get(label), spec.options)
+        metrics.update(m)
+        for g in pair_groups(term):
+            sums[g], counts[g] = knobs["weight"] * s[g], n[g]
+    return sums, counts, metrics
+
+
 def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, step):
     """Each normaliser group's loss sum and count, and the metrics, of one (micro-)batch.
 
@@ -438,6 +496,10 @@ def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, s
             group = _group(label, part)
             metrics[f"loss/{group}"] = (s, n)
             sums[group], counts[group] = schedule_value(term.weight, step) * s, n
+    pair_sums, pair_counts, pair_metrics = _pair_groups(spec, inputs, state, step)
+    sums.update(pair_sums)
+    counts.update(pair_counts)
+    metrics.update(pair_metrics)
     groups = spec.groups()
     return {g: sums[g] for g in groups}, {g: counts[g] for g in groups}, metrics
 

@@ -6,8 +6,10 @@ r"""The distillation step: teacher forward, student forward and backward, optimi
    to micro-batch a, so every data shard holds part of every micro-batch).
 2. For each micro-batch (a ``lax.scan``): the teacher's loss inputs under ``stop_gradient``
    (``teachers``), the student's final hidden states, the loss *sum* and count of each
-   normaliser group of ``train.objective.loss_groups`` ("tokens"; a bridge term's chunks), and
-   the gradient of each group's sum (one forward, one backward pass per group).
+   normaliser group of ``train.objective.loss_groups`` ("tokens"; a bridge term's chunks; a
+   pair term's pairs), and the gradient of each group's sum (one forward, one backward pass
+   per group). With pair terms (preference pairs, ``PAIR_FIELDS``) the student, and the teacher
+   when a pair term reads it, also run on the rejected side of each pair.
 3. Gradients and sums are added over micro-batches and each group is divided once by its global
    count N_g = sum of its counts, g = sum_g G_g / N_g, so A micro-batches give exactly the
    gradient of one A-times batch (normalising per micro-batch is the bug TRL #4719 describes).
@@ -31,6 +33,8 @@ from distill_jax.train import objective
 from distill_jax.train.state import TrainState
 
 BATCH_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+# Preference pairs (data.pairs): the rejected side of each row's pair, same [B, L] shapes.
+PAIR_FIELDS = tuple(f"rejected_{k}" for k in BATCH_FIELDS)
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -77,6 +81,31 @@ def make_distill_step(
     want_hidden, want_qkv = _needs(spec)
     want_embeddings = "embeddings" in spec.needs()  # DSKD's cross-model attention
 
+    def rejected_inputs(student, state, teacher_params, mb):
+        """The rejected side of each pair as LossInputs (student, and teacher if needed)."""
+        side = {k: mb[f"rejected_{k}"] for k in BATCH_FIELDS}
+        out = student.forward(
+            side["input_ids"],
+            positions=side["positions"],
+            segment_ids=side["segment_ids"],
+            compute_logits=False,
+            remat=remat,
+        )
+        use_teacher = teacher is not None and spec.pairs_need_teacher()
+        t = teacher.loss_inputs(teacher_params, side, state) if use_teacher else {}
+        keep = ("teacher_hidden", "teacher_head", "teacher_softcap")
+        return objective.LossInputs(
+            student_hidden=out.hidden,
+            student_head=student.head_weights(),
+            targets=side["targets"],
+            mask=side["loss_mask"],
+            positions=side["positions"],
+            segment_ids=side["segment_ids"],
+            vocab_mask=vocab_mask,
+            student_softcap=student.config.final_logit_softcapping,
+            **{k: v for k, v in t.items() if k in keep},
+        )
+
     def micro_loss(trainable, state, teacher_params, mb):
         student = nnx.merge(student_graphdef, nnx.State(trainable["student"]))
         out = student.forward(
@@ -103,6 +132,9 @@ def make_distill_step(
                 (student.embed_tokens(mb["input_ids"]), student.embed_tokens(mb["targets"]))
                 if want_embeddings
                 else None
+            ),
+            rejected=(
+                rejected_inputs(student, state, teacher_params, mb) if spec.pair_terms else None
             ),
             **(teacher.loss_inputs(teacher_params, mb, state) if teacher is not None else {}),
         )

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 import pytest
-from trainer_runs import ALM_CONFIG, CONFIG, checkpoint_params, tiny
+from trainer_runs import ALM_CONFIG, CONFIG, PAIRS_CONFIG, checkpoint_params, tiny, write_pairs
 
 from distill_jax import commands, experiment, main
 from distill_jax.train import registry
@@ -119,6 +119,10 @@ def _loss_config(name: str, tmp_path):
             c.teacher = dict(kind="none")
         c.losses = {name: {}} if name == "ce" else {name: {}, "ce": dict(weight=0.0)}
         return c
+    if entry.family == "pair":  # the pairs.jsonl --mode=seqkd writes, one tiny_pairs preset each
+        c = _base(PAIRS_CONFIG, path=write_pairs(tmp_path / "pairs"), loss=name)
+        c.losses = {name: dict(c.losses[name])}  # the term alone (redi's preset adds CE)
+        return c
     raise AssertionError(f"No 3-step recipe for the {entry.family} term {name!r}; add one here.")
 
 
@@ -168,6 +172,8 @@ def _regime_config(name: str, tmp_path):
         c = _base(ALM_CONFIG, onpolicy=1.0)
     elif name == "fixed":
         c = _base()
+    elif name == "pairs":
+        c = _base(PAIRS_CONFIG, path=write_pairs(tmp_path / "pairs"), loss="redi")
     else:
         raise AssertionError(f"No 3-step recipe for the regime {name!r}; add one here.")
     c.optimizer.weight_decay = 0.0

@@ -1,6 +1,6 @@
 """Exact resume after SIGKILL (same-tokenizer, cross-tokenizer, progressive pruning, on-policy
-with replay), SIGTERM checkpoints and exit status, a non-finite loss keeps the last good
-checkpoint."""
+with replay, preference pairs with DistiLLM-2's anchor state), SIGTERM checkpoints and exit
+status, a non-finite loss keeps the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ import threading
 
 import orbax.checkpoint as ocp
 import pytest
-from trainer_runs import ALM_CONFIG, CONFIG, cmd, losses, tiny, wait_for_step
+from trainer_runs import (
+    ALM_CONFIG,
+    CONFIG,
+    PAIRS_CONFIG,
+    cmd,
+    losses,
+    tiny,
+    wait_for_step,
+    write_pairs,
+)
 
 from distill_jax import experiment, main
 from distill_jax.train import loop
@@ -22,11 +31,19 @@ from distill_jax.train import loop
 
 @pytest.mark.parametrize(
     "config,extra",
-    [(CONFIG, ""), (ALM_CONFIG, ""), (CONFIG, ",prune=True"), (CONFIG, ",onpolicy=0.5,replay=2")],
-    ids=["kd", "cross_tokenizer_alm", "progressive_pruning", "onpolicy_replay"],
+    [
+        (CONFIG, ""),
+        (ALM_CONFIG, ""),
+        (CONFIG, ",prune=True"),
+        (CONFIG, ",onpolicy=0.5,replay=2"),
+        (PAIRS_CONFIG, ",loss='distillm2'"),
+    ],
+    ids=["kd", "cross_tokenizer_alm", "progressive_pruning", "onpolicy_replay", "pairs"],
 )
 def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path, config, extra):
     steps = 12 if config == CONFIG else 8
+    if config == PAIRS_CONFIG:  # 36 training pairs: 8 steps of 8 cross an epoch
+        extra += f",path={write_pairs(tmp_path / 'seqkd')}"
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run = functools.partial(cmd, config_arg=f":steps={steps}{extra}", config=config)
     # The three processes run the same programs: JAX's persistent compilation cache lets the

@@ -39,7 +39,7 @@ def _tiny(**changes) -> mlc.ConfigDict:
 def test_every_config_validates(path):
     assert len(CONFIGS) >= 12
     spec = objective.loss_spec(_load(path))
-    assert spec.logit_terms or spec.bridge_terms
+    assert spec.logit_terms or spec.bridge_terms or spec.pair_terms
 
 
 @pytest.mark.parametrize("arg", ["teacher=none", "teacher=ema", "onpolicy=0.5", "teacher=self"])

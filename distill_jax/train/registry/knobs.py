@@ -48,7 +48,7 @@ class Entry:
     """One registered name: its function, typed knobs and what it needs from the config."""
 
     name: str
-    family: str  # "logit" | "feature" | "bridge" | "selection" | "teacher"
+    family: str  # "logit" | "feature" | "bridge" | "pair" | "selection" | "teacher"
     fn: Callable | None
     doc: str
     knobs: Mapping[str, Knob]
@@ -56,7 +56,9 @@ class Entry:
     supplies: frozenset = frozenset()  # teachers: what the terms may read from them
     tau_squared: bool = False  # logit terms: multiplied by tau^2 (loss_options.temperature_squared)
     alpha: str = "alpha"  # logit terms: scaled by loss_options.alpha or by 1 - alpha ("ce")
-    parts: tuple = ("",)  # bridge terms: its parts, each its own normaliser group ("": itself)
+    # bridge and pair terms: their parts, each its own normaliser group ("": the term itself,
+    # else "<label>/<part>")
+    parts: tuple = ("",)
 
 
 def knob(kind, default, doc, **kw) -> Knob:

@@ -1,10 +1,10 @@
-"""Loss terms: ``LOSS_TERMS[name]`` for every name ``config.losses`` may pick (logit, feature and
-bridge families)."""
+"""Loss terms: ``LOSS_TERMS[name]`` for every name ``config.losses`` may pick (logit, feature,
+pair and bridge families)."""
 
 from __future__ import annotations
 
 from distill_jax.losses import divergences, features, preference, tokens, topk
-from distill_jax.train import bridge_terms
+from distill_jax.train import bridge_terms, pair_terms
 from distill_jax.train.registry.knobs import TEMPERATURE, UNIT, WEIGHT, Entry, entry, knob
 
 _LOGIT_COMMON = {
@@ -207,6 +207,73 @@ _FEATURE_TERMS = {
         ("teacher", "qkv"),
     ),
 }
+# Pair terms (train/pair_terms.py): sequence-level objectives on (chosen, rejected) pairs of
+# config.data.source="pairs", each normalised over its own groups (pairs, or one side's tokens).
+_PAIR_TERMS = {
+    "dpo": entry(
+        "dpo",
+        "pair",
+        pair_terms.dpo_sums,
+        "DPO with the teacher as reference (LLaVA-MoD), per pair",
+        {
+            "weight": WEIGHT,
+            "beta": knob(
+                float,
+                0.1,
+                "inverse temperature of the DPO margin",
+                low=0.0,
+                open_low=True,
+                schedule=True,
+            ),
+        },
+        ("teacher", "pairs"),
+    ),
+    "redi": entry(
+        "redi",
+        "pair",
+        pair_terms.redi_sums,
+        "REDI: -c_pos log pi(y+)/|y+| + c_neg log pi(y-)/|y-|, per pair (no reference)",
+        {
+            "weight": WEIGHT,
+            "c_pos": knob(float, 1.0, "weight of the positive trace's term", low=0.0),
+            "c_neg": knob(float, 0.8, "weight of the negative trace's term", low=0.0),
+        },
+        ("pairs",),
+    ),
+    "distillm2": entry(
+        "distillm2",
+        "pair",
+        pair_terms.distillm2_sums,
+        "DistiLLM-2: (2 - b) skew KL on chosen + b skew reverse KL on rejected, per token",
+        {
+            "weight": WEIGHT,
+            "b": knob(
+                float,
+                1.0,
+                "curriculum weight (paper: 1 -> 1.5, a schedule)",
+                low=0.0,
+                high=2.0,
+                schedule=True,
+            ),
+            "base_alpha": knob(
+                float,
+                0.1,
+                "skew a_0 (the per-pair skew's cap)",
+                low=0.0,
+                high=1.0,
+                open_low=True,
+            ),
+            "min_alpha": knob(
+                float, 0.01, "floor of the per-pair skew", low=0.0, high=1.0, open_low=True
+            ),
+            "adaptive_alpha": knob(
+                bool, True, "per-pair skew from the probability gap (False: a_0 for every pair)"
+            ),
+        },
+        ("teacher", "pairs"),
+        parts=pair_terms.DISTILLM2_GROUPS,
+    ),
+}
 _BRIDGE_TERMS = {
     "alm": entry(
         "alm",
@@ -291,5 +358,6 @@ LOSS_TERMS: dict[str, Entry] = {
     **_DIVERGENCE_TERMS,
     **_EXTRA_TERMS,
     **_FEATURE_TERMS,
+    **_PAIR_TERMS,
     **_BRIDGE_TERMS,
 }

@@ -67,6 +67,15 @@ _REGIME_LIST = [
         ONPOLICY_KNOBS,
         ("bridge", "onpolicy"),
     ),
+    entry(
+        "pairs",
+        "regime",
+        None,
+        "PairsSource: (chosen, rejected) pairs of one prompt, the pairs.jsonl of --mode=seqkd "
+        "(data.source='pairs'; the pair terms dpo, redi, distillm2)",
+        {},
+        ("pairs",),
+    ),
 ]
 REGIMES: dict[str, Entry] = {e.name: e for e in _REGIME_LIST}
 
@@ -80,5 +89,7 @@ def regime_of(c: Any) -> str:
         return "bridge_onpolicy" if onpolicy else "bridge"
     if onpolicy:
         return "onpolicy"
+    if (get("data") or {}).get("source") == "pairs":
+        return "pairs"
     teacher = get("teacher") or {}
     return "cached" if teacher.get("kind") == "cached" else "fixed"
