@@ -29,6 +29,7 @@ from distill_jax.experiment.checks import (
     check_pairs,
     check_vocab,
     loss_spec,
+    run_settings,
     step_shape,
 )
 from distill_jax.experiment.data import (
@@ -61,6 +62,7 @@ from distill_jax.models.transformer import to_scanned
 from distill_jax.train import batch_sources, loop, registry, rollout
 from distill_jax.train import step as step_lib
 from distill_jax.train.build import StepBuild
+from distill_jax.train.settings import RunSettings
 from distill_jax.transforms import schedule as prune_schedule
 from distill_jax.transforms import stats as transform_stats
 
@@ -90,6 +92,7 @@ __all__ = [
     "read_checkpoint_config",
     "resolve_path",
     "rules",
+    "run_settings",
     "step_shape",
     "tokenizer_from_spec",
     "train",
@@ -123,6 +126,7 @@ class Experiment:
     settings: Any  # sampling.RolloutSettings on-policy, else None
     shape: tuple  # [B, L] of a step batch
     seed: int
+    run: RunSettings  # what the step builder and the loop read (``run_settings``)
 
     @property
     def privileged(self) -> bool:
@@ -274,6 +278,7 @@ def build(c) -> Experiment:
         settings=None,
         shape=shape,
         seed=seed,
+        run=run_settings(c, spec),
     )
     for i, stage in enumerate(c.student.get("prune") or ()):  # one-shot, before distillation
         if stage.get("kind") not in prune_schedule.ONCE_KINDS:

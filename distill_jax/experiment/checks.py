@@ -10,6 +10,7 @@ import numpy as np
 
 from distill_jax import bridges
 from distill_jax.train import objective, registry, rollout, terms
+from distill_jax.train.settings import RunSettings
 
 ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
 
@@ -140,3 +141,26 @@ def check_vocab(student, teacher, tokenizer) -> jax.Array | None:
     # One tokenizer, maybe padded to different sizes: ids past the tokenizer's are masked.
     # A host array: a jax.Array closed over by the step would be read back when it compiles.
     return bridges.padded_vocab_mask(tokenizer.vocab_size, v) if tokenizer.vocab_size < v else None
+
+
+def run_settings(c, spec: objective.LossSpec) -> RunSettings:
+    """``config.seed``, ``optimizer``, ``train``, ``eval``, ``teacher.rules``, ``data.source``
+    and ``bridge`` as the ``train.settings.RunSettings`` the step builder and the loop read."""
+    t, e = c.train, c.get("eval") or {}
+    rules = (c.get("teacher") or {}).get("rules")
+    return RunSettings(
+        seed=int(c.get("seed", 0)),
+        steps=int(t.steps),
+        optimizer=dict(c.optimizer),
+        micro_batches=int(t.get("micro_batches", 1)),
+        remat=t.get("remat", False),
+        log_every=int(t.get("log_every_steps", 1)),
+        checkpoint_every=int(t.get("checkpoint_every_steps", 100)),
+        keep_checkpoints=int(t.get("keep_checkpoints", 3)),
+        export=bool(t.get("export", False)),
+        eval_every=e.get("every_steps"),
+        eval_at_start=bool(e.get("at_start", True)),
+        teacher_rules=None if rules is None else tuple(tuple(r) for r in rules),
+        batch=dict(bridge=bool(c.get("bridge")), pairs=c.data.get("source") == "pairs"),
+        loss_labels=tuple(spec.labels()),
+    )

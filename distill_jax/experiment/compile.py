@@ -12,7 +12,13 @@ import time
 from typing import Any
 
 from distill_jax import sharding, teachers, topologies
-from distill_jax.experiment.checks import check_pairs, check_vocab, loss_spec, step_shape
+from distill_jax.experiment.checks import (
+    check_pairs,
+    check_vocab,
+    loss_spec,
+    run_settings,
+    step_shape,
+)
 from distill_jax.experiment.models import build_mesh, build_model, build_teacher
 from distill_jax.experiment.models import rules as mesh_rules
 from distill_jax.train import aot
@@ -77,7 +83,7 @@ def build_abstract(c, devices) -> tuple[Any, build_lib.StepBuild, tuple, dict]:
         teacher = teachers.WithReference(teacher, reference)
     privileged = bool(c.get("onpolicy") and c.data.get("privileged_contexts"))
     built = build_lib.build_step(
-        c,
+        run_settings(c, spec),
         mesh=mesh,
         rules=rules,
         spec=spec,

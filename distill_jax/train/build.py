@@ -22,6 +22,7 @@ from distill_jax.models.transformer import Transformer
 from distill_jax.train import objective
 from distill_jax.train import state as state_lib
 from distill_jax.train import step as step_lib
+from distill_jax.train.settings import RunSettings
 
 
 def batch_shardings(
@@ -82,7 +83,7 @@ class StepBuild:
 
 
 def build_step(
-    c,
+    run: RunSettings,
     *,
     mesh,
     rules,
@@ -94,9 +95,10 @@ def build_step(
     privileged: bool = False,
     abstract: bool = False,
 ) -> StepBuild:
-    """Optimizer, initial state, shardings and the jitted step of config ``c``.
+    """Optimizer, initial state, shardings and the jitted step of a run.
 
     Args:
+        run: ``experiment.run_settings(config)``.
         mesh, rules: from ``experiment.build_mesh`` and ``config.rules``.
         spec: ``loss_spec(c)``.
         student, teacher: from ``build_model`` / ``build_teacher`` (abstract ones in compile
@@ -108,8 +110,8 @@ def build_step(
             shardings (``jax.eval_shape`` of the same initialisation), for ``jitted.lower``;
             otherwise real arrays placed on the mesh.
     """
-    seed = int(c.get("seed", 0))
-    tx, schedule = state_lib.make_optimizer(c.optimizer, c.train.steps, tokens_per_step)
+    seed = run.seed
+    tx, schedule = state_lib.make_optimizer(run.optimizer, run.steps, tokens_per_step)
     _, student_params = teachers.split_model(student)
     t_config = getattr(teacher, "config", None)
 
@@ -138,12 +140,12 @@ def build_step(
     teacher_params = teacher.params() if teacher is not None else None
     teacher_sharding = None
     if teacher_params is not None:  # the teacher may have its own rules (e.g. plain FSDP)
-        teacher_rules = tuple(tuple(r) for r in c.teacher.get("rules", rules))
+        teacher_rules = run.teacher_rules if run.teacher_rules is not None else rules
         teacher_sharding = teacher.shardings(mesh, teacher_rules)
         teacher_params = place(teacher_params, teacher_sharding)
     cached = teacher is not None and teacher.kind == "cached"
-    pairs = c.data.get("source") == "pairs"
-    fields = batch_shardings(mesh, rules, cached, bool(c.get("bridge")), privileged, pairs)
+    bridge, pairs = run.batch.get("bridge", False), run.batch.get("pairs", False)
+    fields = batch_shardings(mesh, rules, cached, bridge, privileged, pairs)
 
     def compile_for(student_config, state_like):
         """(graphdef, state shardings, jitted step) for a student of ``student_config`` and a
@@ -157,8 +159,8 @@ def build_step(
             teacher=teacher,
             spec=spec,
             tx=tx,
-            micro_batches=c.train.get("micro_batches", 1),
-            remat=c.train.get("remat", False),
+            micro_batches=run.micro_batches,
+            remat=run.remat,
             vocab_mask=vocab_mask,
         )
         jitted = step_lib.jit_step(

@@ -111,12 +111,12 @@ class _Pending:
 def train(exp, workdir: str) -> dict:
     """Run the experiment ``exp`` in ``workdir`` (resuming from its checkpoints); returns the
     last eval (with ``stopped_at`` after a SIGTERM)."""
-    c = exp.config
+    run = exp.run  # the config's settings, read once by experiment.run_settings
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
     # --- state, shardings and the step (the one builder; --mode=compile lowers the same)
     built = build_lib.build_step(
-        c,
+        run,
         mesh=exp.mesh,
         rules=exp.rules,
         spec=exp.spec,
@@ -134,8 +134,8 @@ def train(exp, workdir: str) -> dict:
     )
 
     # --- restore
-    meta = {"student": repr(exp.student.config), "losses": sorted(c.losses.keys())}
-    checkpoints = Checkpoints(workdir, meta, keep=c.train.get("keep_checkpoints", 3))
+    meta = {"student": repr(exp.student.config), "losses": sorted(run.loss_labels)}
+    checkpoints = Checkpoints(workdir, meta, keep=run.keep_checkpoints)
     plans: list = []
     start = checkpoints.latest_step()
     if start is not None:
@@ -151,17 +151,15 @@ def train(exp, workdir: str) -> dict:
 
     # --- loop
     is_main = jax.process_index() == 0
-    steps = c.train.steps
+    steps = run.steps
     logger = Logger(workdir, steps, start, enabled=is_main)
     preemption = _Preemption()
     result: dict = {}
-    log_every = int(c.train.get("log_every_steps", 1))
-    checkpoint_every = int(c.train.get("checkpoint_every_steps", 100))
-    eval_every = c.eval.get("every_steps")
+    log_every, checkpoint_every, eval_every = run.log_every, run.checkpoint_every, run.eval_every
     pending = _Pending(logger, built.schedule, log_every, steps)
     try:
         step = start
-        if start == 0 and c.eval.get("at_start", True):
+        if start == 0 and run.eval_at_start:
             result = evaluate(state, program.graphdef, program.config)
             logger.log(0, result, "eval")
             logger.flush()
@@ -204,7 +202,7 @@ def train(exp, workdir: str) -> dict:
         logger.close()
 
     # --- export
-    if c.train.get("export", False) and is_main:
+    if run.export and is_main:
         model = transform_params.to_model(jax.device_get(state.params["student"]), program.config)
         _export(model, workdir)
     return result

@@ -224,6 +224,11 @@ class LossSpec:
         """Some pair term reads the teacher (the step then runs it on the rejected side too)."""
         return any("teacher" in t.entry.needs for t in self.pair_terms.values())
 
+    def labels(self) -> list[str]:
+        """Every term's label (``config.losses``' keys)."""
+        families = (self.logit_terms, self.feature_terms, self.bridge_terms, self.pair_terms)
+        return [label for family in families for label in family]
+
     def needs(self) -> frozenset:
         """What the terms need from the teacher ("hidden_states", "qkv", ...): the union."""
         every = [

@@ -343,11 +343,12 @@ def test_compile_mode_lowers_the_trainers_program():
     rules = tuple(tuple(r) for r in config.get("rules", sharding.DEFAULT_RULES))
     student = experiment.build_model(config.student, "student", 0)
     teacher = experiment.build_teacher(config.teacher, student, 0, None, None)
+    spec = experiment.loss_spec(config)
     real = build_lib.build_step(
-        config,
+        experiment.run_settings(config, spec),
         mesh=mesh,
         rules=rules,
-        spec=experiment.loss_spec(config),
+        spec=spec,
         student=student,
         teacher=teacher,
         vocab_mask=None,
