@@ -30,7 +30,9 @@ def get_config(arg=None):
         head_dim=16,
         max_position_embeddings=512,
     )
-    c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2), decay=0.9)
+    c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2))
+    if arg.teacher in ("ema", "self"):  # knobs are checked per teacher kind
+        c.teacher.decay = 0.9
     c.student = dict(init="random", config=dict(arch, num_layers=2 if arg.prune else 1))
     if arg.prune:
         c.prune_schedule = [

@@ -43,7 +43,9 @@ def get_config(arg=None):
         head_dim=16,
         max_position_embeddings=512,
     )
-    c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2), decay=0.9)
+    c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2))
+    if arg.teacher == "ema":
+        c.teacher.decay = 0.9
     c.student = dict(init="random", config=dict(arch, num_layers=1))
     c.data = dict(
         source="pairs",

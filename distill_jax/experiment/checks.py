@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from distill_jax import bridges
+from distill_jax.experiment import depths
 from distill_jax.train import objective, registry, rollout, terms
 from distill_jax.train.settings import RunSettings
 
@@ -17,8 +18,12 @@ ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
 
 def loss_spec(c) -> objective.LossSpec:
     """The whole config checked against the term registry (losses, loss_options, teacher, and
-    what the terms need) and ``config.losses`` as a LossSpec, before anything is loaded."""
-    return objective.loss_spec(c)
+    what the terms need) and ``config.losses`` as a LossSpec, before anything is loaded; feature
+    terms' layer indices against the depths the config gives (``depths.model_depths``)."""
+    spec = objective.loss_spec(c)
+    if spec.feature_terms:
+        terms.check_layers(spec.feature_terms.values(), *depths.model_depths(c))
+    return spec
 
 
 def step_shape(c) -> tuple[int, int]:

@@ -368,14 +368,6 @@ def sinkhorn_values(
     tau = jnp.asarray(tau, jnp.float32)
     tau_v = tau[..., None] if tau.ndim else tau
     b, t = valid.shape
-    v = student_head.shape[-1]
-    vb = min(static.vocab_block, v)
-    nb = -(-v // vb)
-    vmask = jnp.ones((v,), bool) if vm is None else vm
-    vmask = jnp.pad(vmask, (0, nb * vb - v))
-    pad_head = lambda w: jnp.moveaxis(
-        jnp.pad(w, ((0, 0), (0, nb * vb - v))).reshape(-1, nb, vb), 1, 0
-    )
 
     def scaled(h, w, cap, mask_b):
         z = (
@@ -387,7 +379,13 @@ def sinkhorn_values(
         )
         return jnp.where(mask_b, z, -jnp.inf)
 
-    blocks = (pad_head(student_head), pad_head(teacher_head), vmask.reshape(nb, vb))
+    s_blocks, mask_blocks = transport.vocab_blocks(student_head, vm, static.vocab_block)
+    blocks = (
+        s_blocks,
+        transport.vocab_blocks(teacher_head, vm, static.vocab_block)[0],
+        mask_blocks,
+    )
+    vb = mask_blocks.shape[1]
 
     @jax.checkpoint
     def lse_body(carry, x):

@@ -262,10 +262,41 @@ def _softcap(z: jax.Array, cap: float | None) -> jax.Array:
     return jnp.tanh(z / cap) * cap if cap else z
 
 
-def _vocab_blocks(head: jax.Array, vb: int, nb: int) -> jax.Array:
-    """[D, V] -> [nb, D, vb], zero-padded to nb * vb columns."""
+def vocab_blocks(head: jax.Array, vocab_mask: jax.Array | None, vocab_block: int):
+    """The head's columns and the vocabulary mask in blocks of ``vocab_block`` entries.
+
+    Args:
+        head: [D, V]; vocab_mask: [V] bool or None (all valid); vocab_block: entries per block.
+
+    Returns:
+        (heads [nb, D, vb], masks [nb, vb]), zero-padded (and masked) to nb * vb columns, with
+        vb = min(vocab_block, V) and nb = ceil(V / vb): the ``xs`` of a ``lax.scan`` over blocks.
+    """
     v = head.shape[-1]
-    return jnp.moveaxis(jnp.pad(head, ((0, 0), (0, nb * vb - v))).reshape(-1, nb, vb), 1, 0)
+    vb = min(vocab_block, v)
+    nb = -(-v // vb)
+    pad = nb * vb - v
+    mask = jnp.ones((v,), bool) if vocab_mask is None else vocab_mask
+    heads = jnp.moveaxis(jnp.pad(head, ((0, 0), (0, pad))).reshape(-1, nb, vb), 1, 0)
+    return heads, jnp.pad(mask, (0, pad)).reshape(nb, vb)
+
+
+def _logits(h: jax.Array, w: jax.Array, cap: float | None) -> jax.Array:
+    """softcap(h w) in float32: [B, T, D] x [D, n] -> [B, T, n]."""
+    z = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return _softcap(z, cap)
+
+
+def _scan_blocks(fn, init, h, blocks, cap, *, remat: bool = True):
+    """``lax.scan`` of ``fn(carry, z [B, T, vb], mask [vb]) -> (carry, y)`` over the blocks of
+    z = softcap(h W) (``vocab_blocks``); the block's logits are recomputed in the backward pass
+    when ``remat``. Live arrays are [B, T, vb]."""
+
+    def body(carry, x):
+        wb, mb = x
+        return fn(carry, _logits(h, wb, cap), mb)
+
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, init, blocks)
 
 
 def _top_columns_from_hidden(h, w, cap, valid, vmask, *, tau, top_k: int, vocab_block: int):
@@ -277,20 +308,10 @@ def _top_columns_from_hidden(h, w, cap, valid, vmask, *, tau, top_k: int, vocab_
     top-k head columns are gathered and the [B, T, K] probabilities formed directly.
     """
     v = w.shape[-1]
-    vb = min(vocab_block, v)
-    nb = -(-v // vb)
-    mask_blocks = jnp.pad(vmask, (0, nb * vb - v)).reshape(nb, vb)
-    blocks = (_vocab_blocks(w, vb, nb), mask_blocks)
+    blocks = vocab_blocks(w, vmask, vocab_block)
 
-    def logits(wb):
-        z = jnp.einsum("btd,dv->btv", h, wb.astype(h.dtype), preferred_element_type=jnp.float32)
-        return _softcap(z, cap)
-
-    @jax.checkpoint
-    def stats_body(carry, x):
+    def stats(carry, z, mb):
         n_a, mean_a, m2_a = carry
-        wb, mb = x
-        z = logits(wb)
         n_b = jnp.sum(mb).astype(jnp.float32)
         mean_b = jnp.sum(jnp.where(mb, z, 0.0), -1) / jnp.maximum(n_b, 1.0)
         m2_b = jnp.sum(jnp.where(mb, jnp.square(z - mean_b[..., None]), 0.0), -1)
@@ -301,29 +322,26 @@ def _top_columns_from_hidden(h, w, cap, valid, vmask, *, tau, top_k: int, vocab_
         return (n, mean, m2), None
 
     zero = jnp.zeros(h.shape[:2], jnp.float32)
-    (n, mean, m2), _ = jax.lax.scan(stats_body, (jnp.zeros(()), zero, zero), blocks)
+    (n, mean, m2), _ = _scan_blocks(stats, (jnp.zeros(()), zero, zero), h, blocks, cap)
     scale = (jnp.sqrt(m2 / (n - 1)) + 1e-4) * tau  # [B, T]
 
     def standardised(z, mb):
         return jnp.where(mb, (z - mean[..., None]) / scale[..., None], -jnp.inf)
 
-    @jax.checkpoint
-    def lse_body(carry, x):
-        wb, mb = x
-        return jnp.logaddexp(carry, jax.nn.logsumexp(standardised(logits(wb), mb), -1)), None
+    def lse(carry, z, mb):
+        return jnp.logaddexp(carry, jax.nn.logsumexp(standardised(z, mb), -1)), None
 
-    lse, _ = jax.lax.scan(lse_body, jnp.full(h.shape[:2], -jnp.inf), blocks)
+    log_norm, _ = _scan_blocks(lse, jnp.full(h.shape[:2], -jnp.inf), h, blocks, cap)
 
-    def mass_body(_, x):
-        wb, mb = x
-        prob = jnp.exp(standardised(logits(wb), mb) - lse[..., None])
+    def mass(_, z, mb):
+        prob = jnp.exp(standardised(z, mb) - log_norm[..., None])
         return None, jnp.sum(jnp.where(valid[..., None], prob, 0.0), axis=(0, 1))
 
-    _, mass = jax.lax.scan(mass_body, None, jax.lax.stop_gradient(blocks))
-    mass = jnp.where(mask_blocks, jax.lax.stop_gradient(mass), -1.0).reshape(-1)[:v]
-    _, cols = jax.lax.top_k(mass, top_k)
-    z = logits(jnp.take(w, cols, axis=1))  # [B, T, K]
-    return jnp.exp((z - mean[..., None]) / scale[..., None] - lse[..., None])
+    _, masses = _scan_blocks(mass, None, h, jax.lax.stop_gradient(blocks), cap, remat=False)
+    masses = jnp.where(blocks[1], jax.lax.stop_gradient(masses), -1.0).reshape(-1)[:v]
+    _, cols = jax.lax.top_k(masses, top_k)
+    z = _logits(h, jnp.take(w, cols, axis=1), cap)  # [B, T, K]
+    return jnp.exp((z - mean[..., None]) / scale[..., None] - log_norm[..., None])
 
 
 def multilevel_ot_from_hidden(
@@ -356,10 +374,10 @@ def multilevel_ot_from_hidden(
     if not 1 <= top_k <= v:
         raise ValueError(f"multilevel_ot: top_k={top_k} must be in [1, V={v}].")
     valid = jnp.ones(student_hidden.shape[:2], bool) if mask is None else mask.astype(bool)
-    vmask = jnp.ones((v,), bool) if vocab_mask is None else vocab_mask
     kw = dict(tau=jnp.asarray(temperature, jnp.float32), top_k=top_k, vocab_block=vocab_block)
-    xs = _top_columns_from_hidden(student_hidden, student_head, student_softcap, valid, vmask, **kw)
+    kw.update(valid=valid, vmask=vocab_mask)
+    xs = _top_columns_from_hidden(student_hidden, student_head, student_softcap, **kw)
     xt = _top_columns_from_hidden(
-        jax.lax.stop_gradient(teacher_hidden), teacher_head, teacher_softcap, valid, vmask, **kw
+        jax.lax.stop_gradient(teacher_hidden), teacher_head, teacher_softcap, **kw
     )
     return multilevel_ot_from_columns(xs, jax.lax.stop_gradient(xt), valid, **knobs)

@@ -38,10 +38,12 @@ L = alpha tau^2 KL(p_tau || q_tau) + (1 - alpha) CE (METHODS.md 1.12).
 **Normalisation.** Every term belongs to a *normaliser group* and is divided by that group's
 count. Token-level terms (logit and feature) share the group "tokens": ``sum_terms w_term sum_i
 m_i s_i l_term(i)`` over ``sum_i m_i s_i`` (m the loss mask, s the selection weights). A bridge
-term is its own group (e.g. ALM per common-boundary chunk, ``bridge_terms``), and so is each
-group of a pair term (``pair_terms``: DPO and REDI per pair; DistiLLM-2's two per-token terms
-per response token of their own side, ``distillm2/on_chosen`` and ``distillm2/on_rejected``;
-token-level terms read the chosen side). ``loss_groups``
+term is its own group (e.g. ALM per common-boundary chunk, ``bridge_terms``), and so is a logit
+term with a token mask of its own (TSD-KD's ``tsd_entropy_penalty``, ``listmle`` with
+``entropy_threshold``: ``term_masks``, one more fused pass each) and each group of a pair term
+(``pair_terms``: DPO and REDI per pair; DistiLLM-2's two per-token terms per response token of
+their own side, ``distillm2/on_chosen`` and ``distillm2/on_rejected``; token-level terms read
+the chosen side). ``loss_groups``
 returns each group's sum and count; the step adds both over every micro-batch and data shard
 of the optimizer step and divides once, L = sum_g S_g / N_g, which is what makes gradient
 accumulation exact also when terms of different groups are mixed (one backward pass per
@@ -67,7 +69,7 @@ from flax import struct
 from distill_jax.bridges import dskd
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
-from distill_jax.train import pair_terms, selection_rules
+from distill_jax.train import pair_terms, selection_rules, term_masks
 from distill_jax.train import terms as terms_lib
 from distill_jax.train.terms import Term
 
@@ -206,10 +208,14 @@ class LossSpec:
 
     def groups(self) -> tuple[str, ...]:
         """The normaliser groups the loss has, in order (static): "tokens" when a logit or
-        feature term is weighted, then each weighted bridge term's label, then each weighted
-        pair term's groups (``pair_groups``); ("tokens",) when nothing is weighted (a
-        metrics-only spec)."""
-        tokens = any(t.weight != 0 for t in {**self.logit_terms, **self.feature_terms}.values())
+        feature term of the main pass is weighted, then each weighted term with its own mask
+        (``masked_labels``), then each weighted bridge term's parts, then each weighted pair
+        term's groups (``pair_groups``); ("tokens",) when nothing is weighted (a metrics-only
+        spec)."""
+        masked = self.masked_labels()
+        main = {k: t for k, t in self.logit_terms.items() if k not in masked}
+        tokens = any(t.weight != 0 for t in {**main, **self.feature_terms}.values())
+        own = [k for k in masked if self.logit_terms[k].weight != 0]
         bridges = [
             _group(label, part)
             for label, t in self.bridge_terms.items()
@@ -217,8 +223,13 @@ class LossSpec:
             for part in t.entry.parts
         ]
         pairs = [g for k, t in self.pair_terms.items() if t.weight != 0 for g in pair_groups(t)]
-        others = tuple(bridges) + tuple(pairs)
+        others = tuple(own) + tuple(bridges) + tuple(pairs)
         return (("tokens",) if tokens or not others else ()) + others
+
+    def masked_labels(self) -> tuple[str, ...]:
+        """Logit terms with a token mask of their own (``term_masks``: TSD-KD's entropy
+        penalty, ListMLE with ``entropy_threshold``): each runs its own fused pass."""
+        return tuple(k for k, t in self.logit_terms.items() if term_masks.has_own_mask(t))
 
     def pairs_need_teacher(self) -> bool:
         """Some pair term reads the teacher (the step then runs it on the rejected side too)."""
@@ -470,19 +481,17 @@ def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, s
     if inputs.token_weights is not None:
         tw = jax.lax.stop_gradient(inputs.token_weights.astype(jnp.float32))
         weights = tw if weights is None else weights * tw
+    own = {k: terms[k] for k in spec.masked_labels()}  # each in a pass of its own, below
+    terms = {k: v for k, v in terms.items() if k not in own}
     total = jnp.zeros((), jnp.float32)
-    if spec.logit_terms:
+    if terms:
         total, count, fused_metrics = fused.fused_distill_loss(
             inputs.student_hidden,
             inputs.student_head,
-            mask=inputs.mask,
             weights=weights,
-            targets=inputs.targets,
             terms=terms,
-            vocab_mask=inputs.vocab_mask,
-            chunk_size=spec.options["head_chunk_tokens"],
-            semantics=spec.options["semantics"],
             implementation=spec.options["implementation"],
+            **selection_rules.head_kwargs(inputs, spec),
             **selection_rules.teacher_kwargs(inputs),
         )
         metrics.update(fused_metrics)
@@ -491,9 +500,14 @@ def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, s
         s, count = masked_sum_and_count(values, inputs.mask, weights)
         metrics[f"loss/{label}"] = (s, count)
         total = total + schedule_value(term.weight, step) * s
-    if not spec.logit_terms:
+    if not terms:
         count = masked_sum_and_count(jnp.zeros(inputs.mask.shape), inputs.mask, weights)[1]
     sums, counts = {"tokens": total}, {"tokens": count}
+    for label, fused_term in own.items():
+        term = spec.logit_terms[label]
+        s, n, own_metrics = term_masks.masked_term_sums(inputs, spec, term, fused_term)
+        metrics.update(own_metrics)
+        sums[label], counts[label] = s, n
     for label, term in spec.bridge_terms.items():
         parts, bridge_metrics = term.entry.fn(inputs, term.knobs, params.get(label))
         metrics.update(bridge_metrics)

@@ -30,18 +30,22 @@ def teacher_kwargs(inputs) -> dict:
     )
 
 
-def token_stats(inputs, spec, terms: dict) -> dict:
-    """Per-token statistics (no gradient) for a selection rule, chunked like the loss."""
-    kw = dict(
+def head_kwargs(inputs, spec) -> dict:
+    """The fused head's token arguments (mask, targets, vocab_mask) and the spec's chunking
+    and top-k semantics."""
+    return dict(
         mask=inputs.mask,
         targets=inputs.targets,
         vocab_mask=inputs.vocab_mask,
         chunk_size=spec.options["head_chunk_tokens"],
         semantics=spec.options["semantics"],
     )
-    values = fused.fused_per_token(
-        inputs.student_hidden, inputs.student_head, terms=terms, **teacher_kwargs(inputs), **kw
-    )
+
+
+def token_stats(inputs, spec, terms: dict) -> dict:
+    """Per-token statistics (no gradient) for a selection rule, chunked like the loss."""
+    kw = dict(head_kwargs(inputs, spec), **teacher_kwargs(inputs))
+    values = fused.fused_per_token(inputs.student_hidden, inputs.student_head, terms=terms, **kw)
     return jax.lax.stop_gradient(values)
 
 

@@ -4,8 +4,9 @@ the registry (``train/registry/``) before any model or data loads.
     validate(config) -> (terms, options, selection)   the whole config, needs included
     parse_term(label, raw) -> Term       one ``config.losses`` entry
     parse_options(loss_options) -> (options with defaults, selection rule as a Term)
-    parse_teacher(teacher) -> Entry      the ``TEACHERS`` entry, knobs checked
+    parse_teacher(teacher) -> Entry      the ``TEACHERS`` entry, knobs checked against its kind's
     check_knobs(where, raw, knobs) -> dict   names, types and ranges; defaults filled in
+    check_layers(terms, L_s, L_t)        feature terms' layer indices against known depths
 
 A ``Term`` is (label, entry, knobs): the metric label ``loss/<label>``, the registry entry and
 every knob of the entry with its default filled in and its value checked. Errors name the term,
@@ -165,19 +166,84 @@ def parse_options(options: Mapping | None) -> tuple[dict, Term]:
 
 
 def parse_teacher(teacher: Mapping | None) -> Entry:
-    """``config.teacher`` -> its TEACHERS entry, with its knobs checked."""
+    """``config.teacher`` -> its TEACHERS entry, with its knobs checked against that kind's
+    knobs (a knob of another kind, e.g. ``decay`` on a cached teacher, names both)."""
     t = to_dict(teacher)
     kind = t.get("kind", "online")
     if kind not in TEACHERS:
         raise ValueError(f"teacher.kind={kind!r}: choose one of {tuple(TEACHERS)}.")
+    entry, where = TEACHERS[kind], f"teacher (kind={kind!r})"
     knobs = {k: v for k, v in t.items() if k != "kind"}
-    all_knobs = {k: kn for e in TEACHERS.values() for k, kn in e.knobs.items()}
-    _unknown(f"teacher (kind={kind!r})", set(knobs) - set(all_knobs), all_knobs, RENAMED["teacher"])
+    for name in sorted(set(knobs) - set(entry.knobs)):
+        owners = [k for k, e in TEACHERS.items() if name in e.knobs]
+        if owners:
+            raise ValueError(
+                f"{where}: {name!r} is a knob of teacher.kind {owners}, not of {kind!r}; "
+                f"remove it or change the kind. Valid knobs of {kind!r}: {sorted(entry.knobs)}."
+            )
+    _unknown(where, set(knobs) - set(entry.knobs), entry.knobs, RENAMED["teacher"])
     for name, value in knobs.items():
-        _check_value("teacher", name, all_knobs[name], value)
+        _check_value("teacher", name, entry.knobs[name], value)
     if kind == "cached" and not t.get("cache_dir"):
         raise ValueError("teacher.kind='cached' needs teacher.cache_dir (written by --mode=cache).")
-    return TEACHERS[kind]
+    return entry
+
+
+def _block_range(n: int | None, side: str) -> str:
+    return f"[0, {n if n is not None else 'L_' + side[0]})"
+
+
+def check_layers(terms, student_layers: int | None, teacher_layers: int | None) -> None:
+    """Feature terms' layer knobs against the models' depths L_s, L_t (blocks, after
+    ``keep_layers`` and depth pruning), known from the config before any model loads
+    (``experiment.checks.loss_spec``); None: that depth is not known, its side is not checked.
+
+    Explicit ``pairs`` are (student_layer, teacher_layer) block indices in [0, L_s) x [0, L_t)
+    (``features.layer_map``); ``layers="all"`` needs L_s = L_t; a relation term's
+    ``student_layer`` is in [-L_s, L_s) and ``teacher_layer`` in [-L_t, L_t) (an index into the
+    per-block q/k/v; negative counts from the last block). Errors name the term, the knob and
+    the valid range.
+    """
+    depth = {"student": student_layers, "teacher": teacher_layers}
+    for term in terms:
+        where, k = f"Loss term {term.label!r}", term.knobs
+        if k.get("pairs") is not None:
+            _check_pairs(where, k["pairs"], student_layers, teacher_layers)
+        elif k.get("layers") == "all" and _differ(student_layers, teacher_layers):
+            raise ValueError(
+                f"{where}.layers='all' pairs equal blocks but the student has {student_layers} "
+                f"and the teacher {teacher_layers}; use layers='uniform' or explicit pairs."
+            )
+        for side, n in depth.items():
+            value = k.get(f"{side}_layer")
+            if value is not None and n is not None and not -n <= value < n:
+                raise ValueError(
+                    f"{where}.{side}_layer={value}: the {side} has {n} blocks; use an index in "
+                    f"[-{n}, {n}) (negative counts from the last block)."
+                )
+
+
+def _differ(a: int | None, b: int | None) -> bool:
+    return a is not None and b is not None and a != b
+
+
+def _check_pairs(where: str, pairs, student_layers, teacher_layers) -> None:
+    valid = f"{_block_range(student_layers, 'student')} x {_block_range(teacher_layers, 'teacher')}"
+    if not pairs:
+        raise ValueError(f"{where}.pairs is empty; give (student_layer, teacher_layer) pairs.")
+    for i, pair in enumerate(pairs):
+        ok = isinstance(pair, list | tuple) and len(pair) == 2
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ValueError(
+                f"{where}.pairs[{i}]={pair!r}: each pair is (student_layer, teacher_layer), two "
+                f"block indices in {valid}."
+            )
+        for value, n in zip(pair, (student_layers, teacher_layers)):
+            if n is not None and not 0 <= value < n:
+                raise ValueError(
+                    f"{where}.pairs[{i}]={tuple(pair)} is outside {valid} (student blocks x "
+                    f"teacher blocks); use block indices in that range."
+                )
 
 
 def _has(config, key: str):

@@ -179,7 +179,7 @@ def test_a_pair_loss_without_pairs_names_the_fix(monkeypatch):
 
 
 def test_teacher_knobs_are_checked_and_nothing_is_loaded():
-    c = _tiny()
+    c = _load(os.path.join(ROOT, "configs", "tiny_kd.py"), "teacher=ema")
     with c.unlocked():
         c.teacher.init = "/no/such/teacher.gguf"  # validation reads no file
         c.teacher.decya = 0.5
@@ -189,3 +189,30 @@ def test_teacher_knobs_are_checked_and_nothing_is_loaded():
         objective.loss_spec(_tiny(teacher=dict(kind="oracle")))
     with pytest.raises(ValueError, match=r"teacher.decay=1.5: must be a number in \[0.0, 1.0\]"):
         objective.loss_spec(_tiny(teacher=dict(kind="ema", decay=1.5)))
+
+
+@pytest.mark.parametrize(
+    "teacher,knob,owners",
+    [
+        (dict(kind="cached", cache_dir="/no/such/cache", decay=0.9), "decay", ["ema", "self"]),
+        (dict(kind="online", k=16), "k", ["cached"]),
+        (dict(kind="ema", source="initial"), "source", ["self"]),
+        (
+            dict(kind="ensemble", models=[], init="random"),
+            "init",
+            ["online", "cached", "ema", "self", "none"],
+        ),
+    ],
+)
+def test_teacher_knobs_are_checked_against_their_own_kind(teacher, knob, owners):
+    """A knob of another teacher kind fails, naming the kinds it belongs to and the valid
+    knobs of the configured kind (not the union of every kind's knobs)."""
+    kind = teacher["kind"]
+    valid = sorted(registry.TEACHERS[kind].knobs)
+    assert knob not in valid
+    with pytest.raises(ValueError) as e:
+        objective.loss_spec(_tiny(teacher=teacher))
+    assert str(e.value) == (
+        f"teacher (kind={kind!r}): {knob!r} is a knob of teacher.kind {owners}, not of "
+        f"{kind!r}; remove it or change the kind. Valid knobs of {kind!r}: {valid}."
+    )

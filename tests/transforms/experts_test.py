@@ -6,33 +6,21 @@ import hf_reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 import torch
-from flax import nnx
 
 import distill_jax as dj
 from distill_jax.transforms import experts as experts_lib
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    num_experts=8,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-)
+TINY = tiny_models.moe_arch(num_experts=8)
 
 
 def _model(seed=0, **extra):
-    config = dj.models.make_config("mixtral", **{**TINY, **extra})
-    return dj.models.Transformer(config, rngs=nnx.Rngs(seed))
+    return tiny_models.build("mixtral", TINY, seed, **extra)
 
 
 def _ids(n=16, t=6, seed=0):
-    return np.random.RandomState(seed).randint(0, 96, (n, t)).astype(np.int32)
+    return tiny_models.token_ids(n, t, seed)
 
 
 def _logits(model, ids):

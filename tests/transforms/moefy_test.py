@@ -6,28 +6,21 @@ import hf_reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 from flax import nnx
 
 import distill_jax as dj
 from distill_jax.transforms import moefy as moefy_lib
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+TINY = tiny_models.TINY
 
 
 def _dense(family="llama"):
-    return dj.models.Transformer(dj.models.make_config(family, **TINY), rngs=nnx.Rngs(0))
+    return tiny_models.build(family, TINY)
 
 
 def _ids():
-    return np.random.RandomState(0).randint(0, 96, (3, 8)).astype(np.int32)
+    return tiny_models.token_ids(3, 8)
 
 
 def _logits(model, ids):

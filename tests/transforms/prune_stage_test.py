@@ -11,34 +11,22 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+import tiny_models
 
 import distill_jax as dj
 from distill_jax.transforms import experts as experts_lib
 from distill_jax.transforms import schedule
 from distill_jax.transforms import stats as stats_lib
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    num_experts=6,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-)
+TINY = tiny_models.moe_arch(num_experts=6)
 
 
 def _model(family="mixtral", seed=0, **extra):
-    config = dj.models.make_config(family, **{**TINY, **extra})
-    return dj.models.Transformer(config, rngs=nnx.Rngs(seed))
+    return tiny_models.build(family, TINY, seed, **extra)
 
 
 def _ids(n=8, t=6, seed=0):
-    return np.random.RandomState(seed).randint(0, 96, (n, t)).astype(np.int32)
+    return tiny_models.token_ids(n, t, seed)
 
 
 def _stats_fn(ids):

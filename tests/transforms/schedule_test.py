@@ -7,30 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_models
 from flax import nnx
 
 import distill_jax as dj
 from distill_jax.train import state as state_lib
 from distill_jax.transforms import schedule
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+TINY = tiny_models.dense_arch(num_layers=3)
 
 
 def _model(family="llama", **extra):
-    config = dj.models.make_config(family, **{**TINY, **extra})
-    return dj.models.Transformer(config, rngs=nnx.Rngs(0))
+    return tiny_models.build(family, TINY, **extra)
 
 
 def _ids(seed=0):
-    return np.random.RandomState(seed).randint(0, 96, (4, 8)).astype(np.int32)
+    return tiny_models.token_ids(4, 8, seed)
 
 
 def _trained_state(model, steps=3):

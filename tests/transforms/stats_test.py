@@ -6,28 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 from flax import nnx
 
 import distill_jax as dj
 from distill_jax import sharding
 from distill_jax.transforms import stats as stats_lib
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+TINY = tiny_models.TINY
+MOE = dict(tiny_models.MOE, num_experts=4)
 
 
 def _model(family="llama", seed=0, **extra):
-    return dj.models.Transformer(
-        dj.models.make_config(family, **{**TINY, **extra}), rngs=nnx.Rngs(seed)
-    )
+    return tiny_models.build(family, TINY, seed, **extra)
 
 
 def _batches(n=2, b=3, t=10, seed=0, pad=True):

@@ -5,28 +5,19 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+import tiny_models
 
 import distill_jax as dj
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=3,
-    num_heads=6,
-    num_kv_heads=3,
-    head_dim=8,
-)
+TINY = tiny_models.dense_arch(num_layers=3, num_heads=6, num_kv_heads=3)
 
 
 def _model(family="llama", seed=0, **extra):
-    config = dj.models.make_config(family, **{**TINY, **extra})
-    return dj.models.Transformer(config, rngs=nnx.Rngs(seed))
+    return tiny_models.build(family, TINY, seed, **extra)
 
 
 def _ids(n=4, t=9, seed=0):
-    return np.random.RandomState(seed).randint(0, 96, (n, t)).astype(np.int32)
+    return tiny_models.token_ids(n, t, seed)
 
 
 def _logits(model, ids):

@@ -3,7 +3,7 @@ pair and bridge families)."""
 
 from __future__ import annotations
 
-from distill_jax.losses import divergences, features, preference, tokens, topk
+from distill_jax.losses import divergences, features, preference, selection, tokens, topk
 from distill_jax.train import bridge_terms, pair_terms
 from distill_jax.train.registry.knobs import TEMPERATURE, UNIT, WEIGHT, Entry, entry, knob
 
@@ -144,8 +144,37 @@ _EXTRA_TERMS = {
             "normalization": knob(
                 str, "suffix", "ListMLE normaliser", choices=("suffix", "prefix")
             ),
+            "entropy_threshold": knob(
+                float,
+                None,
+                "TSD-KD: only each row's early positions, until the cumulative share of the "
+                "student's entropy reaches this (preference.tsd_listmle_mask; its own mask and "
+                "count, train/term_masks.py); None: every valid position",
+                low=0.0,
+                high=1.0,
+                to_fn=False,
+            ),
         },
         ("teacher",),
+    ),
+    "tsd_entropy_penalty": entry(
+        "tsd_entropy_penalty",
+        "logit",
+        selection.tsd_entropy_penalty,
+        "TSD-KD entropy penalty: mean H(q_tau) over the tokens whose student entropy is at or "
+        "above its quantile (its own mask and count, train/term_masks.py)",
+        {
+            "weight": WEIGHT,
+            "temperature": TEMPERATURE,
+            "quantile": knob(
+                float,
+                0.1,
+                "penalise the valid tokens at or above this quantile of the student's entropy",
+                low=0.0,
+                high=1.0,
+                to_fn=False,
+            ),
+        },
     ),
 }
 _LAYERS = knob(
