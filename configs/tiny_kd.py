@@ -6,7 +6,8 @@ Seconds on a CPU. Presets: steps, teacher (online | ema | none), micro_batches, 
 2-block student pruned progressively while it is distilled: FFN 128 -> 96 after step 3, 4 -> 2
 query heads after step 5, 2 -> 1 blocks after step 7), onpolicy = lambda (GKD: the first ~20
 characters of a chapter are the prompt, the student continues it for 16 bytes with probability
-lambda, else the chapter's next bytes; generalized JSD), replay = capacity of DistiLLM's buffer.
+lambda, else the chapter's next bytes; generalized JSD), replay = capacity of DistiLLM's buffer,
+cache = a teacher cache directory (teacher.kind='cached'; write it with --mode=cache first).
 """
 
 import ml_collections as mlc
@@ -16,7 +17,14 @@ from distill_jax import config_lib
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(
-        arg, steps=8, teacher="online", micro_batches=1, prune=False, onpolicy=-1.0, replay=0
+        arg,
+        steps=8,
+        teacher="online",
+        micro_batches=1,
+        prune=False,
+        onpolicy=-1.0,
+        replay=0,
+        cache="",
     )
     c = mlc.ConfigDict()
     c.seed = 0
@@ -33,6 +41,8 @@ def get_config(arg=None):
     c.teacher = dict(kind=arg.teacher, init="random", config=dict(arch, num_layers=2))
     if arg.teacher in ("ema", "self"):  # knobs are checked per teacher kind
         c.teacher.decay = 0.9
+    if arg.cache:  # the offline teacher: top-16 of the same model, written by --mode=cache
+        c.teacher.update(kind="cached", cache_dir=arg.cache, k=16, cache_dtype="float32")
     c.student = dict(init="random", config=dict(arch, num_layers=2 if arg.prune else 1))
     if arg.prune:
         c.prune_schedule = [

@@ -1,6 +1,7 @@
-"""Exact resume after SIGKILL (same-tokenizer, cross-tokenizer, progressive pruning, on-policy
-with replay, preference pairs with DistiLLM-2's anchor state), SIGTERM checkpoints and exit
-status, a non-finite loss keeps the last good checkpoint."""
+"""Exact resume after SIGKILL in every regime (same-tokenizer, cross-tokenizer, progressive
+pruning, on-policy with replay, preference pairs with DistiLLM-2's anchor state, cross-tokenizer
+on-policy, an offline teacher cache), SIGTERM checkpoints and exit status, a non-finite loss
+keeps the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from trainer_runs import (
     write_pairs,
 )
 
-from distill_jax import experiment, main
+from distill_jax import commands, experiment, main
 from distill_jax.train import loop
 
 
@@ -37,13 +38,26 @@ from distill_jax.train import loop
         (CONFIG, ",prune=True"),
         (CONFIG, ",onpolicy=0.5,replay=2"),
         (PAIRS_CONFIG, ",loss='distillm2'"),
+        (ALM_CONFIG, ",onpolicy=1.0"),
+        (CONFIG, ",cache="),
     ],
-    ids=["kd", "cross_tokenizer_alm", "progressive_pruning", "onpolicy_replay", "pairs"],
+    ids=[
+        "kd",
+        "cross_tokenizer_alm",
+        "progressive_pruning",
+        "onpolicy_replay",
+        "pairs",
+        "cross_tokenizer_onpolicy",
+        "cached_teacher",
+    ],
 )
 def test_sigkill_and_resume_give_the_uninterrupted_loss_curve(tmp_path, config, extra):
     steps = 12 if config == CONFIG else 8
     if config == PAIRS_CONFIG:  # 36 training pairs: 8 steps of 8 cross an epoch
         extra += f",path={write_pairs(tmp_path / 'seqkd')}"
+    if extra == ",cache=":  # the offline teacher's cache, written once for both runs
+        extra += repr(str(tmp_path / "cache"))
+        commands.build_cache(tiny(steps=steps, cache=str(tmp_path / "cache")))
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run = functools.partial(cmd, config_arg=f":steps={steps}{extra}", config=config)
     # The three processes run the same programs: JAX's persistent compilation cache lets the
