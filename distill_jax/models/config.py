@@ -169,6 +169,18 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
 
+    def attention_layers(self) -> tuple[tuple[float, float | None, int | None], ...]:
+        """Per layer: (score scale, logit softcap, sliding window or None), as ``Attention``
+        computes its probabilities (feature losses rebuild them from q and k)."""
+        return tuple(
+            (
+                self.attention_scale,
+                self.attn_logit_softcapping,
+                self.sliding_window if self.is_sliding(i) else None,
+            )
+            for i in range(self.num_layers)
+        )
+
     def is_moe(self, layer: int) -> bool:
         if not self.num_experts:
             return False

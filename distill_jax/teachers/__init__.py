@@ -89,6 +89,13 @@ def _forward_features(graphdef, params, batch, hidden_states: bool, qkv: bool) -
     )
 
 
+def _statics(config, qkv: bool) -> dict:
+    """Static loss inputs of a model teacher: its final softcap and, with q/k/v, its per-layer
+    attention settings (``ModelConfig.attention_layers``)."""
+    attention = config.attention_layers() if qkv else None
+    return dict(teacher_softcap=config.final_logit_softcapping, teacher_attention=attention)
+
+
 def split_model(model) -> tuple[Any, dict]:
     """(graphdef, pure-dict parameters) of an nnx model."""
     graphdef, params = nnx.split(model, nnx.Param)
@@ -143,7 +150,7 @@ class OnlineTeacher:
 
     def loss_inputs(self, params, batch, state=None) -> dict:
         out = _forward_features(self.graphdef, params, batch, self.hidden_states, self.qkv)
-        return dict(out, teacher_softcap=self.config.final_logit_softcapping)
+        return dict(out, **_statics(self.config, self.qkv))
 
 
 class _MultiTeacher:
@@ -278,7 +285,7 @@ class EMATeacher:
 
     def loss_inputs(self, params, batch, state) -> dict:
         out = _forward_features(self.graphdef, state.ema, batch, self.hidden_states, self.qkv)
-        return dict(out, teacher_softcap=self.config.final_logit_softcapping)
+        return dict(out, **_statics(self.config, self.qkv))
 
     def update(self, ema, student_params, step):
         """theta_T <- d theta_T + (1 - d) theta_S after optimizer step ``step`` (when

@@ -69,7 +69,7 @@ from flax import struct
 from distill_jax.bridges import dskd
 from distill_jax.losses import divergences, features, fused, selection
 from distill_jax.losses.tokens import masked_sum_and_count
-from distill_jax.train import pair_terms, selection_rules, term_masks
+from distill_jax.train import feature_terms, pair_terms, selection_rules, term_masks
 from distill_jax.train import terms as terms_lib
 from distill_jax.train.terms import Term
 
@@ -98,6 +98,9 @@ class LossInputs:
     teacher_hidden_states: tuple[jax.Array, ...] | None = None
     student_qkv: tuple[dict[str, jax.Array], ...] | None = None
     teacher_qkv: tuple[dict[str, jax.Array], ...] | None = None
+    # Static, with *_qkv: per layer (scale, softcap, window) of each model (attention_layers).
+    student_attention: Any = struct.field(pytree_node=False, default=None)
+    teacher_attention: Any = struct.field(pytree_node=False, default=None)
     positions: jax.Array | None = None
     segment_ids: jax.Array | None = None
     reference_hidden: jax.Array | None = None
@@ -313,21 +316,13 @@ def init_params(spec: LossSpec, key, student_dim: int, teacher_dim: int, num_lay
         init = term.knobs.get("projector")
         if "hidden_states" not in term.entry.needs or not init:
             continue
-        pairs = _pairs(term, num_layers)
+        pairs = feature_terms.layer_pairs(term, num_layers)
         keys = jax.random.split(key, len(pairs) + 1)
         key = keys[0]
         params[label] = [
             features.init_projector(k, student_dim, teacher_dim, init=init) for k in keys[1:]
         ]
     return params
-
-
-def _pairs(term: Term, num_layers):
-    if term.knobs["pairs"] is not None:
-        return tuple(tuple(p) for p in term.knobs["pairs"])
-    if num_layers is None:
-        raise ValueError("Layer-mapped feature terms need num_layers=(L_student, L_teacher).")
-    return features.layer_map(*num_layers, kind=term.knobs["layers"])
 
 
 def init_state(spec: LossSpec) -> dict:
@@ -414,37 +409,6 @@ def _select(inputs, spec, state, terms) -> tuple[jax.Array | None, dict, dict]:
     return w, terms, {**metrics, "selection/kept": kept}
 
 
-def _feature_values(inputs: LossInputs, label: str, term: Term, params: dict) -> jax.Array:
-    fn, k = term.entry.fn, term.knobs
-    if "hidden_states" in term.entry.needs:
-        s_hs, t_hs = inputs.student_hidden_states, inputs.teacher_hidden_states
-        if s_hs is None or t_hs is None:
-            raise ValueError(f"Loss term {label!r} needs student and teacher hidden_states.")
-        pairs = _pairs(term, (len(s_hs) - 1, len(t_hs) - 1))
-        knobs = {"normalize": k["normalize"]} if k.get("normalize") is not None else {}
-        return features.layerwise_hidden_loss(
-            fn,
-            s_hs,
-            jax.lax.stop_gradient(t_hs),
-            inputs.mask,
-            pairs,
-            projectors=params.get(label),
-            **knobs,
-        )
-    if inputs.student_qkv is None or inputs.teacher_qkv is None:
-        raise ValueError(f"Loss term {label!r} needs student_qkv and teacher_qkv.")
-    s = inputs.student_qkv[k["student_layer"]]
-    t = jax.lax.stop_gradient(inputs.teacher_qkv[k["teacher_layer"]])
-    kw = dict(
-        num_relation_heads=k["num_relation_heads"],
-        positions=inputs.positions,
-        segment_ids=inputs.segment_ids,
-    )
-    if term.kind == "attention_relation":
-        return fn(s["q"], s["k"], t["q"], t["k"], inputs.mask, **kw)
-    return fn(s["v"], t["v"], inputs.mask, **kw)
-
-
 def _pair_groups(spec: LossSpec, inputs: LossInputs, state: dict, step):
     """The pair terms' group sums, counts and metrics (``pair_terms``), weights applied."""
     sums, counts, metrics = {}, {}, {}
@@ -496,7 +460,7 @@ def loss_groups(spec: LossSpec, inputs: LossInputs, params: dict, state: dict, s
         )
         metrics.update(fused_metrics)
     for label, term in spec.feature_terms.items():
-        values = _feature_values(inputs, label, term, params)
+        values = feature_terms.feature_values(inputs, label, term, params.get(label))
         s, count = masked_sum_and_count(values, inputs.mask, weights)
         metrics[f"loss/{label}"] = (s, count)
         total = total + schedule_value(term.weight, step) * s

@@ -124,6 +124,7 @@ def make_distill_step(
             mask=mb["loss_mask"],
             student_hidden_states=out.hidden_states,
             student_qkv=out.attention_qkv,
+            student_attention=student.config.attention_layers() if want_qkv else None,
             positions=mb["positions"],
             segment_ids=mb["segment_ids"],
             vocab_mask=vocab_mask,

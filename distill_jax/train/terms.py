@@ -268,6 +268,8 @@ def check_needs(terms, selection: Term, teacher: Entry, config, options: Mapping
         "teacher that runs a model on the batch: 'online' or 'ema'",
         "qkv": f"teacher.kind={teacher.name!r} cannot supply attention q/k/v; use 'online' or "
         "'ema'",
+        "final_hidden": f"teacher.kind={teacher.name!r} cannot supply one model's final hidden "
+        "states (its dense logits); use 'online' or 'ema'",
         "bridge": "it needs config.bridge (a cross-tokenizer teacher); set config.bridge",
         "reference": "it needs config.reference (a frozen reference model); set config.reference",
         "pairs": "it needs preference pairs; set config.data.source='pairs' (the pairs.jsonl "

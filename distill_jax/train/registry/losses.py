@@ -235,6 +235,35 @@ _FEATURE_TERMS = {
         _RELATION,
         ("teacher", "qkv"),
     ),
+    "attention_transfer": entry(
+        "attention_transfer",
+        "feature",
+        features.attention_transfer_mse,
+        "MSE of the attention maps at one layer pair, rebuilt from q and k (heads averaged "
+        "to match)",
+        {
+            "weight": WEIGHT,
+            "student_layer": knob(int, -1, "the student's layer"),
+            "teacher_layer": knob(int, -1, "the teacher's layer"),
+            "l1_normalize": knob(bool, False, "renormalise each visible row to sum 1"),
+        },
+        ("teacher", "qkv"),
+    ),
+    "output_relation": entry(
+        "output_relation",
+        "feature",
+        features.output_relation_kl,
+        "KL between position-to-position similarity rows of the output distributions (our "
+        "relation loss, not Align-TI's TPA; materialises [B, T, V])",
+        {
+            "weight": WEIGHT,
+            "temperature": TEMPERATURE,
+            "similarity_temperature": knob(
+                float, 0.1, "tau_s of the similarity softmax", low=0.0, open_low=True
+            ),
+        },
+        ("teacher", "final_hidden"),
+    ),
 }
 # Pair terms (train/pair_terms.py): sequence-level objectives on (chosen, rejected) pairs of
 # config.data.source="pairs", each normalised over its own groups (pairs, or one side's tokens).

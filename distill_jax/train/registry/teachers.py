@@ -23,7 +23,7 @@ MODEL_KNOBS = {
 _DECAY = knob(float, 0.999, "EMA decay", **PROB)
 _EVERY = knob(int, 1, "update the EMA after every N-th optimizer step (UniSD: N=10)", low=1)
 _MODELS = knob("seq", None, "model blocks, one per teacher")
-_ALL = ("teacher", "hidden_states", "qkv")
+_ALL = ("teacher", "final_hidden", "hidden_states", "qkv")
 _TEACHER_LIST = [
     entry(
         "online",
