@@ -47,7 +47,7 @@ from distill_jax.experiment.data import (
 from distill_jax.experiment.models import (
     ASSETS,
     MODEL_OVERRIDES,
-    TEACHER_KINDS,
+    TEACHER_BUILDERS,
     build_mesh,
     build_model,
     build_teacher,
@@ -70,7 +70,7 @@ __all__ = [
     "ASSETS",
     "MODEL_OVERRIDES",
     "ONPOLICY_TEACHERS",
-    "TEACHER_KINDS",
+    "TEACHER_BUILDERS",
     "Experiment",
     "build",
     "build_mesh",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ from distill_jax.data import teacher_cache
 from distill_jax.models import config as model_config
 from distill_jax.models.convert import from_pretrained, hf
 from distill_jax.models.transformer import Transformer, to_scanned
+from distill_jax.train import registry
 from distill_jax.transforms import drop_layers
 
 ASSETS = {"smollm2": assets.smollm2_gguf_path, "gemma3": assets.gemma3_gguf_path}
-TEACHER_KINDS = ("online", "cached", "ensemble", "composite", "ema", "self", "none")
 
 
 def resolve_path(init: str, what: str) -> str:
@@ -41,14 +42,10 @@ def resolve_path(init: str, what: str) -> str:
     return init
 
 
-# Block keys applied over the architecture (config dict or checkpoint): numerics and execution.
-MODEL_OVERRIDES = (
-    "dtype",
-    "param_dtype",
-    "attention_impl",
-    "moe_impl",
-    "moe_capacity_factor",
-    "scan_layers",
+# Block keys applied over the architecture (config dict or checkpoint): numerics and execution,
+# the registry's model knobs (train/registry/teachers.py) that are not the architecture itself.
+MODEL_OVERRIDES = tuple(
+    k for k in registry.MODEL_KNOBS if k not in ("init", "config", "family", "keep_layers", "rules")
 )
 
 
@@ -135,6 +132,121 @@ def _mined_map(teacher_tok, student_tok, t_vocab: int, s_vocab: int) -> np.ndarr
     return np.pad(m, (0, s_vocab - len(m)))
 
 
+def _online(k, x):
+    if x.bridge is not None:
+        return _cross_tokenizer(k, x)
+    return teachers.OnlineTeacher(
+        build_model(x.block, "teacher", x.seed + 1, abstract=x.abstract),
+        hidden_states="hidden_states" in x.needs,
+        qkv="qkv" in x.needs,
+    )
+
+
+def _cross_tokenizer(k, x):
+    """The online teacher with its own tokenizer (``config.bridge``)."""
+    model = build_model(x.block, "teacher", x.seed + 1, abstract=x.abstract)
+    t_vocab, s_vocab = model.config.vocab_size, x.student.config.vocab_size
+    mined_map = None
+    if x.abstract:
+        rng = np.random.default_rng(0)
+        t_mask, s_mask = rng.random(t_vocab) < 0.5, rng.random(s_vocab) < 0.5
+        if "mined_map" in x.needs:
+            mined_map = rng.integers(0, t_vocab, s_vocab)
+    else:
+        t_mask = bridges.boundary_vocab_mask(x.bridge.teacher.tokenizer, t_vocab)
+        s_mask = bridges.boundary_vocab_mask(x.tokenizer, s_vocab)
+        if "mined_map" in x.needs:
+            mined_map = _mined_map(x.bridge.teacher.tokenizer, x.tokenizer, t_vocab, s_vocab)
+    return teachers.CrossTokenizerTeacher(
+        model,
+        teacher_boundary_mask=t_mask,
+        student_boundary_mask=s_mask,
+        chunk_size=k["logprob_chunk_tokens"],
+        mined_map=mined_map,
+        embeddings="embeddings" in x.needs,
+    )
+
+
+def _ema(k, x):
+    return teachers.EMATeacher(
+        x.student,
+        decay=k["decay"],
+        every_steps=k["every_steps"],
+        hidden_states="hidden_states" in x.needs,
+        qkv="qkv" in x.needs,
+    )
+
+
+def _self(k, x):
+    return teachers.SelfTeacher(
+        x.student,
+        source=k["source"],
+        decay=k["decay"],
+        every_steps=k["every_steps"],
+        agreement_gamma=k["agreement_gamma"],
+        agreement_level=k["agreement_level"],
+    )
+
+
+def _models(x) -> list:
+    return [
+        build_model(m, f"teacher.models[{i}]", x.seed + 1 + i, abstract=x.abstract)
+        for i, m in enumerate(x.block.models)
+    ]
+
+
+def _ensemble(k, x):
+    return teachers.EnsembleTeacher(_models(x), k["weights"])
+
+
+def _composite(k, x):
+    models = _models(x)
+    if len(models) != 3:
+        raise ValueError("teacher.kind='composite' needs three models (a, b, c).")
+    return teachers.CompositeTeacher(
+        *models,
+        alpha=k["alpha"],
+        alpha_rule=k["alpha_rule"],
+        alpha_scale=k["alpha_scale"],
+        alpha_max=k["alpha_max"],
+    )
+
+
+def _cached(k, x):
+    if x.abstract:
+        raise ValueError(
+            "--mode=compile cannot build teacher.kind='cached' (its batch comes from a cache "
+            "directory); compile the online teacher that writes the cache instead."
+        )
+    cache = teacher_cache.TeacherCache(k["cache_dir"])
+    cache.check(data=x.data_settings, tokenizer=x.tokenizer.fingerprint)
+    return teachers.CachedTeacher(cache, vocab_size=cache.settings["vocab_size"])
+
+
+# One builder per registered teacher kind (train/registry/teachers.py): (knobs, context) -> teacher.
+TEACHER_BUILDERS = {
+    "online": _online,
+    "cached": _cached,
+    "ensemble": _ensemble,
+    "composite": _composite,
+    "ema": _ema,
+    "self": _self,
+    "none": lambda k, x: None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TeacherContext:
+    block: Any  # config.teacher
+    student: Transformer
+    seed: int
+    data_settings: dict
+    tokenizer: Any
+    bridge: Any
+    abstract: bool
+    needs: frozenset
+
+
 def build_teacher(
     c: Any,
     student: Transformer,
@@ -149,6 +261,10 @@ def build_teacher(
     """The teacher object for ``config.teacher.kind`` (None for "none": teacher-free terms);
     with ``bridge`` (a ``bridges.ChunkCollator``) an online teacher with its own tokenizer.
 
+    The kind's builder (``TEACHER_BUILDERS``) gets the block's knobs with the registry's
+    defaults filled in (``registry.TEACHERS[kind].knobs``) and ``needs``, what the loss terms
+    read of it (``LossSpec.needs``).
+
     With ``abstract`` (``--mode=compile``): models from ``build_model(..., abstract=True)`` and,
     for a bridge (``bridge`` then only needs to be non-None, e.g. ``config.bridge``), word-start
     masks of the right shapes but no tokenizer. They are constants of the step, so their values
@@ -156,81 +272,15 @@ def build_teacher(
     than left all False so that XLA cannot fold the boundary terms away.
     """
     kind = c.get("kind", "online")
-    if kind not in TEACHER_KINDS:
-        raise ValueError(f"teacher.kind={kind!r}: choose one of {TEACHER_KINDS}.")
-    if abstract and kind == "cached":
-        raise ValueError(
-            "--mode=compile cannot build teacher.kind='cached' (its batch comes from a cache "
-            "directory); compile the online teacher that writes the cache instead."
-        )
-    if kind == "online" and bridge is not None:
-        model = build_model(c, "teacher", seed + 1, abstract=abstract)
-        t_vocab, s_vocab = model.config.vocab_size, student.config.vocab_size
-        mined_map = None
-        if abstract:
-            rng = np.random.default_rng(0)
-            t_mask, s_mask = rng.random(t_vocab) < 0.5, rng.random(s_vocab) < 0.5
-            if "mined_map" in needs:
-                mined_map = rng.integers(0, t_vocab, s_vocab)
-        else:
-            t_mask = bridges.boundary_vocab_mask(bridge.teacher.tokenizer, t_vocab)
-            s_mask = bridges.boundary_vocab_mask(tokenizer, s_vocab)
-            if "mined_map" in needs:
-                mined_map = _mined_map(bridge.teacher.tokenizer, tokenizer, t_vocab, s_vocab)
-        return teachers.CrossTokenizerTeacher(
-            model,
-            teacher_boundary_mask=t_mask,
-            student_boundary_mask=s_mask,
-            chunk_size=c.get("logprob_chunk_tokens", 32),
-            mined_map=mined_map,
-            embeddings="embeddings" in needs,
-        )
-    if bridge is not None:
+    if kind not in registry.TEACHERS:
+        raise ValueError(f"teacher.kind={kind!r}: choose one of {tuple(registry.TEACHERS)}.")
+    if bridge is not None and kind != "online":
         raise ValueError(f"config.bridge works with teacher.kind='online', not {kind!r}.")
-    if kind == "online":
-        return teachers.OnlineTeacher(
-            build_model(c, "teacher", seed + 1, abstract=abstract),
-            hidden_states="hidden_states" in needs,
-            qkv="qkv" in needs,
-        )
-    if kind == "ema":
-        return teachers.EMATeacher(
-            student,
-            decay=c.get("decay", 0.999),
-            every_steps=c.get("every_steps", 1),
-            hidden_states="hidden_states" in needs,
-            qkv="qkv" in needs,
-        )
-    if kind == "self":
-        return teachers.SelfTeacher(
-            student,
-            source=c.get("source", "student"),
-            decay=c.get("decay", 0.999),
-            every_steps=c.get("every_steps", 1),
-            agreement_gamma=c.get("agreement_gamma"),
-            agreement_level=c.get("agreement_level", "token"),
-        )
-    if kind in ("ensemble", "composite"):
-        models = [
-            build_model(m, f"teacher.models[{i}]", seed + 1 + i, abstract=abstract)
-            for i, m in enumerate(c.models)
-        ]
-        if kind == "ensemble":
-            return teachers.EnsembleTeacher(models, c.get("weights"))
-        if len(models) != 3:
-            raise ValueError("teacher.kind='composite' needs three models (a, b, c).")
-        return teachers.CompositeTeacher(
-            *models,
-            alpha=c.get("alpha", 1.0),
-            alpha_rule=c.get("alpha_rule", "constant"),
-            alpha_scale=c.get("alpha_scale", 0.1),
-            alpha_max=c.get("alpha_max", 5.0),
-        )
-    if kind == "cached":
-        cache = teacher_cache.TeacherCache(c.cache_dir)
-        cache.check(data=data_settings, tokenizer=tokenizer.fingerprint)
-        return teachers.CachedTeacher(cache, vocab_size=cache.settings["vocab_size"])
-    return None
+    knobs = {n: c.get(n, knob.default) for n, knob in registry.TEACHERS[kind].knobs.items()}
+    context = _TeacherContext(
+        c, student, seed, data_settings, tokenizer, bridge, abstract, frozenset(needs)
+    )
+    return TEACHER_BUILDERS[kind](knobs, context)
 
 
 def build_mesh(c, devices=None) -> Mesh:

@@ -213,3 +213,9 @@ def test_every_registered_name_trains_three_steps(tmp_path, family, name):
         assert not moved and all(r["train/grad_norm"] == 0 for r in train)
     else:
         assert moved, "the student's parameters did not move"
+
+
+def test_every_teacher_kind_has_one_builder():
+    from distill_jax.experiment import models
+
+    assert set(models.TEACHER_BUILDERS) == set(registry.TEACHERS)
