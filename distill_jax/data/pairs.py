@@ -29,7 +29,6 @@ error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -37,19 +36,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from distill_jax.data.prompts import PromptTooLong, encode_example
+from distill_jax.data.seqkd import file_sha256
+from distill_jax.data.shuffled_rows import ShuffledRows
 
 SIDE_FIELDS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask")
 FIELDS = SIDE_FIELDS + tuple(f"rejected_{k}" for k in SIDE_FIELDS)
 RECORD_FIELDS = ("prompt", "chosen", "rejected")
 LONG_PAIRS = ("error", "truncate", "drop")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pairs_file(path: str) -> str:
@@ -102,7 +95,7 @@ def read_pairs(path: str) -> tuple[list[dict], dict]:
             f"{file} holds no pairs (the verifier kept no problem with both a correct and a "
             "wrong trace); sample more traces per problem (seqkd.n) or more problems."
         )
-    manifest, sha = None, _sha256(file)
+    manifest, sha = None, file_sha256(file)
     manifest_path = os.path.join(os.path.dirname(os.path.abspath(file)), "manifest.json")
     if os.path.basename(file) == "pairs.jsonl" and os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -177,7 +170,7 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
 
 
-class PairBatches(Iterator[dict[str, np.ndarray]]):
+class PairBatches(ShuffledRows, Iterator[dict[str, np.ndarray]]):
     """This process's rows of shuffled pair batches, resumable (``get_state`` / ``set_state``).
 
     Args:
@@ -191,6 +184,8 @@ class PairBatches(Iterator[dict[str, np.ndarray]]):
         process_index, process_count: this process's block of every global batch.
         fingerprint: identifies the data in the checkpointed state (e.g. the manifest's hash).
     """
+
+    kind = "pair"
 
     def __init__(
         self,
@@ -226,11 +221,7 @@ class PairBatches(Iterator[dict[str, np.ndarray]]):
                 f"than seq_len={seq_len} dropped)."
             )
         self.fields = FIELDS
-        self.global_batch_size = global_batch_size
-        self.local = global_batch_size // process_count
-        self.process_index = process_index
-        self.seed, self.num_epochs = seed, num_epochs
-        self.epoch, self.position, self.emitted = 0, 0, 0
+        self._start(global_batch_size, process_index, process_count, seed, num_epochs)
         self.config = dict(
             seq_len=seq_len,
             global_batch_size=global_batch_size,
@@ -241,48 +232,6 @@ class PairBatches(Iterator[dict[str, np.ndarray]]):
             fingerprint=fingerprint,
         )
 
-    @property
-    def batches_emitted(self) -> int:
-        return self.emitted
-
-    def _next_ids(self) -> list[int]:
-        ids: list[int] = []
-        while len(ids) < self.global_batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                if not ids:
-                    raise StopIteration
-                ids.append(ids[-1])
-                continue
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.rows))
-            take = order[self.position : self.position + self.global_batch_size - len(ids)]
-            ids.extend(int(i) for i in take)
-            self.position += len(take)
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-        return ids
-
     def __next__(self) -> dict[str, np.ndarray]:
-        ids = self._next_ids()
-        mine = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
-        self.emitted += 1
+        mine = self._next_ids()
         return {k: np.stack([self.rows[i][k] for i in mine]) for k in FIELDS}
-
-    def get_state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "emitted": self.emitted,
-            "config": self.config,
-        }
-
-    def set_state(self, state: dict) -> None:
-        if state.get("config") != self.config:
-            raise ValueError(
-                f"The saved data state is of other pair batches ({state.get('config')} vs "
-                f"{self.config}); use a new workdir for changed data settings."
-            )
-        self.epoch, self.position, self.emitted = (
-            state["epoch"],
-            state["position"],
-            state["emitted"],
-        )

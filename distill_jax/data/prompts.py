@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from distill_jax.data.shuffled_rows import ShuffledRows
+
 FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "example_ids")
 
 
@@ -90,7 +92,7 @@ def pad_example(
     return dict(prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm)
 
 
-class PromptBatches(Iterator[dict[str, np.ndarray]]):
+class PromptBatches(ShuffledRows, Iterator[dict[str, np.ndarray]]):
     """This process's rows of shuffled prompt / completion batches, resumable.
 
     Args:
@@ -104,6 +106,8 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
         long_prompts: "error" or "drop".
         process_index, process_count: this process's block of every global batch.
     """
+
+    kind = "prompt"
 
     def __init__(
         self,
@@ -168,11 +172,7 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
             self.rows.append(row)
         if not self.rows:
             raise ValueError(f"{name}: every prompt is longer than prompt_len={prompt_len}.")
-        self.global_batch_size = global_batch_size
-        self.local = global_batch_size // process_count
-        self.process_index = process_index
-        self.seed, self.num_epochs = seed, num_epochs
-        self.epoch, self.position, self.emitted = 0, 0, 0
+        self._start(global_batch_size, process_index, process_count, seed, num_epochs)
         self.config = dict(
             prompt_len=prompt_len,
             completion_len=completion_len,
@@ -184,51 +184,10 @@ class PromptBatches(Iterator[dict[str, np.ndarray]]):
             dropped=self.dropped,
         )
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
-
-    @property
-    def batches_emitted(self) -> int:
-        return self.emitted
-
     def __next__(self) -> dict[str, np.ndarray]:
-        ids = []
-        while len(ids) < self.global_batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                if not ids:
-                    raise StopIteration
-                ids.append(ids[-1])  # the last batch repeats a row rather than change shape
-                continue
-            order = self._order(self.epoch)
-            take = order[self.position : self.position + self.global_batch_size - len(ids)]
-            ids.extend(int(i) for i in take)
-            self.position += len(take)
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-        mine = ids[self.process_index * self.local : (self.process_index + 1) * self.local]
+        mine = self._next_ids()
         batch = {
             k: np.stack([self.rows[i][k] for i in mine]) for k in self.fields if k != "example_ids"
         }
         batch["example_ids"] = np.asarray(mine, np.int32)
-        self.emitted += 1
         return batch
-
-    def get_state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "emitted": self.emitted,
-            "config": self.config,
-        }
-
-    def set_state(self, state: dict) -> None:
-        if state.get("config") != self.config:
-            raise ValueError(
-                f"The saved data state is of other prompt batches ({state.get('config')} vs "
-                f"{self.config}); use a new workdir for changed data settings."
-            )
-        self.epoch, self.position, self.emitted = (
-            state["epoch"],
-            state["position"],
-            state["emitted"],
-        )

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from distill_jax.data import answers
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -118,7 +119,7 @@ def write_dataset(
             counts={name[:-6]: len(rows) for name, rows in files.items()},
             pass_rate=len(positives) / max(total, 1),
             problems_with_a_positive=len({r["problem"] for r in positives}),
-            files={name: _sha256(os.path.join(tmp, name)) for name in files},
+            files={name: file_sha256(os.path.join(tmp, name)) for name in files},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
