@@ -163,6 +163,13 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, shape=None) -> Name
     return named_sharding(mesh, ("batch", "length"), rules, shape, what="batch")
 
 
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[int, tuple[str, ...]]:
+    """(devices a batch's rows are split over, the mesh axes the rules map ``batch`` to)."""
+    entry = _restrict_to_mesh(logical_to_spec(("batch",), rules), mesh)[0]
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return _axis_size(mesh, entry), names
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Within this context, ``shard(x, axes)`` constrains activations on ``mesh`` with ``rules``."""

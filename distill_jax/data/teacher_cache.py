@@ -11,9 +11,12 @@ Layout of a cache directory:
 The manifest names the teacher (a hash of its config and parameters), the tokenizer
 (``Tokenizer.fingerprint``), K, the temperature, the stored dtype, the batch shape and the data
 iterator's settings. ``TeacherCache.check`` refuses a cache whose settings differ from the run's,
-naming each difference; ``TeacherCache.get(i, batch)`` refuses a batch whose input ids are not
-the ones the cache was written for. Each file is written under a temporary name and renamed, and
-the manifest comes last, so an interrupted write never looks like a complete cache.
+naming each difference; ``check_run`` refuses, before anything loads, a cache shorter than the
+run (one batch per optimizer step) or whose K / temperature / dtype differ from the config's,
+and ``check_arrays`` one whose files hold arrays of other shapes than the manifest says
+(headers only, nothing is read); ``TeacherCache.get(i, batch)`` refuses a batch whose input ids
+are not the ones the cache was written for. Each file is written under a temporary name and
+renamed, and the manifest comes last, so an interrupted write never looks like a complete cache.
 
 Log-probs can be stored as float32, float16 or bfloat16 (bfloat16 as its 16 raw bits); ids are
 int32. ``bytes_per_token`` reports the on-disk size per cached position.
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 
 import jax
@@ -195,6 +199,78 @@ class TeacherCache:
                 + "); rebuild the cache for this run or use matching settings."
             )
 
+    def check_run(self, *, steps: int, **config) -> None:
+        """Refuse a cache that cannot serve a run of ``steps`` optimizer steps: fewer batches
+        than steps (``CachedTeacherSource`` reads one batch per step; micro-batches split it
+        inside the step), or a setting the config names (``k``, ``temperature``, ``dtype``;
+        None: not set, the cache's is used) that differs from the cache's."""
+        if self.num_batches < steps:
+            raise ValueError(
+                f"The teacher cache in {self.directory!r} holds {self.num_batches} batches but "
+                f"train.steps={steps} reads {steps} (one per step); rebuild it with --mode=cache "
+                f"--config.train.steps={steps}, or run at most {self.num_batches} steps."
+            )
+        diffs = [
+            f"teacher.{name}={value!r} but the cache has {self.settings.get(key)!r}"
+            for (name, key), value in zip(
+                (("k", "k"), ("cache_temperature", "temperature"), ("cache_dtype", "dtype")),
+                (config.get("k"), config.get("temperature"), config.get("dtype")),
+            )
+            if value is not None and self.settings.get(key) != value
+        ]
+        if diffs:
+            raise ValueError(
+                f"The teacher cache in {self.directory!r} was written with other settings ("
+                + "; ".join(diffs)
+                + "); rebuild it with --mode=cache for these settings, or drop them from "
+                "config.teacher to use the cache's."
+            )
+
+    def expected_shapes(self, num_batches: int) -> dict[str, tuple]:
+        """{array: shape} a shard of ``num_batches`` batches holds by the manifest: ids and
+        logprobs [n, B, L, K], log_normalizer and log_tail [n, B, L], input_hash [n, 32]; B and
+        L are None when the manifest has no data settings (then not checked)."""
+        data, k = self.settings.get("data") or {}, int(self.settings["k"])
+        processes = int(self.manifest.get("process_count", 1))
+        b = data.get("global_batch_size")
+        b = None if b is None else int(b) // processes
+        n, seq = num_batches, data.get("seq_len")
+        return dict(
+            ids=(n, b, seq, k),
+            logprobs=(n, b, seq, k),
+            log_normalizer=(n, b, seq),
+            log_tail=(n, b, seq),
+            input_hash=(n, 32),
+        )
+
+    def check_arrays(self) -> None:
+        """Every shard file holds the arrays the manifest describes, of its shapes (read from
+        the .npy headers inside each .npz; no array is loaded).
+
+        Raises:
+            FileNotFoundError: a shard file is missing.
+            ValueError: an array is missing or its shape differs, naming file, array and both
+                shapes.
+        """
+        for shard in self._shards:
+            path = os.path.join(self.directory, shard["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"The teacher cache in {self.directory!r} lists {shard['file']} but the file "
+                    "is missing; rebuild the cache with --mode=cache."
+                )
+            found = npz_shapes(path)
+            for name, want in self.expected_shapes(int(shard["num_batches"])).items():
+                got = found.get(name)
+                ok = got is not None and len(got) == len(want)
+                if not ok or any(w is not None and g != w for g, w in zip(got, want)):
+                    raise ValueError(
+                        f"{path}: {name} has shape {got} but the manifest says "
+                        f"{tuple('?' if w is None else w for w in want)} (batches, rows, "
+                        "positions, k); the file is not the one this manifest was written with: "
+                        "rebuild the cache with --mode=cache."
+                    )
+
     def _shard(self, i: int) -> tuple[dict, int]:
         s = int(np.searchsorted(self._offsets, i, side="right") - 1)
         if self._loaded is None or self._loaded[0] != s:
@@ -230,3 +306,18 @@ class TeacherCache:
             log_tail=np.asarray(arrays["log_tail"][j]),
             temperature=np.float32(self.settings["temperature"]),
         )
+
+
+def npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """{array name: shape} of an .npz file from its members' .npy headers (nothing loaded)."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with z.open(member) as f:
+                fmt = np.lib.format
+                v1 = fmt.read_magic(f) == (1, 0)
+                shape, _, _ = (fmt.read_array_header_1_0 if v1 else fmt.read_array_header_2_0)(f)
+            out[member[: -len(".npy")]] = tuple(shape)
+    return out

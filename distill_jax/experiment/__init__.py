@@ -22,11 +22,14 @@ from typing import Any
 import jax
 from etils import epath
 
-from distill_jax import sharding, teachers
+from distill_jax import teachers
 from distill_jax.experiment.checks import (
     ONPOLICY_TEACHERS,
+    check_batch,
+    check_cache,
     check_onpolicy,
     check_pairs,
+    check_run,
     check_vocab,
     loss_spec,
     run_settings,
@@ -76,8 +79,11 @@ __all__ = [
     "build_mesh",
     "build_model",
     "build_teacher",
+    "check_batch",
+    "check_cache",
     "check_onpolicy",
     "check_pairs",
+    "check_run",
     "check_vocab",
     "load_documents",
     "load_examples",
@@ -242,12 +248,14 @@ def build(c) -> Experiment:
     """Check ``c`` and build everything a run of it needs, in the order that fails fastest."""
     seed = int(c.get("seed", 0))
     # --- mesh and checks (nothing loaded yet)
+    check_run(c)  # every knob of train / optimizer / eval / data (the registry's tables)
     mesh, mesh_rules = build_mesh(c), rules(c)
     onpolicy = check_onpolicy(c)
     shape = step_shape(c)  # on-policy: prompt + completion, static lengths
-    sharding.batch_sharding(mesh, mesh_rules, shape=shape)  # a batch the mesh cannot divide fails
+    check_batch(c, mesh, mesh_rules, shape)  # a batch the mesh or micro_batches cannot divide
     spec = loss_spec(c)  # unknown terms fail here
     check_pairs(c, spec)
+    check_cache(c)  # a cached teacher: short or reshaped caches fail here
     stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
     scan_lib.remat_policy(c.train.get("remat", False), mesh.devices.flat[0].platform)
     if stages and c.teacher.get("kind") == "ema":

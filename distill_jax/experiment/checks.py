@@ -8,12 +8,75 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill_jax import bridges
+from distill_jax import bridges, sharding
+from distill_jax.data import teacher_cache
 from distill_jax.experiment import depths
 from distill_jax.train import objective, registry, rollout, terms
 from distill_jax.train.settings import RunSettings
 
 ONPOLICY_TEACHERS = ("online", "ema", "ensemble", "composite", "self")
+
+
+def check_run(c) -> None:
+    """``config.train``, ``optimizer``, ``eval`` and ``data`` checked before anything is built:
+    every knob against ``registry.RUN_BLOCKS`` (names, types, ranges, NaN / inf;
+    ``terms.check_blocks``), the knobs a run needs (``registry.REQUIRED``) and ``data.seq_len``
+    unless ``config.onpolicy`` gives the row length."""
+    terms.check_blocks(c)
+    for block, names in registry.REQUIRED.items():
+        have = terms.to_dict(c.get(block))
+        for name in names:
+            if have.get(name) is None:
+                knob = registry.RUN_BLOCKS[block][name]
+                raise ValueError(
+                    f"config.{block}.{name} is not set: {knob.doc}, {knob.describe()}; set it "
+                    f"in the config file or with --config.{block}.{name}=..."
+                )
+    if not c.get("onpolicy") and c.data.get("seq_len") is None:
+        raise ValueError(
+            "config.data.seq_len is not set: tokens per row, an integer >= 1 (only on-policy "
+            "runs take the row length from onpolicy.prompt_len + max_new_tokens)."
+        )
+
+
+def check_batch(c, mesh, mesh_rules, shape: tuple[int, int]) -> None:
+    """The step's [B, L] batch against the mesh and ``train.micro_batches``: B rows split over
+    the data-parallel devices (the mesh axes ``batch`` maps to) and into micro-batches."""
+    b, (dp, axes) = shape[0], sharding.data_parallel_size(mesh, mesh_rules)
+    if b % dp:
+        raise ValueError(
+            f"data.global_batch_size={b} is split over {dp} devices (mesh axes {axes}, which the "
+            f"rules map 'batch' to), which does not divide it; use a multiple of {dp} or change "
+            "config.mesh."
+        )
+    a = int(c.train.get("micro_batches", 1))
+    if b % a:
+        raise ValueError(
+            f"data.global_batch_size={b} is not divisible by train.micro_batches={a} (each "
+            f"micro-batch takes B / {a} rows); use a batch that is a multiple of {a} or another "
+            "micro_batches."
+        )
+    sharding.batch_sharding(mesh, mesh_rules, shape=shape)  # any other sharded dimension
+
+
+def check_cache(c) -> teacher_cache.TeacherCache | None:
+    """A cached teacher's cache (``teacher.kind='cached'``) against the run, before anything
+    loads: its manifest exists, it holds a batch for each of ``train.steps``, the K, temperature
+    and dtype the config sets (if any) are the cache's, and every shard's arrays have the
+    manifest's shapes. Tokenizer and data settings are checked when they are known
+    (``experiment.models``). Returns the opened cache (None for other teachers)."""
+    t = c.get("teacher") or {}
+    if t.get("kind") != "cached":
+        return None
+    cache = teacher_cache.TeacherCache(t.cache_dir)
+    cache.check_run(
+        steps=int(c.train.steps),
+        k=t.get("k"),
+        temperature=t.get("cache_temperature"),
+        dtype=t.get("cache_dtype"),
+    )
+    cache.check_arrays()
+    return cache
 
 
 def loss_spec(c) -> objective.LossSpec:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from distill_jax import sharding, teachers, topologies
+from distill_jax import teachers, topologies
 from distill_jax.experiment.checks import (
+    check_batch,
     check_pairs,
+    check_run,
     check_vocab,
     loss_spec,
     run_settings,
@@ -51,10 +53,11 @@ def compile_check(
 
 def build_abstract(c, devices) -> tuple[Any, build_lib.StepBuild, tuple, dict]:
     """(mesh, the trainer's StepBuild with abstract state, step arguments, model facts)."""
+    check_run(c)
     mesh = build_mesh(c, devices)
     rules = mesh_rules(c)
     shape = step_shape(c)
-    sharding.batch_sharding(mesh, rules, shape=shape)
+    check_batch(c, mesh, rules, shape)
     spec = loss_spec(c)
     check_pairs(c, spec)
     seed = int(c.get("seed", 0))

@@ -7,6 +7,8 @@ the registry (``train/registry/``) before any model or data loads.
     parse_teacher(teacher) -> Entry      the ``TEACHERS`` entry, knobs checked against its kind's
     check_knobs(where, raw, knobs) -> dict   names, types and ranges; defaults filled in
     check_layers(terms, L_s, L_t)        feature terms' layer indices against known depths
+    check_blocks(config) -> {block: knobs}   ``train``, ``optimizer``, ``eval``, ``data``
+                                         against ``registry.RUN_BLOCKS``
 
 A ``Term`` is (label, entry, knobs): the metric label ``loss/<label>``, the registry entry and
 every knob of the entry with its default filled in and its value checked. Errors name the term,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +35,7 @@ from distill_jax.train.registry import (
     LOSS_TERMS,
     OPTIONS,
     RENAMED,
+    RUN_BLOCKS,
     SELECTIONS,
     TEACHERS,
     Entry,
@@ -111,6 +115,8 @@ def _check_value(where: str, name: str, knob: Knob, value) -> None:
     }[kind]
     if not ok:
         raise ValueError(f"{where}.{name}={value!r}: must be {knob.describe()}.")
+    if kind in (float, int) and not math.isfinite(value):  # NaN passes every comparison
+        raise ValueError(f"{where}.{name}={value!r}: not finite; use {knob.describe()}.")
     if knob.choices is not None and value not in knob.choices:
         raise ValueError(f"{where}.{name}={value!r}: must be {knob.describe()}.")
     if kind in (float, int) and (
@@ -127,6 +133,18 @@ def check_knobs(where: str, raw: Mapping, knobs: Mapping[str, Knob], renamed=Non
     for name, value in raw.items():
         _check_value(where, name, knobs[name], value)
     return {name: raw.get(name, knob.default) for name, knob in knobs.items()}
+
+
+def check_blocks(config) -> dict[str, dict]:
+    """Each of ``config.train``, ``optimizer``, ``eval`` and ``data`` that the config has,
+    checked against its table in ``registry.RUN_BLOCKS`` (names, types, ranges; NaN and inf
+    refused); returns {block: knobs with defaults filled in}."""
+    out = {}
+    for block, knobs in RUN_BLOCKS.items():
+        raw = _has(config, block)
+        if raw is not None:
+            out[block] = check_knobs(f"config.{block}", raw, knobs)
+    return out
 
 
 def parse_term(label: str, raw: Mapping) -> Term:
@@ -298,8 +316,10 @@ def validate(config) -> tuple[list[Term], dict, Term]:
     """Check ``config.losses``, ``config.loss_options`` and ``config.teacher`` against the
     registry before anything loads; returns (terms, options, selection).
 
-    ``loss_options.total_steps`` is taken from ``config.train.steps`` when not set.
+    ``loss_options.total_steps`` is taken from ``config.train.steps`` when not set; the run's
+    blocks (``check_blocks``) are checked first.
     """
+    check_blocks(config)
     options = to_dict(_has(config, "loss_options"))
     train = to_dict(_has(config, "train"))
     if options.get("total_steps") is None and train.get("steps"):

@@ -1,9 +1,9 @@
 r"""The registry: every name a config can pick, with its function and typed knobs.
 
 One plain dict per family, name -> ``Entry`` (a small frozen dataclass), each in its own file of
-this package (``losses.py``, ``selections.py``, ``teachers.py``, ``regimes.py``, ``options.py``;
-the types in ``knobs.py``); nothing registers itself on import, so what exists is what these
-files list. To add a term, add an entry there (and its function where its family lives);
+this package (``losses.py``, ``selections.py``, ``teachers.py``, ``regimes.py``, ``options.py``,
+``run.py``; the types in ``knobs.py``); nothing registers itself on import, so what exists is
+what these files list. To add a term, add an entry there (and its function where its family lives);
 ``train/terms.py`` checks configs against these dicts.
 
     LOSS_TERMS[name]   a loss term: a divergence (``divergences.CORES``), ``ce``, ``sinkhorn``,
@@ -23,6 +23,8 @@ files list. To add a term, add an entry there (and its function where its family
     OPTIONS            the knobs of ``config.loss_options`` (a dict of ``Knob``).
     MODEL_KNOBS        the model block a model-backed teacher reads (``init``, ``config``, ...).
     RENAMED            old knob name -> new name, per scope (an old name fails with the hint).
+    RUN_BLOCKS[block]  the knobs of ``config.train``, ``optimizer``, ``eval`` and ``data``
+                       (``run.py``); ``REQUIRED`` the ones a training run needs.
 
 ``Entry(name, family, fn, doc, knobs, needs, supplies, tau_squared, alpha)``: ``knobs`` maps a
 knob name to a ``Knob(kind, default, doc, low, high, open_low, choices, schedule, to_fn)``: its
@@ -36,6 +38,7 @@ from distill_jax.train.registry.knobs import WEIGHT, Entry, Knob
 from distill_jax.train.registry.losses import LOSS_TERMS
 from distill_jax.train.registry.options import OPTIONS, RENAMED
 from distill_jax.train.registry.regimes import ONPOLICY_KNOBS, REGIMES, regime_of
+from distill_jax.train.registry.run import REQUIRED, RUN_BLOCKS
 from distill_jax.train.registry.selections import SELECTIONS
 from distill_jax.train.registry.teachers import MODEL_KNOBS, TEACHERS
 
@@ -46,6 +49,8 @@ __all__ = [
     "OPTIONS",
     "REGIMES",
     "RENAMED",
+    "REQUIRED",
+    "RUN_BLOCKS",
     "SELECTIONS",
     "TEACHERS",
     "WEIGHT",
