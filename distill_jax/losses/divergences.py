@@ -31,6 +31,8 @@ from distill_jax.losses.tokens import (
     entropy_from_log_probs,
     log_probs,
     logaddexp,
+    masked_logits,
+    masked_temperature,
     xlogy_ratio,
 )
 from distill_jax.losses.transport import (  # noqa: F401  (re-exported: the OT losses)
@@ -249,6 +251,11 @@ def _per_token(core, student_logits, teacher_logits, mask, temperature, vocab_ma
             "must have the same shape; teachers with another vocabulary need a bridge "
             "(distill_jax.bridges)."
         )
+    # Masked positions are cleared before the arithmetic (tokens.masked_logits): a -inf or +inf
+    # logit there would otherwise send NaN back through the core's gradient.
+    student_logits = masked_logits(student_logits, mask)
+    teacher_logits = masked_logits(teacher_logits, mask)
+    temperature = masked_temperature(temperature, mask)
     logq = log_probs(student_logits, temperature, vocab_mask)
     logp = jax.lax.stop_gradient(log_probs(teacher_logits, temperature, vocab_mask))
     return apply_mask(core(logq, logp, **knobs), mask)

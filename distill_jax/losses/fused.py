@@ -187,6 +187,23 @@ def _prepare(
     return static, teacher, teacher_head, tok, dynamic
 
 
+def _clear_masked(static: Static, student_hidden, teacher, mask):
+    """Hidden states (each teacher's too) with masked positions set to 0, and a sparse teacher's
+    masked positions set to a uniform stand-in, before the head: the double-where's first half
+    (``tokens.masked_logits``). A padded position may hold +-inf or NaN; the per-token values
+    there are zeroed after the loss anyway, but without this their gradient would be NaN
+    (0 * inf) and, through dW += h^T dz, poison every parameter. Valid positions unchanged."""
+    if mask is None:
+        return student_hidden, teacher
+    keep = mask.astype(bool)[..., None]
+    student_hidden = jnp.where(keep, student_hidden, jnp.zeros((), student_hidden.dtype))
+    if static.sparse:
+        return student_hidden, topk.masked_sparse(teacher, mask)
+    if static.has_teacher:
+        teacher = tuple(jnp.where(keep, h, jnp.zeros((), h.dtype)) for h in teacher)
+    return student_hidden, teacher
+
+
 def _teacher_tuples(hidden, head, softcap, combine):
     """One teacher or several as tuples; several need a ``teacher_combine`` of matching size."""
     several = isinstance(hidden, tuple | list)
@@ -295,6 +312,7 @@ def fused_distill_loss(
         implementation,
         teacher_combine,
     )
+    student_hidden, teacher = _clear_masked(static, student_hidden, teacher, mask)
     if implementation == "custom_vjp":
         total, sums = fused_sums(
             static, student_hidden, student_head, teacher, teacher_head, tok, dynamic, vocab_mask
@@ -376,6 +394,7 @@ def fused_per_token(
         "remat",
         teacher_combine,
     )
+    student_hidden, teacher = _clear_masked(static, student_hidden, teacher, mask)
     sparse_temperature = teacher.temperature if static.sparse else None
     inputs = chunked_inputs(static, student_hidden, teacher, tok)
     values = per_token_scan(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.divergences import skew_kl, skew_reverse_kl
-from distill_jax.losses.tokens import apply_mask, cross_entropy
+from distill_jax.losses.tokens import apply_mask, cross_entropy, masked_logits
 
 
 def token_logprobs(
@@ -163,8 +163,8 @@ def listmle(
     """
     if normalization not in ("suffix", "prefix"):
         raise ValueError(f"listmle: normalization={normalization!r} must be 'suffix' or 'prefix'.")
-    s = student_logits.astype(jnp.float32) / temperature
-    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    s = masked_logits(student_logits, mask).astype(jnp.float32) / temperature
+    t = jax.lax.stop_gradient(masked_logits(teacher_logits, mask).astype(jnp.float32))
     k = min(k, s.shape[-1])
     _, ids = jax.lax.top_k(jax.lax.stop_gradient(s), k)  # [B, T, K]
     order = jnp.argsort(-jnp.take_along_axis(t, ids, axis=-1), axis=-1, stable=True)

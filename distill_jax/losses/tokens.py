@@ -4,7 +4,9 @@ and the one reducer.
 Conventions (METHODS.md section 0): logits of any float dtype are upcast to float32 before the
 softmax; a temperature divides the logits; padded or banned vocabulary entries are given logit
 -inf through ``vocab_mask`` and every function defines 0 * log 0 = 0 with explicit ``jnp.where``
-(both in the value and in the gradient), so masked entries never produce NaN.
+(both in the value and in the gradient), so masked entries never produce NaN. Masked *positions*
+(padding, a fully masked row) are cleared before any arithmetic (``masked_logits``), so their
+logits may hold anything, +-inf and NaN included, without reaching the gradient.
 """
 
 from __future__ import annotations
@@ -64,6 +66,30 @@ def entropy_from_log_probs(logp: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
 
 
+def masked_logits(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``logits`` [..., V] with every masked position's row set to 0; other rows unchanged.
+
+    The first half of the double-where: ``apply_mask`` zeroes a masked position's *value*
+    after the arithmetic, but the gradient still passes through that arithmetic, where a +-inf
+    or NaN logit turns the zero cotangent into 0 * inf = NaN. Selecting the inputs first keeps
+    the masked positions' arithmetic finite, so their (zero) gradient is finite too.
+
+    Args:
+        logits: [..., V] float; mask: [...] bool or None (None: returned as is).
+    """
+    if mask is None:
+        return logits
+    return jnp.where(mask.astype(bool)[..., None], logits, jnp.zeros((), logits.dtype))
+
+
+def masked_temperature(temperature, mask: jax.Array | None):
+    """A per-token temperature [...] with masked positions set to 1 (padding may carry tau = 0);
+    a scalar is returned as is."""
+    if mask is None or jnp.ndim(temperature) == 0:
+        return temperature
+    return jnp.where(mask.astype(bool), jnp.asarray(temperature, jnp.float32), 1.0)
+
+
 def apply_mask(per_token: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Zero the per-token values where ``mask`` is False (with where, so NaN/inf cannot leak)."""
     if mask is None:
@@ -89,6 +115,7 @@ def entropy(
     Returns:
         [...] float32.
     """
+    logits, temperature = masked_logits(logits, mask), masked_temperature(temperature, mask)
     return apply_mask(entropy_from_log_probs(log_probs(logits, temperature, vocab_mask)), mask)
 
 
@@ -110,7 +137,7 @@ def cross_entropy(
     Returns:
         [...] float32.
     """
-    logp = log_probs(logits, 1.0, vocab_mask)
+    logp = log_probs(masked_logits(logits, mask), 1.0, vocab_mask)
     safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
     nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
     return apply_mask(nll, mask)

@@ -29,7 +29,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from distill_jax.losses import divergences
-from distill_jax.losses.tokens import NEG_INF, apply_mask, log_probs
+from distill_jax.losses.tokens import (
+    NEG_INF,
+    apply_mask,
+    log_probs,
+    masked_logits,
+    masked_temperature,
+)
 
 SEMANTICS = ("renorm_both", "renorm_teacher", "tail_bucket")
 
@@ -104,6 +110,21 @@ def log_mass_outside(logp: jax.Array, ids: jax.Array) -> jax.Array:
     empty = jnp.all(rest == NEG_INF, axis=-1)
     out = jax.nn.logsumexp(jnp.where(empty[..., None], 0.0, rest), axis=-1)
     return jnp.where(empty, NEG_INF, out)
+
+
+def masked_sparse(sparse: SparseTeacher, mask: jax.Array | None) -> SparseTeacher:
+    """``sparse`` with every masked position replaced by a finite stand-in (uniform over the K
+    entries and the tail bucket), before any arithmetic: a padded position's stored -inf / NaN
+    would otherwise reach the gradient (see ``tokens.masked_logits``)."""
+    if mask is None:
+        return sparse
+    m = mask.astype(bool)
+    uniform = -jnp.log(jnp.float32(sparse.k + 1))
+    return sparse.replace(
+        logprobs=jnp.where(m[..., None], sparse.logprobs, uniform),
+        log_normalizer=jnp.where(m, sparse.log_normalizer, 0.0),
+        log_tail=jnp.where(m, sparse.log_tail, uniform),
+    )
 
 
 def retemper(sparse: SparseTeacher, temperature) -> jax.Array:
@@ -189,8 +210,12 @@ def topk_divergence(
             f"probabilities and is defined for forward_kl only, not {name!r}; use 'renorm_both' "
             "or 'tail_bucket'."
         )
-    logq, logp = support_log_probs(
-        student_logits, sparse, semantics=semantics, temperature=temperature, vocab_mask=vocab_mask
+    logq, logp = support_log_probs(  # masked positions cleared first (masked_logits)
+        masked_logits(student_logits, mask),
+        masked_sparse(sparse, mask),
+        semantics=semantics,
+        temperature=masked_temperature(temperature, mask),
+        vocab_mask=vocab_mask,
     )
     return apply_mask(core(logq, logp, **knobs), mask)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses.tokens import NEG_INF, log_probs
+from distill_jax.losses.tokens import NEG_INF, log_probs, masked_logits
 
 # --------------------------------------------------------------------------- Sinkhorn (OT)
 
@@ -115,8 +115,10 @@ def sinkhorn(
     """
     if scope not in ("batch", "sequence"):
         raise ValueError(f"sinkhorn: scope={scope!r} must be 'batch' or 'sequence'.")
-    q = jnp.exp(log_probs(student_logits, temperature, vocab_mask))
-    p = jax.lax.stop_gradient(jnp.exp(log_probs(teacher_logits, temperature, vocab_mask)))
+    # Masked positions are cleared before the arithmetic (tokens.masked_logits).
+    zs, zt = masked_logits(student_logits, mask), masked_logits(teacher_logits, mask)
+    q = jnp.exp(log_probs(zs, temperature, vocab_mask))
+    p = jax.lax.stop_gradient(jnp.exp(log_probs(zt, temperature, vocab_mask)))
     shape = q.shape[:-1]
     valid = jnp.ones(shape, bool) if mask is None else mask.astype(bool)
     v = q.shape[-1]
@@ -136,6 +138,13 @@ def sinkhorn(
 # ------------------------------------------------------------------------------ MultiLevelOT
 
 
+def _std(var: jax.Array) -> jax.Array:
+    """sqrt(var) with a zero gradient at var = 0 (a constant row, e.g. a cleared masked one),
+    where sqrt's own is infinite and 0 * inf = NaN would reach the head's gradient."""
+    pos = var > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)
+
+
 def zscore_probs(logits, temperature=1.0, vocab_mask=None, *, eps: float = 1e-4) -> jax.Array:
     """softmax(z~ / tau) with z~ = (z - mean_v z) / (std_v z + eps) (unbiased std over the valid
     vocabulary): MultiLevelOT's logit standardisation. [..., V] -> [..., V] float32."""
@@ -144,7 +153,7 @@ def zscore_probs(logits, temperature=1.0, vocab_mask=None, *, eps: float = 1e-4)
     n = jnp.sum(ok).astype(jnp.float32)
     mean = jnp.sum(jnp.where(ok, z, 0.0), -1, keepdims=True) / n
     var = jnp.sum(jnp.where(ok, jnp.square(z - mean), 0.0), -1, keepdims=True) / (n - 1)
-    zs = (z - mean) / (jnp.sqrt(var) + eps)
+    zs = (z - mean) / (_std(var) + eps)
     return jnp.exp(log_probs(zs, temperature, vocab_mask))
 
 
@@ -241,8 +250,9 @@ def multilevel_ot(
     if not 1 <= top_k <= v:
         raise ValueError(f"multilevel_ot: top_k={top_k} must be in [1, V={v}].")
     valid = jnp.ones(student_logits.shape[:2], bool) if mask is None else mask.astype(bool)
-    q = zscore_probs(student_logits, temperature, vocab_mask)
-    p = jax.lax.stop_gradient(zscore_probs(teacher_logits, temperature, vocab_mask))
+    zs, zt = masked_logits(student_logits, mask), masked_logits(teacher_logits, mask)
+    q = zscore_probs(zs, temperature, vocab_mask)
+    p = jax.lax.stop_gradient(zscore_probs(zt, temperature, vocab_mask))
     return multilevel_ot_from_columns(
         top_mass_columns(q, valid, top_k),
         top_mass_columns(p, valid, top_k),
@@ -323,7 +333,7 @@ def _top_columns_from_hidden(h, w, cap, valid, vmask, *, tau, top_k: int, vocab_
 
     zero = jnp.zeros(h.shape[:2], jnp.float32)
     (n, mean, m2), _ = _scan_blocks(stats, (jnp.zeros(()), zero, zero), h, blocks, cap)
-    scale = (jnp.sqrt(m2 / (n - 1)) + 1e-4) * tau  # [B, T]
+    scale = (_std(m2 / (n - 1)) + 1e-4) * tau  # [B, T]
 
     def standardised(z, mb):
         return jnp.where(mb, (z - mean[..., None]) / scale[..., None], -jnp.inf)
