@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from distill_jax.data import sources
 from distill_jax.data.prompts import PromptTooLong, encode_example
 from distill_jax.data.seqkd import file_sha256
 from distill_jax.data.shuffled_rows import ShuffledRows
@@ -60,9 +61,14 @@ def pairs_file(path: str) -> str:
     return file
 
 
-def read_pairs(path: str) -> tuple[list[dict], dict]:
+def read_pairs(path: str, *, bad_records: str = "error") -> tuple[list[dict], dict]:
     """(records, info) of a pairs.jsonl or a seqkd output directory; info = {"file", "sha256",
-    "manifest" (None without one)}.
+    "manifest" (None without one), "skipped" (``sources.LoadReport``)}.
+
+    Every record is checked as it is read (``sources.read_jsonl``): "prompt" and "chosen" must be
+    non-empty text and "rejected" text (a wrong trace may be empty); the first bad one stops the
+    load naming file and line, or, with ``bad_records="skip"``, bad records are left out and
+    counted.
 
     The manifest (``manifest.json`` beside the file, written by ``seqkd.write_dataset``) is
     checked against the file: its sha256 of pairs.jsonl must match, so a changed or truncated
@@ -74,26 +80,22 @@ def read_pairs(path: str) -> tuple[list[dict], dict]:
 
     Raises:
         FileNotFoundError: no such file (``pairs_file``).
-        ValueError: the file holds no pairs, a record lacks a field, or the hash differs.
+        ValueError: the file holds no pairs, a record is bad (file:line), or the hash differs.
     """
     file = pairs_file(path)
-    records = []
-    with open(file) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in RECORD_FIELDS if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(
-                    f"{file}:{i + 1}: the record has no text field(s) {missing}; a pairs file "
-                    'holds {"prompt", "chosen", "rejected"} per line (data.seqkd).'
-                )
-            records.append(row)
+    records, report = sources.read_jsonl(
+        file,
+        RECORD_FIELDS,
+        bad_records=bad_records,
+        blank_ok=("rejected",),
+        whole=True,
+        allow_empty=True,
+    )
     if not records:
         raise ValueError(
             f"{file} holds no pairs (the verifier kept no problem with both a correct and a "
             "wrong trace); sample more traces per problem (seqkd.n) or more problems."
+            + (f" All {report.skipped} records were bad: {report.first}." if report.skipped else "")
         )
     manifest, sha = None, file_sha256(file)
     manifest_path = os.path.join(os.path.dirname(os.path.abspath(file)), "manifest.json")
@@ -107,7 +109,7 @@ def read_pairs(path: str) -> tuple[list[dict], dict]:
                 "write the dataset again with --mode=seqkd, or copy an edited pairs file to a "
                 "directory of its own."
             )
-    return records, {"file": file, "sha256": sha, "manifest": manifest}
+    return records, {"file": file, "sha256": sha, "manifest": manifest, "skipped": report}
 
 
 def side_row(prompt: Sequence[int], response: Sequence[int], seq_len: int, pad: int) -> dict:

@@ -26,6 +26,7 @@ raises ``ValueError`` naming the source and what to check.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,9 @@ def expand_paths(paths: PathsLike) -> list[str]:
         paths = [paths]
     found: list[str] = []
     for entry in map(os.fspath, paths):
-        if any(c in entry for c in "*?["):
+        if os.path.isfile(entry):  # a file whose name has glob characters is that file
+            matches = [entry]
+        elif any(c in entry for c in "*?["):
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise FileNotFoundError(f"No file matches the pattern {entry!r}.")
@@ -105,10 +108,8 @@ def expand_paths(paths: PathsLike) -> list[str]:
             raise FileNotFoundError(
                 f"{entry!r} is a directory; name its files or a glob such as {entry}/*.txt."
             )
-        elif not os.path.isfile(entry):
-            raise FileNotFoundError(f"No such file: {entry!r}.")
         else:
-            matches = [entry]
+            raise FileNotFoundError(f"No such file: {entry!r}.")
         found += [p for p in matches if p not in found]
     if not found:
         raise FileNotFoundError("No file given: paths is an empty list.")
@@ -125,97 +126,243 @@ def _read_text(path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _blank_line_documents(text: str) -> list[str]:
-    """Runs of non-blank lines, each joined by "\\n"; blank lines only separate."""
-    documents, lines = [], []
-    for line in [*text.split("\n"), ""]:
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            documents.append("\n".join(lines))
-            lines = []
-    return documents
-
-
 def _require_documents(items: list, source: str, fix: str) -> list:
     if not items:
         raise ValueError(f"{source} holds no documents; {fix}.")
     return items
 
 
-def text_documents(paths: PathsLike, *, one_per_file: bool = False) -> list[str]:
+# ---------------------------------------------------------------------------------------------
+# Bad records: every record is checked when it is read, and reported by file:line
+# ---------------------------------------------------------------------------------------------
+
+BAD_RECORDS = ("error", "skip")
+_SKIP_HINT = "fix the record, or set data.bad_records='skip' to leave bad records out (counted)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What a loader left out with ``bad_records="skip"``: the number of ``skipped`` records and
+    the first of them as "file:line: problem" ("" when none was skipped)."""
+
+    skipped: int = 0
+    first: str = ""
+
+    def add(self, problem: str) -> LoadReport:
+        return LoadReport(self.skipped + 1, self.first or problem)
+
+
+def text_problem(value, *, empty_ok: bool = False) -> str | None:
+    """Why ``value`` cannot be trained on as text, or None when it can.
+
+    A value is bad when it is not a string, is not valid Unicode text (a lone surrogate such as
+    the JSON escape ``"\\ud800"``, which ``json.loads`` accepts but no tokenizer or UTF-8
+    encoder does), or is empty after stripping whitespace (unless ``empty_ok``).
+    """
+    if not isinstance(value, str):
+        return f"is {type(value).__name__}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"holds a lone surrogate {value[e.start]!r} at character {e.start}, which is not "
+            "text (a writer emitted half of a UTF-16 pair)"
+        )
+    if not value.strip() and not empty_ok:
+        return "is empty after stripping whitespace"
+    return None
+
+
+def _require_records(items: list, source: str, fix: str, report: LoadReport) -> list:
+    """``items``, or an error naming the source: every record skipped as bad, or none at all."""
+    if not items and report.skipped:
+        raise ValueError(
+            f"{source} hold no usable records: all {report.skipped} were bad and skipped (the "
+            f"first: {report.first})."
+        )
+    return _require_documents(items, source, fix)
+
+
+def _check_bad_records(bad_records: str) -> None:
+    if bad_records not in BAD_RECORDS:
+        raise ValueError(f"bad_records={bad_records!r}: choose one of {BAD_RECORDS}.")
+
+
+def _bad(report: LoadReport, problem: str, bad_records: str) -> LoadReport:
+    """Count ``problem`` ("file:line: ...") with "skip"; raise it with "error"."""
+    if bad_records == "error":
+        raise ValueError(f"{problem}; {_SKIP_HINT}.")
+    return report.add(problem)
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text, "") per line of ``path``, or (line number, None, the decoding
+    problem) for a line that is not UTF-8. "\\r\\n", "\\n" and a lone "\\r" all end a line (as
+    in ``_read_text``; a lone "\\r" keeps its line's number); a UTF-8 byte-order mark is dropped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            raw = raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = raw[e.start : e.start + 1].hex()
+                yield number, None, f"not UTF-8 text (byte 0x{byte} at column {e.start + 1})"
+                continue
+            text = text[:-1] if text.endswith("\n") else text
+            text = text[:-1] if text.endswith("\r") else text
+            for part in text.split("\r"):
+                yield number, part, ""
+
+
+def _file_documents(path: str, one_per_file: bool) -> list[tuple[str, str]]:
+    """(document, "") per document of a text file: runs of non-blank lines joined by "\\n", or
+    the whole file stripped with ``one_per_file`` (none when it is whitespace only); a document
+    with a line that is not UTF-8 is ("", "file:line: problem") instead."""
+    groups: list[list] = [[]]
+    for item in _numbered_lines(path):
+        text = item[1]
+        if one_per_file or text is None or text.strip():
+            groups[-1].append(item)
+        elif groups[-1]:
+            groups.append([])
+    out = []
+    for lines in filter(None, groups):
+        bad = [f"{path}:{n}: {problem}" for n, text, problem in lines if text is None]
+        doc = "\n".join(text for _, text, _ in lines if text is not None)
+        doc = doc.strip() if one_per_file else doc
+        if bad or doc:
+            out.append(("", bad[0]) if bad else (doc, ""))
+    return out
+
+
+def read_text_documents(
+    paths: PathsLike, *, one_per_file: bool = False, bad_records: str = "error"
+) -> tuple[list[str], LoadReport]:
+    """``text_documents`` with the bad-record policy: (documents, what was skipped).
+
+    A document with a line that is not UTF-8 is a bad record, named by file:line: with
+    ``bad_records="error"`` it stops the load, with ``"skip"`` it is left out and counted.
+    """
+    _check_bad_records(bad_records)
+    files = expand_paths(paths)
+    documents: list[str] = []
+    report = LoadReport()
+    for path in files:
+        for doc, problem in _file_documents(path, one_per_file):
+            if problem:
+                report = _bad(report, problem, bad_records)
+            else:
+                documents.append(doc)
+    documents = _require_records(
+        documents, f"The text files {files}", "they are empty or whitespace only", report
+    )
+    return documents, report
+
+
+def text_documents(
+    paths: PathsLike, *, one_per_file: bool = False, bad_records: str = "error"
+) -> list[str]:
     """Documents of plain UTF-8 text files, files in ``expand_paths`` order.
 
     Args:
         paths: a file, a glob (``"corpus/*.txt"``, ``"**"`` recurses), or a list of them.
         one_per_file: each file is one document (its text without surrounding whitespace;
             whitespace-only files give none) instead of one per run of non-blank lines.
+        bad_records: "error" or "skip" (see ``read_text_documents``, which also counts).
 
     Returns:
         The documents, in file order, then order within each file.
 
     Raises:
         FileNotFoundError: see ``expand_paths``.
-        ValueError: a file is not UTF-8, or the files hold no text at all.
+        ValueError: a line is not UTF-8 (naming file and line), or the files hold no text.
     """
-    files = expand_paths(paths)
-    documents: list[str] = []
-    for path in files:
-        text = _read_text(path)
-        if one_per_file:
-            documents += [text.strip()] if text.strip() else []
-        else:
-            documents += _blank_line_documents(text)
-    return _require_documents(
-        documents, f"The text files {files}", "they are empty or whitespace only"
-    )
+    return read_text_documents(paths, one_per_file=one_per_file, bad_records=bad_records)[0]
 
 
-def jsonl_records(paths: PathsLike, fields: Sequence[str]) -> list[dict[str, str]]:
-    """``{field: value}`` for ``fields`` of every JSON object in JSON-lines files.
+def read_jsonl(
+    paths: PathsLike,
+    fields: Sequence[str],
+    *,
+    bad_records: str = "error",
+    blank_ok: Sequence[str] = (),
+    whole: bool = False,
+    allow_empty: bool = False,
+) -> tuple[list[dict], LoadReport]:
+    """(records, what was skipped) of JSON-lines files: ``{field: value}`` for ``fields`` of
+    every object (``whole``: every key of the object, the named fields checked).
 
-    Each non-blank line must be a JSON object whose ``fields`` are all strings (other keys are
-    ignored). Values are kept exactly, empty strings included.
+    Every non-blank line is checked when it is read: it must be UTF-8 and a JSON object whose
+    ``fields`` are all text (``text_problem``; a field in ``blank_ok`` may be empty). The first
+    bad line stops the load with "file:line: what is wrong" (``bad_records="error"``), or every
+    bad line is left out and counted (``"skip"``). Values are kept exactly.
 
     Raises:
         FileNotFoundError: see ``expand_paths``.
-        ValueError: a line is not a JSON object, lacks a field or has a non-string one (the
-            message names file and line), or the files hold no records.
+        ValueError: a bad line (with "error"), or the files hold no records (unless
+            ``allow_empty``: the caller says what an empty file means).
     """
+    _check_bad_records(bad_records)
     files = expand_paths(paths)
-    records = []
+    records, report = [], LoadReport()
     for path in files:
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    records.append(_json_record(line, fields, f"{path}:{number}"))
-    return _require_documents(
-        records, f"The JSON-lines files {files}", "they have no non-blank lines"
-    )
+        for number, line, bad in _numbered_lines(path):
+            if line is not None and not line.strip():
+                continue
+            where = f"{path}:{number}"
+            record, problem = (
+                (None, bad) if line is None else _json_record(line, fields, blank_ok, whole)
+            )
+            if problem:
+                report = _bad(report, f"{where}: {problem}", bad_records)
+            else:
+                records.append(record)
+    if not allow_empty:
+        records = _require_records(
+            records, f"The JSON-lines files {files}", "they have no non-blank lines", report
+        )
+    return records, report
 
 
-def _json_record(line: str, fields: Sequence[str], where: str) -> dict[str, str]:
+def jsonl_records(
+    paths: PathsLike, fields: Sequence[str], *, bad_records: str = "error"
+) -> list[dict[str, str]]:
+    """``{field: value}`` for ``fields`` of every JSON object in JSON-lines files.
+
+    Each non-blank line must be a JSON object whose ``fields`` are all non-empty text (other keys
+    are ignored); see ``read_jsonl`` for the checks and ``bad_records``. Values are kept exactly.
+
+    Raises:
+        FileNotFoundError: see ``expand_paths``.
+        ValueError: a line is not a JSON object, lacks a field or has a bad one (the message
+            names file and line), or the files hold no records.
+    """
+    return read_jsonl(paths, fields, bad_records=bad_records)[0]
+
+
+def _json_record(line: str, fields, blank_ok=(), whole=False) -> tuple[dict | None, str]:
+    """(the record: ``fields`` of the object, or all of it with ``whole``; "") of one JSON line,
+    or (None, what is wrong with it)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}).") from e
+        return None, f"not valid JSON ({e.msg})"
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+        return None, f"expected a JSON object, got {type(obj).__name__}"
     record = {}
     for field in fields:
         if field not in obj:
-            raise ValueError(f"{where}: no field {field!r}; the object has {sorted(obj)}.")
-        if not isinstance(obj[field], str):
-            raise ValueError(
-                f"{where}: field {field!r} is {type(obj[field]).__name__}, not a string."
-            )
+            return None, f"no field {field!r}; the object has {sorted(obj)}"
+        problem = text_problem(obj[field], empty_ok=field in blank_ok)
+        if problem:
+            return None, f"field {field!r} {problem}"
         record[field] = obj[field]
-    return record
+    return (obj if whole else record), ""
 
 
-def jsonl_documents(paths: PathsLike, field: str = "text") -> list[str]:
+def jsonl_documents(paths: PathsLike, field: str = "text", *, bad_records: str = "error"):
     """The string ``field`` of every object in JSON-lines files (see ``jsonl_records``)."""
-    return [record[field] for record in jsonl_records(paths, [field])]
+    return [record[field] for record in jsonl_records(paths, [field], bad_records=bad_records)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -15,10 +16,27 @@ from distill_jax.data import prompts as prompts_lib
 from distill_jax.data.tokenizers import load_tokenizer
 from distill_jax.experiment.models import resolve_path
 
+log = logging.getLogger("distill_jax")
+
+
+def note_skipped(report: sources.LoadReport, source: str) -> int:
+    """Log the bad records ``data.bad_records="skip"`` left out of ``source`` (nothing when none
+    was); returns their number."""
+    if report.skipped:
+        log.warning(
+            "data.bad_records='skip': left out %d bad record(s) of %s; the first: %s",
+            report.skipped,
+            source,
+            report.first,
+        )
+    return report.skipped
+
 
 def load_documents(c: Any) -> list[str]:
-    """Documents of ``config.data.source``: kjv | botchan | gsm | text | jsonl."""
-    source = c.source
+    """Documents of ``config.data.source``: kjv | botchan | gsm | text | jsonl; every record of a
+    text or jsonl file is checked at load (``data.bad_records``: "error" names the first bad one
+    by file:line, "skip" leaves them out and logs how many)."""
+    source, bad_records = c.source, c.get("bad_records", "error")
     if source == "kjv":
         return [text for _, text in sources.kjv_chapters()]
     if source == "botchan":
@@ -27,9 +45,14 @@ def load_documents(c: Any) -> list[str]:
         problems = sources.gsm_problems(c.get("num_problems", 1000), seed=c.get("gsm_seed", 0))
         return [f"Question: {p['question']}\nAnswer: {p['solution']}" for p in problems]
     if source == "text":
-        return sources.text_documents(c.paths)
+        documents, report = sources.read_text_documents(c.paths, bad_records=bad_records)
+        note_skipped(report, f"data.paths={c.paths!r}")
+        return documents
     if source == "jsonl":
-        return sources.jsonl_documents(c.paths, field=c.get("field", "text"))
+        field = c.get("field", "text")
+        records, report = sources.read_jsonl(c.paths, [field], bad_records=bad_records)
+        note_skipped(report, f"data.paths={c.paths!r}")
+        return [r[field] for r in records]
     raise ValueError(
         f"data.source={source!r}: choose kjv, botchan, gsm, text or jsonl (or pairs: preference "
         "pairs for the pair terms, not documents)."
@@ -50,9 +73,13 @@ def load_examples(c: Any) -> list[tuple[str, str]]:
                 for i, pair in enumerate(out)
             ]
         return out
-    if c.source == "jsonl":
+    if c.source == "jsonl":  # every record checked at load (data.bad_records)
         fields = (c.get("prompt_field", "prompt"), c.get("completion_field", "completion"))
-        return [(r[fields[0]], r[fields[1]]) for r in sources.jsonl_records(c.paths, fields)]
+        records, report = sources.read_jsonl(
+            c.paths, fields, bad_records=c.get("bad_records", "error"), blank_ok=fields[1:]
+        )
+        note_skipped(report, f"data.paths={c.paths!r}")
+        return [(r[fields[0]], r[fields[1]]) for r in records]
     n = int(c.get("prompt_chars", 200))
     out = []
     for doc in load_documents(c):
@@ -144,7 +171,10 @@ def pairs_data(c):
     """(train/validation split of the pair records, tokenizer, the training PairBatches) of
     ``config.data.source="pairs"``: ``data.path`` is a seqkd output directory or a pairs.jsonl
     (``data.pairs.read_pairs``: a missing or empty file fails naming it)."""
-    records, info = pairs_lib.read_pairs(c.data.path)
+    records, info = pairs_lib.read_pairs(
+        c.data.path, bad_records=c.data.get("bad_records", "error")
+    )
+    note_skipped(info["skipped"], info["file"])
     split = sources.split_corpus(
         records,
         fraction=c.data.get("held_out_fraction", 0.02),

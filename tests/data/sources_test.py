@@ -7,6 +7,7 @@ own generator, and hand-written expectations for the small files written here.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_text_documents_split_at_blank_lines(tmp_path):
 def test_jsonl_fields_equal_json_loads(tmp_path):
     objects = [
         {"text": "Alpha\nbeta", "prompt": "2+2?", "response": "4", "id": 1},
-        {"text": "", "prompt": "Capital of France?", "response": "Paris"},
+        {"text": " x ", "prompt": "Capital of France?", "response": "Paris"},
         {"text": "ünïcode ✓", "prompt": "p", "response": "r"},
     ]
     lines = [json.dumps(o, ensure_ascii=i % 2 == 0) for i, o in enumerate(objects)]
@@ -122,11 +123,56 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, message):
         sources.jsonl_documents(path)
 
 
-def test_non_utf8_text_names_the_file(tmp_path):
+def test_non_utf8_text_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8"):
+    path.write_bytes(b"fine\n\nalso fine\n" + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt:4: not UTF-8 text \(byte 0xe9 at col"):
         sources.text_documents(path)
+    documents, report = sources.read_text_documents(path, bad_records="skip")
+    assert documents == ["fine"] and report.skipped == 1 and "latin1.txt:4" in report.first
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "\\ud800 half a pair"}', r"bad\.jsonl:3: field 'text' holds a lone surrogate"),
+        ('{"text": "  \\n\\t "}', r"bad\.jsonl:3: field 'text' is empty after stripping"),
+        ('{"text": ["a"]}', r"bad\.jsonl:3: field 'text' is list, not a string"),
+    ],
+)
+def test_bad_records_name_file_and_line_or_are_skipped_and_counted(tmp_path, line, message):
+    """A lone surrogate passes json.loads but is not text: refused at load with file:line (not
+    when a tokenizer meets it), like a non-string or a blank field; "skip" leaves such records
+    out and counts them."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n' + line + '\n{"text": "four"}\n')
+    assert json.loads(line)  # valid JSON
+    with pytest.raises(ValueError, match=message + ".*data.bad_records='skip'"):
+        sources.jsonl_documents(path)
+    records, report = sources.read_jsonl(path, ["text"], bad_records="skip")
+    assert [r["text"] for r in records] == ["one", "two", "four"]
+    assert report.skipped == 1 and re.search(message, report.first)
+    with pytest.raises(ValueError, match="bad_records='maybe'"):
+        sources.read_jsonl(path, ["text"], bad_records="maybe")
+
+
+def test_all_records_bad_and_empty_fields_that_may_be_empty(tmp_path):
+    path = tmp_path / "all_bad.jsonl"
+    path.write_bytes(b'{"p": "\\udfff", "c": "x"}\n\xff\n')
+    with pytest.raises(ValueError, match=r"all 2 were bad and skipped .*all_bad\.jsonl:1"):
+        sources.read_jsonl(path, ["p", "c"], bad_records="skip")
+    with pytest.raises(ValueError, match=r"all_bad\.jsonl:2: not UTF-8 text \(byte 0xff"):
+        sources.read_jsonl(path, ["c"])
+    path.write_text('{"p": "q", "c": ""}\n')
+    with pytest.raises(ValueError, match="field 'c' is empty"):
+        sources.read_jsonl(path, ["p", "c"])
+    assert sources.read_jsonl(path, ["p", "c"], blank_ok=["c"])[0] == [{"p": "q", "c": ""}]
+
+
+def test_glob_characters_in_an_existing_file_name(tmp_path):
+    path = tmp_path / "run[0].jsonl"
+    path.write_text('{"text": "a"}\n')
+    assert sources.jsonl_documents(str(path)) == ["a"]
 
 
 def test_botchan_paragraphs_rejoin_to_the_file(botchan_file):
