@@ -73,6 +73,31 @@ def join(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
+SHELL_METACHARACTERS = set(" \t;&|$`'\"\\<>(){}[]*?!#~%")
+
+
+def line_value(
+    flag: str, value: str, pattern: str, allowed: str, where: str = "an #SBATCH line"
+) -> str:
+    """``value`` if all of it matches ``pattern``: a value the launcher writes verbatim into a
+    line that is not shell-quoted (an ``#SBATCH`` directive; ``where`` says which), where a
+    newline would start a shell command and a metacharacter is not what the scheduler reads.
+
+    Raises:
+        ValueError: naming the flag, what is wrong (a newline, the first metacharacter) and what
+            is allowed (``allowed``).
+    """
+    if re.fullmatch(pattern, value):
+        return value
+    if any(c in value for c in "\n\r"):
+        what = "a newline, which would start a new line of the script"
+    elif bad := [c for c in value if c in SHELL_METACHARACTERS or not c.isprintable()]:
+        what = f"the character {bad[0]!r}"
+    else:
+        what = "a value of another form"
+    raise ValueError(f"{flag}={value!r} goes into {where} and holds {what}; use {allowed}.")
+
+
 def mesh_sizes(config, devices: int) -> dict[str, int]:
     """``config.mesh`` with its -1 resolved for ``devices`` devices (as sharding.make_mesh).
 

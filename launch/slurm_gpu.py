@@ -40,13 +40,39 @@ JOB_NAME = flags.DEFINE_string("job_name", "distill_jax", "Job name.")
 PORT = flags.DEFINE_integer("port", 12355, "Coordinator port on the first node.")
 SIGNAL = flags.DEFINE_integer("signal_seconds", 300, "SIGTERM this long before the limit.")
 SETUP = flags.DEFINE_string(
-    "setup", f"source {common.REPO}/.venv/bin/activate", "Shell line run first on every node."
+    "setup",
+    f"source {common.REPO}/.venv/bin/activate",
+    "Shell code run first on every node (written into the script as is).",
 )
 SCRIPT = flags.DEFINE_string("script", None, "Where to write the sbatch script (default workdir).")
 
 
+# What each value written into an #SBATCH line may hold: (pattern, what to use instead).
+_NAME = (r"[A-Za-z0-9_.+-]+", "letters, digits and _ . + -")
+_LIST = (r"[A-Za-z0-9_.+,-]+", "letters, digits and _ . + , - (a comma-separated list)")
+_TIME = (
+    r"\d+(-\d+)?(:\d+){0,2}|(?i:unlimited|infinite)",
+    "a SLURM time such as 90, 24:00:00 or 2-12:00:00",
+)
+_PATH = (r"/[A-Za-z0-9_./+,@=:-]*", "an absolute path of letters, digits and _ . / + , @ = : -")
+
+
+def check_directives(workdir: str) -> None:
+    """The flags that go into ``#SBATCH`` lines, written there unquoted (SLURM reads them, not
+    the shell): each must match its form (``common.line_value``), so a newline or a shell
+    metacharacter is refused with the flag's name before anything is written."""
+    common.line_value("--job_name", JOB_NAME.value, *_NAME)
+    common.line_value("--time", TIME.value, *_TIME)
+    for flag, value in (("--partition", PARTITION.value), ("--account", ACCOUNT.value)):
+        if value is not None:
+            common.line_value(flag, value, *_LIST)
+    common.line_value("--workdir", workdir, *_PATH)
+
+
 def sbatch_script(config_args: list[str], workdir: str) -> str:
-    """The job script (bash)."""
+    """The job script (bash): ``#SBATCH`` lines of checked values (``check_directives``), every
+    other value shell-quoted (``--setup`` is shell code and written as is)."""
+    check_directives(workdir)
     directives = [
         f"--job-name={JOB_NAME.value}",
         f"--nodes={NODES.value}",
@@ -100,9 +126,9 @@ def main(argv):
         common.check_fits(
             common.CONFIG.value, devices=NODES.value * GPUS.value, processes=NODES.value
         )
+        script = sbatch_script(common.config_args(), workdir)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    script = sbatch_script(common.config_args(), workdir)
     path = SCRIPT.value or os.path.join(workdir, f"{JOB_NAME.value}.sbatch")
     submit = ["sbatch", path]
     if common.DRY_RUN.value:

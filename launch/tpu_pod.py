@@ -102,6 +102,29 @@ def parse_slice(accelerator_type: str, runtime_version: str | None = None) -> Sl
     return Slice(accelerator_type, devices, max(1, devices // per_host), runtime_version or runtime)
 
 
+# Forms of the values that become gcloud resource names or the remote workdir.
+_RESOURCE = (r"[a-z]([-a-z0-9]*[a-z0-9])?", "lower-case letters, digits and -, as gcloud names")
+_WORKDIR = (r"gs://[^\x00-\x20\x7f]+", "a gs://<bucket>/<run> path without spaces")
+
+
+def check_names(workdir: str) -> None:
+    """--name, --zone, --project and --workdir against their forms (``common.line_value``): a
+    newline or a shell metacharacter is refused with the flag's name before anything runs (the
+    commands are argument lists and the remote command line is quoted; this keeps the printed
+    plan and the gcloud names well formed)."""
+    where = "a gcloud command"
+    for flag, value in (("--name", NAME.value), ("--zone", ZONE.value)):
+        common.line_value(flag, value, *_RESOURCE, where=where)
+    if PROJECT.value is not None:
+        common.line_value("--project", PROJECT.value, r"[a-z][-a-z0-9.:]*", "a project id", where)
+    if not workdir.startswith("gs://"):
+        raise ValueError(
+            f"--workdir={workdir}: a pod's workers share no disk; pass "
+            "--workdir=gs://<bucket>/<run> (checkpoints, metrics and TensorBoard go there)."
+        )
+    common.line_value("--workdir", workdir, *_WORKDIR, where="the workers' command line")
+
+
 def gcloud(*args: str) -> list[str]:
     scope = [f"--zone={ZONE.value}"] + ([f"--project={PROJECT.value}"] if PROJECT.value else [])
     return ["gcloud", "compute", "tpus", *args, *scope]
@@ -276,11 +299,7 @@ def main(argv):
     workdir = common.WORKDIR.value
     try:
         s = parse_slice(ACCELERATOR.value, RUNTIME.value)
-        if not workdir.startswith("gs://"):
-            raise ValueError(
-                f"--workdir={workdir}: a pod's workers share no disk; pass "
-                "--workdir=gs://<bucket>/<run> (checkpoints, metrics and TensorBoard go there)."
-            )
+        check_names(workdir)
         common.check_fits(common.CONFIG.value, devices=s.devices, processes=s.hosts)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -256,3 +256,72 @@ def test_bad_accelerator_type():
         check=False,
     )
     assert out.returncode != 0 and "expected <generation>-<size>" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "flag,value,says",
+    [
+        ("--job_name", "kd\ntouch /tmp/pwned", "a newline"),
+        ("--time", "24:00:00\nrm -rf ~", "a newline"),
+        ("--partition", "gpu;reboot", "the character ';'"),
+        ("--account", "$(id)", "the character '$'"),
+        ("--workdir", "/shared/kd\necho hi", "a newline"),
+        ("--workdir", "/shared/my runs/kd", "the character ' '"),
+        ("--time", "tomorrow", "a value of another form"),
+    ],
+)
+def test_slurm_refuses_values_that_would_break_a_directive_line(flag, value, says):
+    """Values written unquoted into #SBATCH lines: a newline (a new shell line) or a shell
+    metacharacter is refused naming the flag, before any script is written or printed."""
+    args = {"--workdir": "/shared/runs/kd", flag: value}
+    out = _launch(
+        "slurm_gpu.py",
+        f"--config={SMOL}",
+        "--dry_run",
+        "--config.data.global_batch_size=64",
+        *(f"{k}={v}" for k, v in args.items()),
+        check=False,
+    )
+    assert out.returncode != 0, out.stdout
+    assert f"{flag}={value!r} goes into an #SBATCH line and holds {says}" in out.stderr
+    assert "#SBATCH" not in out.stdout and "sbatch" not in out.stdout
+
+
+def test_slurm_quotes_everything_else():
+    """A config override with a newline and shell metacharacters reaches main.py as one
+    argument, exactly: the script stays valid bash and nothing of it is run by the shell."""
+    tricky = "x\n$(touch /tmp/pwned); `id` 'q' \"d\""
+    out = _launch(
+        "slurm_gpu.py",
+        f"--config={SMOL}",
+        "--workdir=/shared/runs/kd",
+        "--partition=gpu,debug",
+        "--time=2-12:00:00",
+        "--config.data.global_batch_size=64",
+        f"--config.data.tokenizer={tricky}",
+        "--dry_run",
+    ).stdout
+    body = out.split("# submit:\n")[0].split("\n", 1)[1]
+    subprocess.run(["bash", "-n"], input=body, text=True, check=True)
+    assert "#SBATCH --partition=gpu,debug" in body and "#SBATCH --time=2-12:00:00" in body
+    (srun,) = [ln for ln in shlex.split(body, comments=True) if ln.startswith("exec ")]
+    words = shlex.split(srun)
+    assert f"--config.data.tokenizer={tricky}" in words
+
+
+@pytest.mark.parametrize(
+    "flag,value", [("--name", "p\nrm -rf /"), ("--zone", "z;id"), ("--workdir", "gs://b/k d")]
+)
+def test_tpu_pod_refuses_names_with_newlines_or_metacharacters(flag, value):
+    args = {"--name": "p", "--zone": "z", "--workdir": "gs://b/kd", flag: value}
+    out = _launch(
+        "tpu_pod.py",
+        "--accelerator_type=v5litepod-16",
+        f"--config={SMOL}",
+        "--config.data.global_batch_size=64",
+        "--dry_run",
+        *(f"{k}={v}" for k, v in args.items()),
+        check=False,
+    )
+    assert out.returncode != 0 and f"{flag}={value!r} goes into" in out.stderr, out.stderr[-2000:]
+    assert "gcloud" not in out.stdout

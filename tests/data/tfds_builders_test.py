@@ -84,7 +84,7 @@ def test_text_and_jsonl_builders_read_local_files(tmp_path):
     config = LocalCorpusConfig(name="docs", kind="text", paths=(str(docs_dir / "*.txt"),), seed=4)
     assert _prepare(config, tmp_path) == _expected([{"text": p} for p in paragraphs], seed=4)
 
-    objects = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i), "text": "é" * i}
+    objects = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i), "text": "é" * (i + 1)}
                for i in range(25)]  # fmt: skip
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
