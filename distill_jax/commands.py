@@ -39,6 +39,7 @@ def build_cache(config) -> teacher_cache.TeacherCache:
     """Write ``config.teacher``'s top-k for the first ``train.steps`` training batches to
     ``teacher.cache_dir`` (``--mode=cache``); a run with ``teacher.kind='cached'`` reads it."""
     c, t = config, config.teacher
+    experiment.check_run(c)  # the run's blocks, before the data and the teacher load
     _, tokenizer, batches = experiment.training_data(c)
     model = experiment.build_model(t, "teacher", int(c.get("seed", 0)) + 1)
     v = model.config.vocab_size
