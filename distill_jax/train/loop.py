@@ -84,11 +84,18 @@ def guard(workdir: str, *, force_unlock: bool = False) -> Iterator[Preemption]:
     (process 0; ``force_unlock`` takes over a live one) and, with the lock held, the removal of
     a dead run's unfinished checkpoint saves."""
     with Preemption() as preemption:
-        primary = jax.process_index() == 0
-        with workdir_lock.hold(workdir, force=force_unlock, enabled=primary) as held:
-            if held:
+        preemption.defer()  # a SIGTERM now would leave the lock taken and never released
+        lock = None
+        if jax.process_index() == 0:
+            lock = workdir_lock.acquire(workdir, force=force_unlock)
+        try:
+            preemption.undefer()
+            if lock is not None:
                 remove_stale_temporaries(workdir)
             yield preemption
+        finally:
+            if lock is not None:
+                workdir_lock.release(workdir, lock)
 
 
 def _nonfinite_message(step: int, m: dict, last: int | None, skipped: str) -> str:

@@ -1,9 +1,10 @@
 r"""One run per workdir: ``workdir/.lock`` holds the running process's host, pid and start time.
 
-``hold(workdir)`` (a context manager, process 0 of a run only) creates the lock atomically (its
-JSON is written to a private file first and hard-linked into place, which fails when a lock
-exists, so no run ever sees a half-written one) and removes it on exit, exceptions included. A
-second run into the same workdir gets ``WorkdirLockedError`` naming the holder and the ways out.
+``acquire(workdir)`` (process 0 of a run; ``loop.guard`` pairs it with ``release`` in a
+``finally``) creates the lock atomically: its JSON is written to a private file first and
+hard-linked into place, which fails when a lock exists, so no run ever sees a half-written one.
+A second run into the same workdir gets ``WorkdirLockedError`` naming the holder and the ways
+out. ``release`` removes the lock if it is still this run's.
 
 A lock whose process is gone is stale and is taken over with a warning: same host and no
 process with that pid, or one that started at another time (the pid was reused). A lock of
@@ -22,7 +23,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 
 from etils import epath
 
@@ -167,17 +167,3 @@ def release(workdir: str, me: dict) -> None:
     path = epath.Path(workdir) / LOCK_FILE
     if _read(path) == me:
         path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def hold(workdir: str, *, force: bool = False, enabled: bool = True) -> Iterator[bool]:
-    """Hold the workdir's lock for the block (``enabled``: process 0 of a run); yields whether
-    this process holds it."""
-    if not enabled:
-        yield False
-        return
-    me = acquire(workdir, force=force)
-    try:
-        yield True
-    finally:
-        release(workdir, me)
