@@ -69,7 +69,7 @@ def write_manifest(step_dir) -> None:
     }
     tmp = step_dir / f"{_MANIFEST_TMP}{datetime.datetime.now().timestamp():.6f}"
     tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
-    tmp.rename(step_dir / MANIFEST)
+    tmp.replace(step_dir / MANIFEST)
 
 
 def is_sealed(step_dir) -> bool:

@@ -103,7 +103,7 @@ def _replace(path: epath.Path, data: bytes, workdir: epath.Path) -> None:
     parts or event files looks), renamed over it."""
     tmp = workdir / f".rewrite-{os.getpid()}"
     tmp.write_bytes(data)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def _kept_events(data: bytes, step: int) -> tuple[bytes, bool]:
