@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 from trainer_runs import checkpoint_params, cmd, losses, tiny, wait_for_step
 
-from distill_jax import commands, experiment, main
+from distill_jax import experiment, main
 from distill_jax.train import integrity, loop, workdir_lock
 
 
@@ -81,42 +81,98 @@ def test_nonfinite_parameters_are_never_checkpointed_and_the_rerun_finishes(tmp_
     assert _rows(tmp_path) == [1, 2, 3, 4, 5]  # step 3's failed attempt was never logged
 
 
-def _poisoned_cache(tmp_path, steps, batch):
-    """A teacher cache of ``steps`` batches whose batch ``batch`` has NaN log-probs."""
-    c = tiny(steps=steps, cache=str(tmp_path / "cache"))
-    commands.build_cache(c)
-    shard = glob.glob(str(tmp_path / "cache" / "p000-*.npz"))
-    assert len(shard) == 1, shard
-    with np.load(shard[0]) as data:
-        arrays = {k: data[k] for k in data.files}
-    arrays["logprobs"][batch] = np.nan
-    np.savez(shard[0], **arrays)
-    c.eval.every_steps = None
-    c.train.checkpoint_every_steps = 1
-    return c
+def _tiny_step(skip_nonfinite):
+    """(jitted step, state, teacher params, batch of every token id, batch of half the ids) of
+    a 1-block student and 2-block teacher over 64 ids, optimized by Adam with eps=0 (0 / 0 on
+    the embedding rows of ids that are not in the batch)."""
+    import jax
+    from flax import nnx
 
+    import distill_jax as dj
+    from distill_jax import teachers
+    from distill_jax.train import objective
+    from distill_jax.train import state as state_lib
+    from distill_jax.train import step as step_lib
 
-def test_skip_policy_drops_the_update_counts_it_and_stops_past_the_limit(tmp_path):
-    c = _poisoned_cache(tmp_path, steps=5, batch=2)  # step 3 sees NaN teacher log-probs
-    c.train.update(nonfinite="skip", max_skipped_steps=1)
-    experiment.train(c, str(tmp_path / "skip"))
-    run = str(tmp_path / "skip")
-    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))}
-    assert [rows[s]["train/skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
-    assert not np.isfinite(rows[3]["train/loss"]) and np.isfinite(rows[4]["train/loss"])
-    # The skipped step left the parameters as they were; every checkpoint is finite.
-    for before, after in zip(checkpoint_params(run, 2), checkpoint_params(run, 3)):
-        np.testing.assert_array_equal(before, after)
-    assert _steps(run)[-1] == 5 and _all_finite(run)
-    meta = ocp.CheckpointManager(os.path.join(run, "checkpoints")).restore(
-        5, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    arch = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+    model = lambda n, seed: dj.models.Transformer(  # noqa: E731
+        dj.models.make_config("llama", num_layers=n, head_dim=8, **arch), rngs=nnx.Rngs(seed)
     )
-    assert meta.meta["skipped_steps"] == 1  # a resumed run keeps counting
+    teacher = teachers.OnlineTeacher(model(2, 1))
+    spec = objective.LossSpec.from_config(
+        dict(forward_kl=dict(temperature=2.0), ce=dict(weight=0.5)), dict(head_chunk_tokens=8)
+    )
+    tx, _ = state_lib.make_optimizer(dict(learning_rate=1e-2, warmup_steps=0, eps=0.0), 10, 64)
+    graphdef, params = teachers.split_model(model(1, 2))
+    state = state_lib.create({"student": params, "loss": {}}, tx, {}, seed=0)
+    step = step_lib.make_distill_step(
+        student_graphdef=graphdef, teacher=teacher, spec=spec, tx=tx, skip_nonfinite=skip_nonfinite
+    )
+    rng = np.random.default_rng(0)
+    every_id = rng.permutation(64).astype(np.int32).reshape(4, 16)
+
+    def batch(ids):
+        return dict(
+            input_ids=ids,
+            targets=np.roll(ids, 1),
+            segment_ids=np.ones((4, 16), np.int32),
+            positions=np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+            loss_mask=np.ones((4, 16), bool),
+        )
+
+    half = batch(every_id % 32)
+    return jax.jit(step), state, teacher.params(), batch(every_id), half
+
+
+def _same(a, b) -> bool:
+    import jax
+
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_the_step_reports_finiteness_and_skips_only_the_bad_update():
+    import jax
+
+    # A batch without ids 32..63 leaves their embedding rows without gradient: the update is
+    # NaN there while the loss and the gradient norm are finite (the case a loss check misses).
+    step, state, teacher, every, half = _tiny_step(skip_nonfinite=True)
+    before = jax.tree.map(np.asarray, state)
+    skipped, metrics = step(state, teacher, half)
+    assert not metrics["finite"]
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert int(skipped.step) == 1  # the step counter (and the data) move on ...
+    assert _same(skipped.params, before.params) and _same(skipped.opt_state, before.opt_state)
+    moved, metrics = step(skipped, teacher, every)  # ... and the next good batch trains
+    assert metrics["finite"] and not _same(moved.params, before.params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(moved.params))
+    # Without skipping the update is applied: NaN parameters the loop must never save.
+    step, state, teacher, every, half = _tiny_step(skip_nonfinite=False)
+    applied, metrics = step(state, teacher, half)
+    assert not metrics["finite"]
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(applied.params))
+
+
+def test_skip_policy_counts_skipped_steps_and_stops_past_the_limit(tmp_path):
+    # Adam with eps=0: every step's update is NaN, so every step is skipped.
+    c = _quick(4, checkpoint_every_steps=1, nonfinite="skip", max_skipped_steps=4)
+    c.optimizer.eps = 0.0
+    run = str(tmp_path / "skip")
+    experiment.train(c, run)  # four skipped steps are within the limit: the run finishes
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "train/loss" in r]
+    assert [(r["step"], r["train/skipped_steps"]) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    saved = [checkpoint_params(run, s) for s in _steps(run)]
+    assert _steps(run)[-1] == 4 and _all_finite(run)
+    assert all(_same(saved[0], p) for p in saved[1:])  # no update was applied
+    meta = ocp.CheckpointManager(os.path.join(run, "checkpoints")).restore(
+        4, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    assert meta.meta["skipped_steps"] == 4  # a resumed run goes on counting from here
     # Past the limit the run stops like the stop policy, naming the count and the checkpoint.
-    c.train.max_skipped_steps = 0
+    c.train.max_skipped_steps = 2
     with pytest.raises(
         loop.NonFiniteLossError,
-        match=r"at step 3 \(1 non-finite steps skipped, more than train.max_skipped_steps=0\)"
+        match=r"at step 3 \(3 non-finite steps skipped, more than train.max_skipped_steps=2\)"
         r".*checkpoint is step 2",
     ):
         experiment.train(c, str(tmp_path / "limit"))
