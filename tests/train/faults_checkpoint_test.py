@@ -349,13 +349,13 @@ def _event_steps(logdir, tag="train/loss") -> list[int]:
 
 
 def test_sigkill_and_resume_leave_one_metrics_row_per_step(tmp_path):
-    run = [*cmd(tmp_path, config_arg=":steps=12"), "--config.train.checkpoint_every_steps=5"]
+    run = [*cmd(tmp_path, config_arg=":steps=16"), "--config.train.checkpoint_every_steps=6"]
     proc = subprocess.Popen(run, env=_env(tmp_path))
-    wait_for_step(tmp_path, 6, proc)
+    wait_for_step(tmp_path, 8, proc)  # killed past checkpoint 6, before checkpoint 12
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert max(_rows(tmp_path)) > max(_steps(tmp_path))  # rows past the checkpoint exist
+    assert max(_rows(tmp_path)) > max(_steps(tmp_path), default=0)  # rows the rerun repeats
     subprocess.run(run, check=True, env=_env(tmp_path))
-    assert _rows(tmp_path) == list(range(1, 13))
-    assert _rows(tmp_path, "eval/nll") == [4, 8, 12]
-    assert sorted(_event_steps(tmp_path / "tensorboard")) == list(range(1, 13))
+    assert _rows(tmp_path) == list(range(1, 17))
+    assert _rows(tmp_path, "eval/nll") == [4, 8, 12, 16]
+    assert sorted(_event_steps(tmp_path / "tensorboard")) == list(range(1, 17))
