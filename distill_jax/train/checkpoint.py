@@ -147,6 +147,7 @@ class Checkpoints:
         return restored.state
 
     def wait(self) -> None:
-        """Finish the pending save and its manifest."""
-        self.manager.wait_until_finished()
+        """Finish the pending save and its manifest (the sealing thread waits for orbax first,
+        so the manager is never waited on from two threads at once)."""
         self._finish_sealing()
+        self.manager.wait_until_finished()

@@ -98,18 +98,20 @@ def guard(workdir: str, *, force_unlock: bool = False) -> Iterator[Preemption]:
                 workdir_lock.release(workdir, lock)
 
 
-def _nonfinite_message(step: int, m: dict, last: int | None, skipped: str) -> str:
-    """What went non-finite at ``step`` (metrics ``m``), the last finite checkpoint, the fix."""
+def _nonfinite_message(step: int, m: dict, last: int | None, over: str) -> str:
+    """What went non-finite at ``step`` (metrics ``m``), the last finite checkpoint, the fix;
+    ``over``: the skip count past its limit ("" with the stop policy)."""
     bad = [f"{k} ({float(m[k])})" for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
     where = (
         f"the last finite checkpoint is step {last}: the same command resumes from it"
         if last is not None
         else "no checkpoint was saved yet: the same command starts again from step 0"
     )
+    other = "raise train.max_skipped_steps" if over else "set train.nonfinite='skip'"
     return (
-        f"Non-finite {' and '.join(bad) or 'parameters after the update'} at step {step}"
-        f"{skipped}; stopped without saving it, {where} once the cause is fixed (lower "
-        "optimizer.learning_rate, check the data, or set train.nonfinite='skip')."
+        f"Non-finite {' and '.join(bad) or 'parameters after the update'} at step {step}{over}; "
+        f"stopped without saving it, {where} once the cause is fixed (lower "
+        f"optimizer.learning_rate, check the data, or {other})."
     )
 
 
