@@ -102,8 +102,22 @@ def _create(path: epath.Path, me: dict) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: an exclusive create instead
+        return _create_exclusive(path, text)
     finally:
         os.remove(private)
+
+
+def _create_exclusive(path: epath.Path, text: str) -> bool:
+    """Create ``path`` with O_EXCL (atomic; a reader may briefly see it empty); False when it
+    exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
 
 
 def _take_over(path: epath.Path, holder: dict | None) -> bool:
@@ -153,6 +167,8 @@ def acquire(workdir: str, *, force: bool = False) -> dict:
         if _create(path, me):
             return me
         holder = _read(path)
+        if holder is None and not path.exists():  # released in between: try again
+            continue
         stale = holder is not None and is_stale(holder)
         if not (force or stale):
             raise WorkdirLockedError(refusal(path, holder))
