@@ -15,18 +15,24 @@ per-chip memory / FLOPs / collectives / roofline table and writes it to
 ``<workdir>/compile_report.{md,json}`` (and the optimized per-chip HLO to ``step.hlo.txt``).
 
 Exit status: 0 when the run finished, ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) when a SIGTERM stopped
-training after saving a checkpoint of the current step: run the same command again to resume
-(the launchers requeue / restart on it). ``--mode=compile`` exits with 1 and one message when the
-step does not fit in the chips' memory.
+training and a checkpoint of the current step is on disk, or came during start-up (the handler
+is installed first thing, before ``jax.distributed.initialize`` and any model loads; nothing was
+trained, so nothing is lost): run the same command again to resume (the launchers requeue /
+restart on it). 1 with one message for a SIGTERM whose step could not be checkpointed, and for
+``--mode=compile`` when the step does not fit in the chips' memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from distill_jax.train import preemption
 
 EXIT_PREEMPTED = 75
 
@@ -56,6 +62,17 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initiali
 
 def main(argv):
     del argv
+    # A SIGTERM from here to the first step exits 75 at once (Preempted); training handles it.
+    handler = preemption.Preemption() if _MODE.value == "train" else contextlib.nullcontext()
+    try:
+        with handler:
+            _run()
+    except preemption.Preempted as e:
+        print(f"{e} Run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
+
+
+def _run() -> None:
     import jax
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
@@ -84,7 +101,13 @@ def main(argv):
         print(json.dumps(result))
         if _MODE.value == "train":
             print(evaluate.before_after_table(_WORKDIR.value))
-    if "stopped_at" in result.get("eval", {}):
+    stopped = result.get("eval", {})
+    if "stopped_at" in stopped:
+        if not stopped.get("checkpoint_saved"):
+            raise SystemExit(
+                f"error: SIGTERM at step {stopped['stopped_at']}, but no checkpoint of it is on "
+                f"disk ({_WORKDIR.value}/checkpoints); a rerun resumes from the latest one there."
+            )
         raise SystemExit(EXIT_PREEMPTED)
 
 

@@ -20,7 +20,6 @@ import itertools
 from typing import Any
 
 import jax
-from etils import epath
 
 from distill_jax import teachers
 from distill_jax.experiment.checks import (
@@ -107,9 +106,13 @@ __all__ = [
 
 
 def train(config, workdir: str) -> dict:
-    """Run ``config`` in ``workdir`` (resuming from its checkpoints); returns the last eval."""
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    return loop.train(build(config), workdir)
+    """Run ``config`` in ``workdir`` (resuming from its checkpoints); returns the last eval.
+
+    From the first line: a SIGTERM exits cleanly (``train.preemption``) and the workdir is
+    locked against a second run (``config.train.force_unlock`` overrides; ``loop.guard``)."""
+    force = bool((config.get("train") or {}).get("force_unlock", False))
+    with loop.guard(workdir, force_unlock=force) as preemption:
+        return loop.train(build(config), workdir, preemption)
 
 
 @dataclasses.dataclass
@@ -256,6 +259,7 @@ def build(c) -> Experiment:
     spec = loss_spec(c)  # unknown terms fail here
     check_pairs(c, spec)
     check_cache(c)  # a cached teacher: short or reshaped caches fail here
+    run = run_settings(c, spec)  # the loop's settings (keep_checkpoints >= 1, ...)
     stages = prune_schedule.check_schedule(c.get("prune_schedule") or [], c.train.steps)
     scan_lib.remat_policy(c.train.get("remat", False), mesh.devices.flat[0].platform)
     if stages and c.teacher.get("kind") == "ema":
@@ -286,7 +290,7 @@ def build(c) -> Experiment:
         settings=None,
         shape=shape,
         seed=seed,
-        run=run_settings(c, spec),
+        run=run,
     )
     for i, stage in enumerate(c.student.get("prune") or ()):  # one-shot, before distillation
         if stage.get("kind") not in prune_schedule.ONCE_KINDS:

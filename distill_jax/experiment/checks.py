@@ -231,4 +231,6 @@ def run_settings(c, spec: objective.LossSpec) -> RunSettings:
         teacher_rules=None if rules is None else tuple(tuple(r) for r in rules),
         batch=dict(bridge=bool(c.get("bridge")), pairs=c.data.get("source") == "pairs"),
         loss_labels=tuple(spec.labels()),
+        nonfinite=str(t.get("nonfinite", "stop")),
+        max_skipped_steps=int(t.get("max_skipped_steps", 10)),
     )

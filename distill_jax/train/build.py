@@ -162,6 +162,7 @@ def build_step(
             micro_batches=run.micro_batches,
             remat=run.remat,
             vocab_mask=vocab_mask,
+            skip_nonfinite=run.nonfinite == "skip",
         )
         jitted = step_lib.jit_step(
             step_fn,

@@ -1,9 +1,15 @@
-"""Metrics of a run: ``metrics.jsonl`` (or bucket parts), TensorBoard and the progress bar."""
+"""Metrics of a run: ``metrics.jsonl`` (or bucket parts), TensorBoard and the progress bar.
+
+A run resumed from checkpoint step s (``Logger(..., start=s)``) first drops the rows and
+TensorBoard events of steps after s (``truncate_after``), which the killed run logged and the
+resumed one logs again: one row per step and kind, whatever the interruptions.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 
 from etils import epath
@@ -30,6 +36,7 @@ class Logger:
         self.rows: list[dict] = []
         self.writer = None
         if enabled:
+            truncate_after(workdir, start)
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
@@ -75,6 +82,70 @@ class Logger:
 
 
 METRICS_PARTS = "metrics-parts"
+
+
+def _kept_rows(text: str, step: int) -> tuple[str, bool]:
+    """(the JSON lines of ``text`` with step <= ``step``, whether any line was dropped); a line
+    that does not parse (cut short by a kill mid-write) is dropped too."""
+    kept, dropped = [], False
+    for line in text.splitlines():
+        try:
+            keep = bool(line.strip()) and json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        kept += [line + "\n"] if keep else []
+        dropped |= not keep and bool(line.strip())
+    return "".join(kept), dropped
+
+
+def _replace(path: epath.Path, data: bytes, workdir: epath.Path) -> None:
+    """Rewrite ``path`` atomically: a temporary in the workdir (where no reader of metrics
+    parts or event files looks), renamed over it."""
+    tmp = workdir / f".rewrite-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _kept_events(data: bytes, step: int) -> tuple[bytes, bool]:
+    """(the TFRecord-framed TensorBoard events of ``data`` with step <= ``step``, plus the
+    file-version header; whether any was dropped). Records are copied byte for byte (their
+    CRCs stay valid); a record cut short by a kill ends the file."""
+    from tensorboardX.proto import event_pb2
+
+    kept, dropped, i = [], False, 0
+    while i + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[i : i + 8])
+        end = i + 12 + length + 4
+        if end > len(data):
+            return b"".join(kept), True
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+        if event.HasField("file_version") or event.step <= step:
+            kept.append(data[i:end])
+        else:
+            dropped = True
+        i = end
+    return b"".join(kept), dropped or i != len(data)
+
+
+def truncate_after(workdir: str, step: int) -> None:
+    """Drop the metrics rows (``metrics.jsonl`` or the bucket's parts) and TensorBoard events
+    of steps after ``step``, each file rewritten atomically and only when something goes;
+    ``step`` 0 (a fresh start) drops every row."""
+    root = epath.Path(workdir)
+    limit = step if step > 0 else -1
+    files = [root / "metrics.jsonl"]
+    if (root / METRICS_PARTS).exists():
+        files += sorted((root / METRICS_PARTS).iterdir())
+    for path in files:
+        if path.exists():
+            text, dropped = _kept_rows(path.read_text(), limit)
+            if dropped:
+                _replace(path, text.encode(), root)
+    events = root / "tensorboard"
+    for path in sorted(events.iterdir()) if events.exists() else []:
+        data, dropped = _kept_events(path.read_bytes(), limit)
+        if dropped:
+            _replace(path, data, root)
 
 
 def read_metrics(workdir: str) -> list[dict]:

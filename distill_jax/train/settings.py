@@ -22,7 +22,10 @@ class RunSettings:
     eval_at_start: held-out evaluation (``config.eval``); teacher_rules: the teacher's own
     logical-axis rules (None: the mesh's); batch: which optional batch fields the step reads
     (``bridge``, ``pairs``); loss_labels: ``config.losses``'
-    labels (checked on resume).
+    labels (checked on resume); nonfinite: what a step whose loss, gradient norm or updated
+    parameters are not finite does, "stop" (the run stops, nothing of that step is saved) or
+    "skip" (the update is dropped inside the step and counted); max_skipped_steps: with "skip",
+    the run stops when more steps than this were skipped.
     """
 
     seed: int
@@ -39,3 +42,21 @@ class RunSettings:
     teacher_rules: tuple | None = None
     batch: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     loss_labels: tuple[str, ...] = ()
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+
+    def __post_init__(self):
+        if self.keep_checkpoints < 1:
+            raise ValueError(
+                f"train.keep_checkpoints={self.keep_checkpoints}: keep at least 1 checkpoint "
+                "(0 would delete every checkpoint, leaving nothing to resume from)."
+            )
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"train.nonfinite={self.nonfinite!r}: choose one of {NONFINITE_POLICIES}."
+            )
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps}: use a count >= 0.")
+
+
+NONFINITE_POLICIES = ("stop", "skip")

@@ -15,6 +15,10 @@ r"""The distillation step: teacher forward, student forward and backward, optimi
    gradient of one A-times batch (normalising per micro-batch is the bug TRL #4719 describes).
 4. optax updates the trainable parameters (student + loss projectors; never the teacher), the
    loss controllers advance (``objective.update_state``), an EMA teacher follows the student.
+5. The metric ``finite`` says whether the loss, the gradient norm and every updated parameter
+   are finite (``all_finite``); the loop stops on a non-finite step before saving anything. With
+   ``skip_nonfinite`` the step keeps the previous parameters, optimizer, loss controllers and
+   EMA teacher when it is not finite (the step counter, data and rng still advance).
 
 ``jit_step`` compiles it with in/out shardings on the mesh and the state donated.
 """
@@ -64,6 +68,7 @@ def make_distill_step(
     micro_batches: int = 1,
     remat: str | bool = False,
     vocab_mask: jax.Array | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """The pure step function (compile it with ``jit_step``).
 
@@ -77,6 +82,8 @@ def make_distill_step(
         remat: the student's rematerialisation policy, "none" | "full" | "dots" | "offload"
             (``models.scan.remat_policy``; True = "full": activation memory ~ 1 block).
         vocab_mask: [V] bool, False on padded vocabulary rows.
+        skip_nonfinite: drop the update of a step that is not finite (``train.nonfinite =
+            "skip"``) instead of applying it (the loop then stops the run).
     """
     want_hidden, want_qkv = _needs(spec)
     want_embeddings = "embeddings" in spec.needs()  # DSKD's cross-model attention
@@ -203,6 +210,13 @@ def make_distill_step(
             tokens=counts[groups[0]],
             grad_norm=optax.global_norm(grads),
         )
+        metrics["finite"] = all_finite(metrics["loss"], metrics["grad_norm"], params)
+        if skip_nonfinite:
+            params, opt_state, loss_state, ema = keep_if(
+                metrics["finite"],
+                (params, opt_state, loss_state, ema),
+                (state.params, state.opt_state, state.loss_state, state.ema),
+            )
         new_state = state.replace(
             step=new_step,
             params=params,
@@ -214,6 +228,18 @@ def make_distill_step(
         return new_state, metrics
 
     return step
+
+
+def all_finite(loss: jax.Array, grad_norm: jax.Array, params) -> jax.Array:
+    """[] bool: the loss, the gradient norm and every leaf of ``params`` are finite (a norm of
+    the parameters would overflow on large finite values, so each leaf is checked)."""
+    leaves = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(leaves)
+
+
+def keep_if(ok: jax.Array, new, old):
+    """``new`` where the [] bool ``ok`` holds, else ``old`` (same pytree structure)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def state_shardings(state: TrainState, mesh, rules, param_axes: dict):

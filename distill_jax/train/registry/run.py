@@ -31,7 +31,7 @@ TRAIN_KNOBS: dict[str, Knob] = {
         str, "stop", "a non-finite step stops the run, or skips the update", choices=NONFINITE
     ),
     "max_skipped_steps": knob(
-        int, None, "with nonfinite='skip': the run stops after this many skipped steps", low=0
+        int, 10, "with nonfinite='skip': the run stops after more skipped steps", low=0
     ),
     "force_unlock": knob(bool, False, "take over a workdir whose lock another run holds"),
 }
@@ -46,7 +46,7 @@ OPTIMIZER_KNOBS: dict[str, Knob] = {
     "weight_decay": knob(float, 0.0, "decoupled weight decay of the matrices", low=0.0),
     "b1": knob(float, 0.9, "Adam's first-moment decay", **PROB),
     "b2": knob(float, 0.95, "Adam's second-moment decay", **PROB),
-    "eps": knob(float, 1e-8, "Adam's epsilon", low=0.0, open_low=True),
+    "eps": knob(float, 1e-8, "Adam's epsilon", low=0.0),
     "momentum": knob(float, None, "SGD momentum", **PROB),
     "grad_clip_norm": knob(float, None, "clip the global gradient norm (None: off)", low=0.0),
 }
