@@ -182,7 +182,9 @@ def test_skip_policy_counts_skipped_steps_and_stops_past_the_limit(tmp_path):
 
 
 def test_keep_checkpoints_zero_is_refused_before_anything_loads(tmp_path):
-    with pytest.raises(ValueError, match=r"config.train.keep_checkpoints=0: must be an integer >= 1"):
+    with pytest.raises(
+        ValueError, match=r"config.train.keep_checkpoints=0: must be an integer >= 1"
+    ):
         experiment.train(_quick(2, keep_checkpoints=0), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
     assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)  # released on the error
